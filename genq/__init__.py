@@ -1,0 +1,1 @@
+"""genq core: settings, database, models and job states shared by every other package."""

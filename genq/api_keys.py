@@ -1,0 +1,37 @@
+"""API keys: created once and shown once; only their sha256 and a visible prefix are stored."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from genq.models import ApiKey, Tenant
+
+KEY_PREFIX = "gq_"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_api_key(session: Session, tenant_name: str) -> str:
+    """Create the tenant if needed, add a key for it, and return the key in clear (only here)."""
+    tenant = session.scalar(select(Tenant).where(Tenant.name == tenant_name))
+    if tenant is None:
+        tenant = Tenant(name=tenant_name)
+        session.add(tenant)
+        session.flush()
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiKey(tenant_id=tenant.id, key_hash=hash_key(key), prefix=key[:10]))
+    return key
+
+
+def tenant_id_for_key(session: Session, key: str) -> str | None:
+    return session.scalar(
+        select(ApiKey.tenant_id).where(
+            ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)
+        )
+    )

@@ -1,0 +1,196 @@
+"""The `genq` command line: run the services (up, api, worker), manage the DB and keys, and
+submit or fetch jobs through the HTTP API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import click
+from rich.console import Console
+
+from genq import db
+from genq.settings import Settings, get_settings
+from genq.states import Priority
+
+console = Console(stderr=True)
+
+
+@click.group()
+def main() -> None:
+    """genq: a self-hosted job system for LLM text generation."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _api_command(settings: Settings, host: str, port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "gunicorn", "--worker-class", "gthread",
+        "--workers", str(settings.api_workers), "--threads", str(settings.api_threads),
+        "--bind", f"{host}:{port}", "--graceful-timeout", "5", "--timeout", "120",
+        "results_api.app:create_app()",
+    ]
+
+
+@main.command()
+@click.option("--host", default=None, help="API bind address (default GENQ_API_HOST).")
+@click.option("--port", default=None, type=int, help="API port (default GENQ_API_PORT).")
+def up(host: str | None, port: int | None) -> None:
+    """Start everything: broker (embedded Redis unless GENQ_BROKER_URL), DB, API, one worker."""
+    from genq.embedded_broker import EmbeddedRedis
+
+    settings = get_settings()
+    host, port = host or settings.api_host, port or settings.api_port
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    broker = None
+    env = dict(os.environ, GENQ_DATA_DIR=str(settings.data_dir.resolve()))
+    if not settings.broker_url:
+        broker = EmbeddedRedis(settings.data_dir)
+        env["GENQ_BROKER_URL"] = broker.url
+        console.print(f"[green]embedded Redis[/] on {broker.url}")
+    db.upgrade(settings.database_url_resolved)
+    console.print(f"[green]database[/] {settings.database_url_resolved} is up to date")
+    children = [
+        subprocess.Popen(_api_command(settings, host, port), env=env),
+        subprocess.Popen([sys.executable, "-m", "genq.cli", "worker"], env=env),
+    ]
+    console.print(
+        f"[bold green]genq is starting[/]: API on http://{host}:{port} (the worker loads the "
+        f"model first). Create a key with `genq keys create NAME`. Ctrl-C stops everything."
+    )
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    while not stopping.is_set() and all(child.poll() is None for child in children):
+        stopping.wait(0.5)
+    console.print("[yellow]stopping genq…[/]")
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for child in children:
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    if broker is not None:
+        broker.stop()
+    failed = [c.args[-1] for c in children if c.returncode not in (0, -signal.SIGTERM)]
+    if failed and not stopping.is_set():
+        raise SystemExit(f"genq up: a child process exited unexpectedly: {failed}")
+
+
+@main.command()
+@click.option("--host", default=None)
+@click.option("--port", default=None, type=int)
+def api(host: str | None, port: int | None) -> None:
+    """Run the HTTP API under gunicorn."""
+    settings = get_settings()
+    command = _api_command(settings, host or settings.api_host, port or settings.api_port)
+    os.execv(sys.executable, command)
+
+
+@main.command()
+@click.option("--concurrency", default=None, type=int, help="Jobs in flight (engine batch).")
+@click.option("--hostname", default=None, help="Celery node name.")
+def worker(concurrency: int | None, hostname: str | None) -> None:
+    """Run a worker: one engine fed by a Celery threads pool, plus the outbox relay."""
+    from producer.outbox import run_relay
+
+    from genq.queues import ALL_QUEUES
+
+    settings = get_settings()
+    if not settings.broker_url:
+        raise click.UsageError("set GENQ_BROKER_URL (or use `genq up`, which embeds Redis)")
+    db.ensure_schema_current(settings.database_url_resolved)
+    stop_relay = threading.Event()
+    threading.Thread(target=run_relay, args=(settings, stop_relay), daemon=True,
+                     name="genq-outbox-relay").start()
+    from workers.tasks import app  # registers the task and the engine-loading signals
+
+    argv = [
+        "worker", "--pool", "threads",
+        "--concurrency", str(concurrency or settings.worker_concurrency),
+        "--queues", ",".join(ALL_QUEUES), "--loglevel", "INFO",
+        "--without-gossip", "--without-mingle",
+    ]
+    if hostname:
+        argv += ["--hostname", hostname]
+    try:
+        app.worker_main(argv)
+    finally:
+        stop_relay.set()
+
+
+@main.group(name="db")
+def db_group() -> None:
+    """Database schema commands."""
+
+
+@db_group.command()
+def upgrade() -> None:
+    """Upgrade the database schema to the latest revision (Alembic)."""
+    url = get_settings().database_url_resolved
+    db.upgrade(url)
+    console.print(f"database at revision {db.current_revision(url)}")
+
+
+@main.group()
+def keys() -> None:
+    """API keys."""
+
+
+@keys.command("create")
+@click.argument("tenant")
+def keys_create(tenant: str) -> None:
+    """Create an API key for TENANT (created if new). The key is printed once, last line."""
+    from genq.api_keys import create_api_key
+
+    url = get_settings().database_url_resolved
+    db.ensure_schema_current(url)
+    with db.transaction(url) as session:
+        key = create_api_key(session, tenant)
+    console.print(f"API key for tenant [bold]{tenant}[/] (shown once, store it now):")
+    click.echo(key)
+
+
+def _client():
+    from producer.client import GenqClient
+
+    settings = get_settings()
+    if not settings.api_key:
+        raise click.UsageError("set GENQ_API_KEY (create one with `genq keys create NAME`)")
+    return GenqClient(settings.api_url, settings.api_key)
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--chat/--raw", default=True, help="Send as a chat message (default) or raw prompt.")
+@click.option("--max-tokens", default=128, type=int)
+@click.option("--temperature", default=0.0, type=float)
+@click.option("--priority", default="default", type=click.Choice([p.value for p in Priority]))
+@click.option("--wait/--no-wait", default=False, help="Wait for the job to finish.")
+def submit(prompt: str, chat: bool, max_tokens: int, temperature: float, priority: str,
+           wait: bool) -> None:
+    """Submit a job and print it as JSON."""
+    client = _client()
+    body = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+    job = client.submit(**body, max_tokens=max_tokens, temperature=temperature, priority=priority)
+    if wait:
+        with console.status(f"waiting for {job['id']}…"):
+            job = client.wait(job["id"], timeout=600)
+    click.echo(json.dumps(job, indent=2))
+
+
+@main.command()
+@click.argument("job_id")
+def get(job_id: str) -> None:
+    """Print a job as JSON."""
+    click.echo(json.dumps(_client().get(job_id), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Conditional state transitions on job rows: a transition happens only from an allowed source
+state, in one UPDATE, so a stale or duplicate worker can never overwrite a finished job."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from genq.models import Job, utcnow
+from genq.states import ALLOWED_SOURCES, TERMINAL_STATES, JobStatus
+
+
+def transition(
+    session: Session,
+    job_id: str,
+    target: JobStatus,
+    *,
+    only_from: set[JobStatus] | None = None,
+    extra_where: tuple = (),
+    **values: Any,
+) -> bool:
+    """Move a job to `target` if it is in an allowed source state; True if this call moved it.
+
+    `only_from` narrows the allowed sources (it may not widen them); `extra_where` adds
+    conditions such as "this worker still holds the lease".
+    """
+    sources = ALLOWED_SOURCES[target]
+    if only_from is not None:
+        if not only_from <= sources:
+            raise ValueError(f"{sorted(only_from - sources)} -> {target.value} is not allowed")
+        sources = frozenset(only_from)
+    if target in TERMINAL_STATES:
+        values.setdefault("finished_at", utcnow())
+        values.setdefault("lease_expires_at", None)
+    statement = (
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_([s.value for s in sources]), *extra_where)
+        .values(status=target.value, **values)
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(statement).rowcount == 1

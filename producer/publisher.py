@@ -1,0 +1,69 @@
+"""Publish "run this job" messages to the broker, failing fast when the broker is down.
+
+A failed publish is never fatal: the job and its outbox row are already committed, and the
+outbox relay (producer.outbox) publishes the row later.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+from kombu import Connection
+
+from genq.queues import RUN_JOB_TASK
+
+CONNECT_TIMEOUT_SECONDS = 1.0
+SOCKET_TIMEOUT_SECONDS = 2.0
+# One quick retry covers a dropped pooled connection; a broker that is really down fails the
+# publish within about two seconds instead of blocking the HTTP request.
+PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2,
+                        "interval_max": 0.2}
+TRANSPORT_OPTIONS = {"socket_connect_timeout": CONNECT_TIMEOUT_SECONDS,
+                     "socket_timeout": SOCKET_TIMEOUT_SECONDS}
+
+
+class BrokerNotConfigured(RuntimeError):
+    pass
+
+
+@lru_cache(maxsize=8)
+def producer_app(broker_url: str) -> Celery:
+    """One Celery app (and so one connection pool) per process and broker URL."""
+    if not broker_url:
+        raise BrokerNotConfigured("no broker URL configured (set GENQ_BROKER_URL)")
+    app = Celery("genq-producer", broker=broker_url)
+    app.conf.update(
+        broker_connection_timeout=CONNECT_TIMEOUT_SECONDS,
+        broker_connection_retry=False,
+        broker_transport_options=TRANSPORT_OPTIONS,
+        task_ignore_result=True,
+    )
+    return app
+
+
+def publish_job(broker_url: str, job_id: str, queue: str) -> None:
+    """Send the job's message to `queue`; raises (quickly) when the broker cannot take it."""
+    producer_app(broker_url).send_task(
+        RUN_JOB_TASK,
+        args=[job_id],
+        queue=_declared_queue(queue),
+        retry=True,
+        retry_policy=PUBLISH_RETRY_POLICY,
+    )
+
+
+def _declared_queue(name: str) -> str:
+    # The one place a queue's broker-side declaration is decided. RabbitMQ priority queues
+    # (x-max-priority, issue 5) will return a kombu Queue with those arguments from here.
+    return name
+
+
+def check_broker(broker_url: str, timeout: float = 2.0) -> None:
+    """Raise if the broker cannot be reached within `timeout` seconds (for /readyz)."""
+    if not broker_url:
+        raise BrokerNotConfigured("no broker URL configured (set GENQ_BROKER_URL)")
+    options = {"socket_connect_timeout": timeout, "socket_timeout": timeout}
+    with Connection(broker_url, connect_timeout=timeout, transport_options=options) as conn:
+        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2,
+                               timeout=timeout)

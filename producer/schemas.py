@@ -1,0 +1,151 @@
+"""Request and response models of the jobs API. The same models validate requests, serialize
+jobs and generate the OpenAPI document, so the three cannot drift apart."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import model_validator
+from pydantic_core import PydanticCustomError
+
+from genq.models import Job
+from genq.states import JobStatus, Priority
+
+MAX_STOP_SEQUENCES = 4
+MAX_METADATA_KEYS = 16
+
+NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+
+
+def _stop_as_list(value: Any) -> Any:
+    # `stop` accepts a string or a list of strings (OpenAI style); one shape downstream.
+    return [value] if isinstance(value, str) else value
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class JobRequest(BaseModel):
+    """Body of `POST /v1/jobs`: exactly one of `prompt` or `messages`, plus sampling params."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: NonEmptyStr | None = None
+    messages: Annotated[list[Message], Field(min_length=1)] | None = None
+    model: str | None = Field(None, description="Defaults to the server's configured model.")
+    max_tokens: int = Field(256, ge=1, le=8192)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1, description="-1 disables top-k.")
+    seed: int | None = None
+    stop: Annotated[
+        list[NonEmptyStr] | None,
+        BeforeValidator(_stop_as_list),
+        Field(max_length=MAX_STOP_SEQUENCES, description="A string or up to 4 strings."),
+    ] = None
+    priority: Priority = Priority.DEFAULT
+    metadata: Annotated[
+        dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_KEYS)
+    ] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _exactly_one_input(self) -> JobRequest:
+        if (self.prompt is None) == (self.messages is None):
+            param = "prompt" if self.prompt is None else "messages"
+            raise PydanticCustomError(
+                "prompt_or_messages",
+                "exactly one of `prompt` or `messages` is required",
+                {"param": param},
+            )
+        return self
+
+    def sampling_params(self) -> dict[str, Any]:
+        """The engine's `SamplingParams` keyword arguments; the worker passes them as they are."""
+        return {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "stop": self.stop,
+        }
+
+
+class JobOutput(BaseModel):
+    text: str
+    finish_reason: str | None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+class JobError(BaseModel):
+    code: str
+    message: str | None
+
+
+class JobResponse(BaseModel):
+    """A job as the API shows it; times are unix seconds, as in the OpenAI API."""
+
+    id: str
+    object: Literal["job"] = "job"
+    status: JobStatus
+    priority: Priority
+    model: str
+    created_at: int
+    started_at: int | None
+    finished_at: int | None
+    output: JobOutput | None
+    usage: Usage | None
+    error: JobError | None
+    metadata: dict[str, str]
+
+    @classmethod
+    def from_job(cls, job: Job) -> JobResponse:
+        return cls(
+            id=job.id,
+            status=JobStatus(job.status),
+            priority=Priority(job.priority),
+            model=job.model,
+            created_at=_unix(job.created_at),
+            started_at=_unix(job.started_at),
+            finished_at=_unix(job.finished_at),
+            output=None if job.output_text is None
+            else JobOutput(text=job.output_text, finish_reason=job.finish_reason),
+            usage=None if job.completion_tokens is None
+            else Usage(prompt_tokens=job.prompt_tokens, completion_tokens=job.completion_tokens),
+            error=None if job.error_code is None
+            else JobError(code=job.error_code, message=job.error_message),
+            metadata=job.metadata_ or {},
+        )
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobResponse]
+    has_more: bool
+    last_id: str | None
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    param: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def _unix(moment: datetime | None) -> int | None:
+    return None if moment is None else int(moment.timestamp())

@@ -1,0 +1,172 @@
+"""Submit a job: validate its length, write the job row and its outbox row in one transaction,
+then publish. A broker outage delays a job (the outbox relay publishes it) but never loses it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from genq import db
+from genq.errors import ErrorCode, GenqError
+from genq.models import Job, Outbox, utcnow
+from genq.queues import queue_for
+from genq.settings import Settings
+from genq.states import JobStatus
+from producer.publisher import publish_job
+from producer.schemas import JobRequest
+
+log = logging.getLogger(__name__)
+
+RUN_JOB = "run_job"
+_tokenizer_lock = threading.Lock()
+_tokenizers: dict[tuple[str, Path], Any] = {}
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    job: Job
+    created: bool
+
+
+def submit_job(
+    settings: Settings, tenant_id: str, request: JobRequest, idempotency_key: str | None = None
+) -> SubmitResult:
+    """Persist and publish a job. With an idempotency key, a replay returns the first job."""
+    model = _resolve_model(settings, request)
+    request_hash = _request_hash(request, model)
+    url = settings.database_url_resolved
+    if idempotency_key is not None:
+        existing = _replayed_job(url, tenant_id, idempotency_key, request_hash)
+        if existing is not None:
+            return SubmitResult(existing, created=False)
+
+    prompt_tokens = count_prompt_tokens(settings, model, request)
+    _check_context_length(settings, request, prompt_tokens)
+    job = Job(
+        tenant_id=tenant_id,
+        status=JobStatus.QUEUED.value,
+        priority=request.priority.value,
+        model=model,
+        prompt=request.prompt,
+        messages=None if request.messages is None
+        else [message.model_dump() for message in request.messages],
+        sampling_params=request.sampling_params(),
+        metadata_=request.metadata,
+        prompt_tokens=prompt_tokens,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
+    try:
+        with db.transaction(url) as session:
+            session.add(job)
+            session.flush()
+            outbox = Outbox(kind=RUN_JOB, job_id=job.id, queue=queue_for(request.priority))
+            session.add(outbox)
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        # A concurrent submit with the same key won the unique constraint: answer with its job.
+        existing = _replayed_job(url, tenant_id, idempotency_key, request_hash)
+        if existing is None:
+            raise
+        return SubmitResult(existing, created=False)
+
+    publish_outbox_row(settings, outbox)
+    return SubmitResult(job, created=True)
+
+
+def publish_outbox_row(settings: Settings, outbox: Outbox) -> bool:
+    """Publish one outbox row and mark it sent; False (logged) when the broker refused it."""
+    try:
+        publish_job(settings.broker_url, outbox.job_id, outbox.queue)
+    except Exception as exc:  # any broker failure: the relay retries this row later
+        log.warning("publishing job %s failed, the outbox relay will retry: %s",
+                    outbox.job_id, exc)
+        with db.transaction(settings.database_url_resolved) as session:
+            session.execute(
+                update(Outbox).where(Outbox.id == outbox.id)
+                .values(publish_attempts=Outbox.publish_attempts + 1)
+            )
+        return False
+    with db.transaction(settings.database_url_resolved) as session:
+        # Conditional: two relays racing on one row mark it once (a double publish is harmless,
+        # workers skip jobs that are no longer queued).
+        session.execute(
+            update(Outbox).where(Outbox.id == outbox.id, Outbox.sent_at.is_(None))
+            .values(sent_at=utcnow(), publish_attempts=Outbox.publish_attempts + 1)
+        )
+    return True
+
+
+def count_prompt_tokens(settings: Settings, model: str, request: JobRequest) -> int:
+    """Tokens of the prompt as the engine will see it (chat rendered with the model's template)."""
+    tokenizer = load_tokenizer_cached(model, settings.model_cache_dir)
+    if request.messages is not None:
+        text = tokenizer.apply_chat_template(
+            [message.model_dump() for message in request.messages],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        return len(tokenizer.encode(text, add_special_tokens=False))
+    return len(tokenizer.encode(request.prompt))
+
+
+def load_tokenizer_cached(model: str, cache_dir: Path) -> Any:
+    """One tokenizer per model and process; concurrent first requests load it once."""
+    with _tokenizer_lock:
+        if (model, cache_dir) not in _tokenizers:
+            from engine import load_tokenizer
+
+            _tokenizers[model, cache_dir] = load_tokenizer(model, cache_dir=cache_dir)
+        return _tokenizers[model, cache_dir]
+
+
+def _resolve_model(settings: Settings, request: JobRequest) -> str:
+    model = request.model or settings.model
+    if model != settings.model:
+        raise GenqError(
+            ErrorCode.INVALID_REQUEST,
+            f"model {model!r} is not served here; available models: {settings.model!r}",
+            param="model",
+        )
+    return model
+
+
+def _check_context_length(settings: Settings, request: JobRequest, prompt_tokens: int) -> None:
+    if prompt_tokens + request.max_tokens > settings.max_model_len:
+        raise GenqError(
+            ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+            f"this model's context is {settings.max_model_len} tokens; the request needs "
+            f"{prompt_tokens + request.max_tokens} ({prompt_tokens} in the prompt + "
+            f"{request.max_tokens} in max_tokens). Shorten the prompt or lower max_tokens.",
+            param="prompt" if request.prompt is not None else "messages",
+        )
+
+
+def _request_hash(request: JobRequest, model: str) -> str:
+    """sha256 of the canonical request (defaults filled in), to tell a replay from a reuse."""
+    body = request.model_dump(mode="json") | {"model": model}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _replayed_job(url: str, tenant_id: str, idempotency_key: str, request_hash: str) -> Job | None:
+    with db.session_factory(url)() as session:
+        job = session.scalar(
+            select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key)
+        )
+    if job is not None and job.request_hash != request_hash:
+        raise GenqError(
+            ErrorCode.IDEMPOTENCY_KEY_REUSED,
+            "this Idempotency-Key was already used with a different request body",
+            param="Idempotency-Key",
+        )
+    return job

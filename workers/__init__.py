@@ -1,0 +1,1 @@
+"""Celery workers: take job messages from the broker and run them in one shared engine."""

@@ -1,0 +1,68 @@
+"""The per-process worker runtime: the engine, its loop thread, and the housekeeping thread
+that renews job leases and aborts canceled jobs. Built once, warmed up before taking jobs."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from functools import lru_cache
+
+from engine import EngineConfig, LLMEngine, SamplingParams
+from genq import db
+from genq.settings import Settings, get_settings
+from workers.engine_loop import EngineLoop, EngineRequest
+from workers.job_runner import JobRunner
+
+log = logging.getLogger(__name__)
+
+
+class WorkerRuntime:
+    def __init__(self, settings: Settings) -> None:
+        db.ensure_schema_current(settings.database_url_resolved)
+        started = time.monotonic()
+        config = EngineConfig(
+            model=settings.model,
+            dtype=settings.engine_dtype,
+            device=settings.engine_device,
+            max_num_seqs=settings.worker_concurrency,
+            max_num_batched_tokens=settings.engine_max_num_batched_tokens,
+            cache_dir=str(settings.model_cache_dir),
+            **({"kv_cache_tokens": settings.engine_kv_cache_tokens}
+               if settings.engine_kv_cache_tokens else {}),
+        )
+        self.loop = EngineLoop(LLMEngine(config))
+        self.loop.start()
+        self.runner = JobRunner(settings, self.loop)
+        self._warm_up()
+        log.info("engine for %s ready in %.1f s", settings.model, time.monotonic() - started)
+        self._stop = threading.Event()
+        self._housekeeping = threading.Thread(
+            target=self._housekeep, args=(settings,), name="genq-housekeeping", daemon=True
+        )
+        self._housekeeping.start()
+
+    def _warm_up(self) -> None:
+        params = SamplingParams(max_tokens=2, temperature=0.0)
+        self.loop.submit(EngineRequest("warmup", "Hello", params, priority=0)).result()
+
+    def _housekeep(self, settings: Settings) -> None:
+        renew_every = settings.job_lease_seconds / 3
+        last_renewal = 0.0
+        while not self._stop.wait(settings.cancel_poll_seconds):
+            try:
+                self.runner.abort_canceled()
+                if time.monotonic() - last_renewal >= renew_every:
+                    self.runner.renew_leases()
+                    last_renewal = time.monotonic()
+            except Exception:  # a DB hiccup must not kill the thread; next tick retries
+                log.exception("housekeeping tick failed")
+
+    def close(self) -> None:
+        self._stop.set()
+        self.loop.stop(timeout=5)
+
+
+@lru_cache(maxsize=1)
+def get_runtime() -> WorkerRuntime:
+    return WorkerRuntime(get_settings())
