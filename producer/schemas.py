@@ -6,8 +6,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
-from pydantic import model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from genq.models import Job
@@ -55,6 +61,11 @@ class JobRequest(BaseModel):
     metadata: Annotated[
         dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_KEYS)
     ] = Field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, body: bytes | str) -> JobRequest:
+        """Parse a request body. Strict: `"max_tokens": true` or `"5"` is an error, not 1 or 5."""
+        return cls.model_validate_json(body, strict=True)
 
     @model_validator(mode="after")
     def _exactly_one_input(self) -> JobRequest:

@@ -16,8 +16,8 @@ from sqlalchemy.exc import IntegrityError
 
 from genq import db
 from genq.errors import ErrorCode, GenqError
+from genq.job_store import enqueue_run_message
 from genq.models import Job, Outbox, utcnow
-from genq.queues import queue_for
 from genq.settings import Settings
 from genq.states import JobStatus
 from producer.publisher import publish_job
@@ -25,7 +25,6 @@ from producer.schemas import JobRequest
 
 log = logging.getLogger(__name__)
 
-RUN_JOB = "run_job"
 _tokenizer_lock = threading.Lock()
 _tokenizers: dict[tuple[str, Path], Any] = {}
 
@@ -68,8 +67,7 @@ def submit_job(
         with db.transaction(url) as session:
             session.add(job)
             session.flush()
-            outbox = Outbox(kind=RUN_JOB, job_id=job.id, queue=queue_for(request.priority))
-            session.add(outbox)
+            outbox = enqueue_run_message(session, job.id, request.priority)
     except IntegrityError:
         if idempotency_key is None:
             raise
@@ -108,7 +106,7 @@ def publish_outbox_row(settings: Settings, outbox: Outbox) -> bool:
 
 def count_prompt_tokens(settings: Settings, model: str, request: JobRequest) -> int:
     """Tokens of the prompt as the engine will see it (chat rendered with the model's template)."""
-    tokenizer = load_tokenizer_cached(model, settings.model_cache_dir)
+    tokenizer = load_tokenizer_cached(model, settings.model_cache_dir_resolved)
     if request.messages is not None:
         text = tokenizer.apply_chat_template(
             [message.model_dump() for message in request.messages],

@@ -10,6 +10,7 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -21,6 +22,10 @@ REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RABBITMQ_URL = os.environ.get("GENQ_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 POSTGRES_URL = os.environ.get("GENQ_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TINY_MODEL = "dummy:tiny-llama"
+# Converted SmolLM2 weights are cached across tests and runs (the GGUF dequantizes in ~15 s).
+MODEL_CACHE_DIR = os.environ.get(
+    "GENQ_TEST_MODEL_CACHE", str(Path(__file__).parents[1] / ".genq" / "test-models")
+)
 
 
 def _reachable(url: str) -> bool:

@@ -27,7 +27,7 @@ class WorkerRuntime:
             device=settings.engine_device,
             max_num_seqs=settings.worker_concurrency,
             max_num_batched_tokens=settings.engine_max_num_batched_tokens,
-            cache_dir=str(settings.model_cache_dir),
+            cache_dir=str(settings.model_cache_dir_resolved),
             **({"kv_cache_tokens": settings.engine_kv_cache_tokens}
                if settings.engine_kv_cache_tokens else {}),
         )

@@ -1,0 +1,30 @@
+"""The Flask application factory. Run it with a production WSGI server, e.g.
+`gunicorn --worker-class gthread --threads 8 -w 2 'results_api.app:create_app()'`."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from genq import db
+from genq.settings import Settings
+from results_api import docs, health, jobs
+from results_api.errors import register_error_handlers
+
+
+def create_app(config: dict | None = None) -> Flask:
+    """Build the API. Settings come from GENQ_* env vars unless config["GENQ_SETTINGS"] is
+    given. Raises genq.db.SchemaOutOfDate when the database needs `genq db upgrade`."""
+    app = Flask(__name__)
+    app.config.update(config or {})
+    if "GENQ_SETTINGS" not in app.config:
+        app.config["GENQ_SETTINGS"] = Settings()
+    settings: Settings = app.config["GENQ_SETTINGS"]
+    db.ensure_schema_current(settings.database_url_resolved)
+
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # keep the models' field order in responses
+    register_error_handlers(app)
+    app.register_blueprint(jobs.bp)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(docs.bp)
+    return app

@@ -1,0 +1,150 @@
+"""The /v1/jobs routes: submit (with idempotency and `Prefer: wait`), get, list, cancel."""
+
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, Response, jsonify, request
+from pydantic import ValidationError
+
+from genq.errors import ErrorCode, GenqError
+from genq.models import Job
+from genq.states import JobStatus
+from producer.jobs import DEFAULT_LIST_LIMIT, cancel_job, get_job, list_jobs
+from producer.schemas import JobList, JobRequest, JobResponse
+from producer.submit import submit_job
+from results_api.context import authenticate, current_settings, current_tenant_id
+
+WAIT_POLL_SECONDS = 0.1
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+
+bp = Blueprint("jobs", __name__, url_prefix="/v1")
+
+
+@bp.before_request
+def _check_request() -> None:
+    # Refuse an oversized body by its Content-Length before reading it or touching the DB.
+    limit = current_settings().max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise GenqError(ErrorCode.PAYLOAD_TOO_LARGE, f"request body over {limit} bytes")
+    authenticate()
+    has_body = bool(request.content_length) or "chunked" in request.headers.get(
+        "Transfer-Encoding", "")
+    if request.method == "POST" and has_body:
+        _require_json()
+
+
+@bp.post("/jobs")
+def create_job() -> tuple[Response, int, dict[str, str]]:
+    settings = current_settings()
+    job_request = _job_request()
+    wait_seconds = _prefer_wait(request.headers.get("Prefer"), settings.max_wait_seconds)
+    result = submit_job(settings, current_tenant_id(), job_request, _idempotency_key())
+    job, status = result.job, 202 if result.created else 200
+    headers = {"Location": f"/v1/jobs/{job.id}"}
+    if wait_seconds is not None:
+        job = _wait_until_finished(job, wait_seconds)
+        headers["Preference-Applied"] = f"wait={wait_seconds}"
+        if JobStatus(job.status).is_terminal:
+            status = 200
+    return _job_response(job, status, headers)
+
+
+@bp.get("/jobs/<job_id>")
+def read_job(job_id: str) -> tuple[Response, int, dict[str, str]]:
+    return _job_response(get_job(current_settings(), current_tenant_id(), job_id))
+
+
+@bp.get("/jobs")
+def read_jobs() -> Response:
+    page = list_jobs(current_settings(), current_tenant_id(), status=_status_arg(),
+                     limit=_limit_arg(), after=request.args.get("after") or None)
+    return jsonify(JobList(
+        data=[JobResponse.from_job(job) for job in page.jobs],
+        has_more=page.has_more,
+        last_id=page.jobs[-1].id if page.jobs else None,
+    ).model_dump(mode="json"))
+
+
+@bp.post("/jobs/<job_id>/cancel")
+def cancel(job_id: str) -> tuple[Response, int, dict[str, str]]:
+    return _job_response(cancel_job(current_settings(), current_tenant_id(), job_id))
+
+
+def _job_response(
+    job: Job, status: int = 200, headers: dict[str, str] | None = None
+) -> tuple[Response, int, dict[str, str]]:
+    return jsonify(JobResponse.from_job(job).model_dump(mode="json")), status, headers or {}
+
+
+def _require_json() -> None:
+    if request.mimetype != "application/json":
+        raise GenqError(ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+                        "send the body as JSON with `Content-Type: application/json`")
+
+
+def _job_request() -> JobRequest:
+    _require_json()
+    try:
+        return JobRequest.from_json(request.get_data(cache=False))
+    except ValidationError as exc:
+        if exc.errors()[0]["type"] != "json_invalid":
+            raise
+        raise GenqError(ErrorCode.INVALID_JSON,
+                        f"the body is not valid JSON: {exc.errors()[0]['msg']}") from None
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise GenqError(ErrorCode.INVALID_REQUEST,
+                        f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters",
+                        param="Idempotency-Key")
+    return key
+
+
+def _prefer_wait(header: str | None, max_wait: int) -> int | None:
+    """`Prefer: wait=N` (RFC 7240), N whole seconds in 0..max_wait; None when absent."""
+    for preference in (header or "").split(","):
+        name, _, value = preference.strip().partition("=")
+        if name.strip().lower() != "wait":
+            continue
+        value = value.strip().strip('"')
+        if not value.isdigit() or int(value) > max_wait:
+            raise GenqError(ErrorCode.INVALID_REQUEST,
+                            f"Prefer: wait must be a whole number of seconds from 0 to {max_wait}",
+                            param="Prefer")
+        return int(value)
+    return None
+
+
+def _wait_until_finished(job: Job, seconds: int) -> Job:
+    settings, tenant_id = current_settings(), current_tenant_id()
+    deadline = time.monotonic() + seconds
+    while not JobStatus(job.status).is_terminal and time.monotonic() < deadline:
+        time.sleep(min(WAIT_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+        job = get_job(settings, tenant_id, job.id)
+    return job
+
+
+def _status_arg() -> JobStatus | None:
+    value = request.args.get("status")
+    if not value:
+        return None
+    try:
+        return JobStatus(value)
+    except ValueError:
+        raise GenqError(ErrorCode.INVALID_REQUEST,
+                        f"status must be one of {', '.join(s.value for s in JobStatus)}",
+                        param="status") from None
+
+
+def _limit_arg() -> int:
+    value = request.args.get("limit")
+    if value is None:
+        return DEFAULT_LIST_LIMIT
+    try:
+        return int(value)
+    except ValueError:
+        raise GenqError(ErrorCode.INVALID_REQUEST, "limit must be an integer",
+                        param="limit") from None

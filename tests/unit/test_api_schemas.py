@@ -1,0 +1,83 @@
+"""The request schema and its error mapping: what a client gets back for each invalid body."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from genq.errors import ErrorCode
+from producer.schemas import JobRequest
+from results_api.errors import validation_error
+
+
+def parse(body: dict) -> JobRequest:
+    return JobRequest.from_json(json.dumps(body))
+
+
+def first_error(body: dict):
+    with pytest.raises(ValidationError) as caught:
+        parse(body)
+    return validation_error(caught.value)
+
+
+def test_defaults_fill_the_engine_sampling_params():
+    request = parse({"prompt": "Hello"})
+
+    assert request.sampling_params() == {
+        "max_tokens": 256, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "seed": None,
+        "stop": None,
+    }
+    assert request.priority.value == "default"
+
+
+def test_json_numbers_fill_float_fields():
+    assert parse({"prompt": "x", "temperature": 0, "top_p": 1}).temperature == 0.0
+
+
+def test_a_single_stop_string_becomes_a_list():
+    assert parse({"prompt": "x", "stop": "\n"}).stop == ["\n"]
+
+
+def test_unknown_field_names_the_field():
+    error = first_error({"prompt": "x", "temprature": 0.5})
+
+    assert (error.code, error.param) == (ErrorCode.INVALID_REQUEST, "temprature")
+    assert "unknown field" in error.message
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": True}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": "5"}, "max_tokens"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": "x", "max_tokens": 8193}, "max_tokens"),
+        ({"prompt": "x", "temperature": 2.5}, "temperature"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "top_k": -2}, "top_k"),
+        ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"prompt": "x", "stop": ["a", ""]}, "stop.1"),
+        ({"prompt": "x", "priority": "urgent"}, "priority"),
+        ({"prompt": "x", "metadata": {"k": 1}}, "metadata.k"),
+        ({"prompt": "x", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ({"prompt": "x", "metadata": {"k": "v" * 513}}, "metadata.k"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": "hi", "name": "x"}]}, "messages.0.name"),
+    ],
+)
+def test_invalid_values_name_their_param(body, param):
+    assert first_error(body).param == param
+
+
+def test_both_prompt_and_messages_is_rejected():
+    error = first_error({"prompt": "x", "messages": [{"role": "user", "content": "hi"}]})
+
+    assert error.param == "messages"
+    assert "exactly one" in error.message
+
+
+def test_neither_prompt_nor_messages_is_rejected():
+    assert first_error({"max_tokens": 5}).param == "prompt"
