@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 
@@ -35,8 +36,11 @@ def test_genq_up_serves_a_chat_job_and_stops_cleanly_on_sigint(tmp_path):
         assert done["status"] == "succeeded", done
         assert "Paris" in done["output"]["text"]
 
+        broker_port = int(re.search(r"embedded Redis on redis://127.0.0.1:(\d+)", up.log())[1])
         tree = [up.popen.pid] + [p.pid for p in psutil.Process(up.popen.pid).children(True)]
-        assert any("redis-server" in psutil.Process(pid).name() for pid in tree)
+        tree += [c.pid for c in psutil.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == broker_port]
+        assert len(tree) >= 4, "genq up, the API, the worker and the embedded Redis"
         assert up.stop(signal.SIGINT, timeout=60) == 0, up.log()
         wait_for(lambda: not any(psutil.pid_exists(pid) and
                                  psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
