@@ -96,6 +96,8 @@ class Job(Base):
     request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
     worker_id: Mapped[str | None] = mapped_column(String(200), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    # From the optional `timeout_s` at submit: past it the job is `expired`, partial output kept.
+    deadline_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
