@@ -76,8 +76,8 @@ class BlockManager:
                 del self.free_block_ids[block_id]
             block.ref_count += 1
             seq.block_table.append(block_id)
-        seq.num_computed_tokens = seq.num_hashed_blocks = len(hits)
-        seq.num_computed_tokens *= self.block_size
+        seq.num_hashed_blocks = len(hits)
+        seq.num_computed_tokens = len(hits) * self.block_size
         seq.last_block_hash = self.blocks[hits[-1]].hash if hits else None
         self.num_prefix_query_tokens += len(seq)
         self.num_prefix_hit_tokens += len(hits) * self.block_size

@@ -42,7 +42,7 @@ class Sequence:
         self.num_hashed_blocks = 0
         self.last_block_hash: int | None = None
         self.finish_reason: str | None = None
-        self.text = ""
+        self.stop_text: str | None = None  # output text cut before a matched stop string
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
 
     def __len__(self) -> int:

@@ -39,7 +39,8 @@ def _api_command(settings: Settings, host: str, port: int) -> list[str]:
 @click.option("--host", default=None, help="API bind address (default GENQ_API_HOST).")
 @click.option("--port", default=None, type=int, help="API port (default GENQ_API_PORT).")
 def up(host: str | None, port: int | None) -> None:
-    """Start everything: broker (embedded Redis unless GENQ_BROKER_URL), DB, API, one worker."""
+    """Start everything: broker (embedded Redis unless GENQ_BROKER_URL), DB, API, one worker,
+    one webhook worker."""
     from genq.embedded_broker import EmbeddedRedis
 
     settings = get_settings()
@@ -56,6 +57,7 @@ def up(host: str | None, port: int | None) -> None:
     children = [
         subprocess.Popen(_api_command(settings, host, port), env=env),
         subprocess.Popen([sys.executable, "-m", "genq.cli", "worker"], env=env),
+        subprocess.Popen([sys.executable, "-m", "genq.cli", "webhook-worker"], env=env),
     ]
     console.print(
         f"[bold green]genq is starting[/]: API on http://{host}:{port} (the worker loads the "
@@ -100,7 +102,7 @@ def worker(concurrency: int | None, hostname: str | None) -> None:
     """Run a worker: one engine fed by a Celery threads pool, plus the outbox relay."""
     from producer.outbox import run_relay
 
-    from genq.queues import ALL_QUEUES
+    from genq.queues import job_queues
 
     settings = get_settings()
     if not settings.broker_url:
@@ -109,12 +111,17 @@ def worker(concurrency: int | None, hostname: str | None) -> None:
     stop_relay = threading.Event()
     threading.Thread(target=run_relay, args=(settings, stop_relay), daemon=True,
                      name="genq-outbox-relay").start()
+    from producer.batch_feeder import run_batch_feeder  # issue 7: ingest + windowed enqueue
+
+    threading.Thread(target=run_batch_feeder, args=(settings, stop_relay), daemon=True,
+                     name="genq-batch-feeder").start()
     from workers.tasks import app  # registers the task and the engine-loading signals
 
     argv = [
         "worker", "--pool", "threads",
         "--concurrency", str(concurrency or settings.worker_concurrency),
-        "--queues", ",".join(ALL_QUEUES), "--loglevel", "INFO",
+        "--queues", ",".join(q.name for q in job_queues(settings.broker_url)),
+        "--loglevel", "INFO",
         "--without-gossip", "--without-mingle",
     ]
     if hostname:
@@ -123,6 +130,20 @@ def worker(concurrency: int | None, hostname: str | None) -> None:
         app.worker_main(argv)
     finally:
         stop_relay.set()
+
+
+@main.command("webhook-worker")
+@click.option("--concurrency", default=None, type=int,
+              help="HTTP requests in flight (default GENQ_WEBHOOK_CONCURRENCY).")
+@click.option("--hostname", default=None, help="Celery node name.")
+def webhook_worker(concurrency: int | None, hostname: str | None) -> None:
+    """Run the webhook worker: signed HTTP deliveries from the genq.webhooks queue (no model)."""
+    from workers.webhook_worker import run_webhook_worker
+
+    settings = get_settings()
+    if not settings.broker_url:
+        raise click.UsageError("set GENQ_BROKER_URL (or use `genq up`, which embeds Redis)")
+    run_webhook_worker(settings, concurrency, hostname)
 
 
 @main.group(name="db")

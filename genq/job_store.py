@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from genq.models import Job, Outbox, utcnow
 from genq.queues import queue_for
 from genq.states import ALLOWED_SOURCES, TERMINAL_STATES, JobStatus, Priority
+from genq.webhook_events import Listeners, record_job_event
 
 RUN_JOB_OUTBOX_KIND = "run_job"
 
@@ -41,9 +42,15 @@ def transition(
         update(Job)
         .where(Job.id == job_id, Job.status.in_([s.value for s in sources]), *extra_where)
         .values(status=target.value, **values)
+        .returning(Job.tenant_id, Job.webhook_url, Job.webhook_events)
         .execution_options(synchronize_session=False)
     )
-    return session.execute(statement).rowcount == 1
+    moved = session.execute(statement).first()
+    if moved is None:
+        return False
+    # Webhook events commit or roll back with the state change they announce (issue 6).
+    record_job_event(session, job_id, target, Listeners(*moved))
+    return True
 
 
 def enqueue_run_message(session: Session, job_id: str, priority: Priority) -> Outbox:

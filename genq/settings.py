@@ -40,6 +40,15 @@ class Settings(BaseSettings):
     engine_dtype: str = "auto"
     engine_max_num_batched_tokens: int = 2048
     engine_kv_cache_tokens: int = 0  # 0: the engine's default
+    # Micro-batching: a worker reserves `worker_concurrency * worker_prefetch_multiplier`
+    # messages, and after an idle spell waits this long for more before the first engine step.
+    worker_prefetch_multiplier: int = Field(1, ge=1)
+    worker_batch_wait_ms: float = Field(10.0, ge=0)
+    # SIGTERM: stop taking messages, let in-flight jobs finish for this long, requeue the rest.
+    worker_drain_seconds: float = Field(30.0, ge=0)
+    # Comma-separated `module:object` paths of worker middleware (hooks: before_job(job)).
+    worker_middleware: str = ""
+    reaper_interval_seconds: float = Field(5.0, gt=0)
     job_max_attempts: int = 3
     # A running job's lease; the worker renews it every third of this. A job whose lease ran
     # out (its worker died) may be claimed again by the next delivery of its message.
@@ -49,6 +58,29 @@ class Settings(BaseSettings):
     # Outbox relay: rows not marked sent after this long are (re)published.
     outbox_relay_interval_seconds: float = Field(2.0, gt=0)
     outbox_stale_seconds: float = Field(5.0, gt=0)
+
+    # Files and batches (issue 7). Uploads stream to data_dir/files; 413 beyond these limits.
+    max_file_bytes: int = 200 * 1024 * 1024
+    max_file_lines: int = 50_000
+    # The batch feeder keeps at most this many jobs of one batch queued or running, topping up
+    # every interval, so a 50,000-line batch never floods the broker ahead of interactive jobs.
+    batch_window_jobs: int = Field(256, ge=1)
+    batch_feeder_interval_seconds: float = Field(1.0, gt=0)
+    # Synchronous /v1/chat/completions and /v1/completions: past this the job is canceled and
+    # the call answers 503 (the openai client retries 5xx by default).
+    completion_timeout_seconds: float = Field(600.0, gt=0)
+
+    # Webhooks (workers/webhook_worker.py). Seconds before attempt 1, 2, …, jittered by
+    # ±webhook_retry_jitter: now, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
+    webhook_retry_schedule: str = "0,5,300,1800,7200,18000,36000,36000"
+    webhook_retry_jitter: float = Field(0.1, ge=0, lt=1)
+    webhook_timeout_seconds: float = Field(15.0, gt=0)
+    # Private, loopback and link-local targets are refused unless this is on (local development).
+    webhook_allow_private: bool = False
+    webhook_poll_seconds: float = Field(1.0, gt=0)
+    webhook_concurrency: int = Field(32, ge=1)  # HTTP requests in flight per webhook worker
+    # After a secret rotation, deliveries carry both signatures for this long.
+    webhook_secret_grace_seconds: float = Field(86400.0, ge=0)
 
     @property
     def database_url_resolved(self) -> str:

@@ -11,7 +11,7 @@ from functools import lru_cache
 from celery import Celery
 from kombu import Connection
 
-from genq.queues import RUN_JOB_TASK
+from genq.queues import RUN_JOB_TASK, route
 
 CONNECT_TIMEOUT_SECONDS = 1.0
 SOCKET_TIMEOUT_SECONDS = 2.0
@@ -44,19 +44,15 @@ def producer_app(broker_url: str) -> Celery:
 
 def publish_job(broker_url: str, job_id: str, queue: str) -> None:
     """Send the job's message to `queue`; raises (quickly) when the broker cannot take it."""
+    broker_queue, priority = route(queue, broker_url)
     producer_app(broker_url).send_task(
         RUN_JOB_TASK,
         args=[job_id],
-        queue=_declared_queue(queue),
+        queue=broker_queue,
+        priority=priority,
         retry=True,
         retry_policy=PUBLISH_RETRY_POLICY,
     )
-
-
-def _declared_queue(name: str) -> str:
-    # The one place a queue's broker-side declaration is decided. RabbitMQ priority queues
-    # (x-max-priority, issue 5) will return a kombu Queue with those arguments from here.
-    return name
 
 
 def check_broker(broker_url: str, timeout: float = 2.0) -> None:

@@ -25,6 +25,7 @@ MAX_METADATA_KEYS = 16
 NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+WebhookEventName = Literal["running", "succeeded", "failed", "canceled", "expired"]
 
 
 def _stop_as_list(value: Any) -> Any:
@@ -58,9 +59,18 @@ class JobRequest(BaseModel):
         Field(max_length=MAX_STOP_SEQUENCES, description="A string or up to 4 strings."),
     ] = None
     priority: Priority = Priority.DEFAULT
+    timeout_s: int | None = Field(
+        None, ge=1, le=7 * 24 * 3600,
+        description="Deadline in seconds from submission: past it the job is `expired` "
+        "(a running job keeps its partial output).")
     metadata: Annotated[
         dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_KEYS)
     ] = Field(default_factory=dict)
+    webhook_url: Annotated[str, StringConstraints(min_length=1, max_length=2048)] | None = Field(
+        None, description="Called (signed, Standard Webhooks v1) when the job reaches one of "
+        "`webhook_events`. Needs the tenant's secret: `POST /v1/webhook-secret`.")
+    webhook_events: Annotated[list[WebhookEventName], Field(min_length=1)] | None = Field(
+        None, description="Default: the terminal states (succeeded, failed, canceled, expired).")
 
     @classmethod
     def from_json(cls, body: bytes | str) -> JobRequest:

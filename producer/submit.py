@@ -8,6 +8,7 @@ import json
 import logging
 import threading
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,10 @@ from genq.job_store import enqueue_run_message
 from genq.models import Job, Outbox, utcnow
 from genq.settings import Settings
 from genq.states import JobStatus
+from genq.webhook_events import DEFAULT_EVENTS
 from producer.publisher import publish_job
 from producer.schemas import JobRequest
+from producer.webhooks import check_job_webhook
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +52,15 @@ def submit_job(
 
     prompt_tokens = count_prompt_tokens(settings, model, request)
     _check_context_length(settings, request, prompt_tokens)
+    check_job_webhook(settings, tenant_id, request)
     job = Job(
         tenant_id=tenant_id,
         status=JobStatus.QUEUED.value,
         priority=request.priority.value,
         model=model,
         prompt=request.prompt,
+        deadline_at=None if request.timeout_s is None
+        else utcnow() + timedelta(seconds=request.timeout_s),
         messages=None if request.messages is None
         else [message.model_dump() for message in request.messages],
         sampling_params=request.sampling_params(),
@@ -62,6 +68,9 @@ def submit_job(
         prompt_tokens=prompt_tokens,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
+        webhook_url=request.webhook_url,
+        webhook_events=request.webhook_events
+        or (None if request.webhook_url is None else DEFAULT_EVENTS),
     )
     try:
         with db.transaction(url) as session:

@@ -7,7 +7,7 @@ from flask import Flask
 
 from genq import db
 from genq.settings import Settings
-from results_api import docs, health, jobs
+from results_api import batches, completions, docs, files, health, jobs, webhooks
 from results_api.errors import register_error_handlers
 
 
@@ -27,4 +27,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.register_blueprint(jobs.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(docs.bp)
+    app.register_blueprint(webhooks.bp)
+    for blueprint in (files.bp, batches.bp, completions.bp):  # OpenAI-compatible
+        app.register_blueprint(blueprint)
     return app

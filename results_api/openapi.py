@@ -10,6 +10,15 @@ from pydantic import BaseModel
 from genq.states import JobStatus
 from producer.jobs import DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT
 from producer.schemas import ErrorResponse, JobList, JobRequest, JobResponse
+from producer.webhook_schemas import (
+    DeliveryList,
+    DeliveryResponse,
+    EndpointList,
+    EndpointRequest,
+    EndpointResponse,
+    EndpointUpdate,
+    SecretResponse,
+)
 
 REF = "#/components/schemas/{model}"
 
@@ -18,7 +27,10 @@ REF = "#/components/schemas/{model}"
 def openapi_document() -> dict[str, Any]:
     schemas: dict[str, Any] = {}
     _add_schema(schemas, JobRequest, "validation")
-    for model in (JobResponse, JobList, ErrorResponse):
+    for model in (EndpointRequest, EndpointUpdate):
+        _add_schema(schemas, model, "validation")
+    for model in (JobResponse, JobList, ErrorResponse, EndpointResponse, EndpointList,
+                  SecretResponse, DeliveryResponse, DeliveryList):
         _add_schema(schemas, model, "serialization")
     return {
         "openapi": "3.1.0",
@@ -106,10 +118,74 @@ def _paths() -> dict[str, Any]:
                               **_errors(*common_errors, 409)},
             },
         },
+        **_webhook_paths(),
         "/healthz": {"get": {"summary": "Liveness", "security": [],
                              "responses": {"200": {"description": "The process is up"}}}},
         "/readyz": {"get": {"summary": "Readiness: database and broker reachable",
                             "security": [],
                             "responses": {"200": {"description": "Ready"},
                                           "503": {"description": "A dependency is down"}}}},
+    }
+
+
+def _webhook_paths() -> dict[str, Any]:
+    path_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+    limit = {"name": "limit", "in": "query",
+             "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 100}}
+
+    def body(schema: str) -> dict[str, Any]:
+        return {"required": True, "content": {"application/json": {"schema": _ref(schema)}}}
+
+    def endpoint_answer(description: str) -> dict[str, Any]:
+        return {"200": _json_response(description, "EndpointResponse"),
+                **_errors(401, 404, 503)}
+
+    return {
+        "/v1/webhook-secret": {"post": {
+            "summary": "Create or rotate the secret that signs per-job `webhook_url` calls "
+                       "(shown once; the old one keeps signing during the grace period)",
+            "responses": {"201": _json_response("The new secret", "SecretResponse"),
+                          **_errors(401, 503)}}},
+        "/v1/webhook-endpoints": {
+            "post": {"summary": "Register an endpoint (its `whsec_` secret is shown once)",
+                     "requestBody": body("EndpointRequest"),
+                     "responses": {"201": _json_response("The endpoint", "EndpointResponse"),
+                                   **_errors(400, 401, 415, 422, 503)}},
+            "get": {"summary": "List endpoints",
+                    "responses": {"200": _json_response("Endpoints", "EndpointList"),
+                                  **_errors(401, 503)}},
+        },
+        "/v1/webhook-endpoints/{id}": {
+            "get": {"summary": "Get an endpoint", "parameters": [path_id],
+                    "responses": endpoint_answer("The endpoint")},
+            "patch": {"summary": "Enable or disable an endpoint", "parameters": [path_id],
+                      "requestBody": body("EndpointUpdate"),
+                      "responses": {**endpoint_answer("The endpoint"), **_errors(415, 422)}},
+            "delete": {"summary": "Delete an endpoint", "parameters": [path_id],
+                       "responses": {"200": {"description": "Deleted"},
+                                     **_errors(401, 404, 503)}},
+        },
+        "/v1/webhook-endpoints/{id}/rotate-secret": {"post": {
+            "summary": "Rotate an endpoint's secret (both are signed with during the grace "
+                       "period)", "parameters": [path_id],
+            "responses": endpoint_answer("The endpoint with its new secret")}},
+        "/v1/webhook-endpoints/{id}/deliveries": {"get": {
+            "summary": "An endpoint's deliveries, newest first, with every attempt",
+            "parameters": [path_id, limit],
+            "responses": {"200": _json_response("Deliveries", "DeliveryList"),
+                          **_errors(401, 404, 422, 503)}}},
+        "/v1/jobs/{id}/deliveries": {"get": {
+            "summary": "A job's webhook deliveries, newest first, with every attempt",
+            "parameters": [path_id, limit],
+            "responses": {"200": _json_response("Deliveries", "DeliveryList"),
+                          **_errors(401, 404, 422, 503)}}},
+        "/v1/deliveries/{id}": {"get": {
+            "summary": "A delivery with every attempt", "parameters": [path_id],
+            "responses": {"200": _json_response("The delivery", "DeliveryResponse"),
+                          **_errors(401, 404, 503)}}},
+        "/v1/deliveries/{id}/replay": {"post": {
+            "summary": "Send the delivery's event to its target again (same `webhook-id`)",
+            "parameters": [path_id],
+            "responses": {"202": _json_response("The new delivery", "DeliveryResponse"),
+                          **_errors(401, 404, 409, 503)}}},
     }

@@ -4,20 +4,21 @@ Delivery settings, and why:
 - `task_acks_late` + `task_reject_on_worker_lost`: a message is acked only after its task
   returned, and the task returns only after the job's result is committed. A worker killed
   mid-job leaves its messages unacked, so the broker delivers them again.
-- `worker_prefetch_multiplier=1`: with the threads pool, Celery then reserves one message per
-  thread, i.e. exactly as many jobs as the engine will hold in flight (`worker_concurrency`).
+- `worker_prefetch_multiplier` (default 1): with the threads pool, Celery then reserves one
+  message per thread, i.e. as many jobs as the engine holds in flight (`worker_concurrency`):
+  the micro-batch window. A larger window only parks messages that the worker cannot start.
 - Redis `visibility_timeout`: an unacked message is redelivered after this long. It must exceed
   the longest job (default 1 h); the jobs table's lease/attempts keep a redelivery harmless.
 - Redis `queue_order_strategy="priority"`: the worker polls `genq.interactive`, then
-  `genq.default`, then `genq.batch`, strictly in that order.
+  `genq.default`, then `genq.batch`, strictly in that order. RabbitMQ: one `genq.jobs` queue
+  with x-max-priority (genq.queues).
 """
 
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
 
-from genq.queues import ALL_QUEUES
+from genq.queues import job_queues
 from genq.settings import Settings, get_settings
 
 REDIS_VISIBILITY_TIMEOUT_SECONDS = 3600
@@ -28,10 +29,9 @@ def make_celery(settings: Settings) -> Celery:
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
+        worker_prefetch_multiplier=settings.worker_prefetch_multiplier,
         task_ignore_result=True,
-        task_queues=[Queue(name) for name in ALL_QUEUES],
-        task_default_queue=ALL_QUEUES[1],
+        task_queues=job_queues(settings.broker_url),
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": REDIS_VISIBILITY_TIMEOUT_SECONDS,

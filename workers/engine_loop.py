@@ -3,15 +3,23 @@
 Why this design: Celery's threads pool runs up to `worker_concurrency` tasks at once, each
 blocked on a Future here. The loop thread adds their requests to the running engine between
 steps, so jobs join and leave the batch continuously (continuous batching), while Celery keeps
-doing what it is good at: reserving, acking and redelivering messages.
+doing what it is good at: reserving, acking and redelivering messages. Only the loop thread
+calls the engine's add_request/step; other threads just append to `_pending`.
+
+Fault isolation: if a step raises, the loop cannot tell which request broke it, so it aborts
+the batch and re-runs each of its requests alone ("isolated"); the one that fails alone gets
+the exception, its neighbours finish normally. Requests submitted with `isolated=True` (jobs
+whose earlier delivery died with its worker) always run alone for the same reason.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine import LLMEngine, RequestOutput, SamplingParams
 
@@ -24,12 +32,22 @@ class EngineRequest:
     prompt: str | list[dict]
     params: SamplingParams
     priority: int
+    isolated: bool = False
+
+
+@dataclass
+class _InFlight:
+    request: EngineRequest
+    future: Future[RequestOutput] = field(default_factory=Future)
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, batch_wait_seconds: float = 0.0) -> None:
         self.engine = engine
-        self._futures: dict[str, Future[RequestOutput]] = {}
+        self.batch_wait_seconds = batch_wait_seconds
+        self._pending: deque[_InFlight] = deque()
+        self._isolated: deque[_InFlight] = deque()
+        self._running: dict[str, _InFlight] = {}
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
@@ -44,54 +62,114 @@ class EngineLoop:
         self._thread.join(timeout)
 
     def submit(self, request: EngineRequest) -> Future[RequestOutput]:
-        """Add a request to the engine; the Future resolves with its final RequestOutput.
-
-        Raises ValueError at once when the engine refuses the request (e.g. prompt too long).
-        """
-        future: Future[RequestOutput] = Future()
+        """Queue a request for the engine; the Future resolves with its final RequestOutput,
+        or raises ValueError when the engine refuses it (e.g. prompt too long)."""
+        item = _InFlight(request)
         with self._lock:
-            if request.request_id in self._futures:
-                raise ValueError(f"request {request.request_id} is already in flight")
-            self.engine.add_request(
-                request.request_id, request.prompt, request.params, priority=request.priority
-            )
-            self._futures[request.request_id] = future
+            (self._isolated if request.isolated else self._pending).append(item)
         self._wakeup.set()
-        return future
+        return item.future
 
     def abort(self, request_id: str) -> None:
-        self.engine.abort_request(request_id)
-        self._wakeup.set()
+        with self._lock:
+            queued = [i for i in (*self._pending, *self._isolated)
+                      if i.request.request_id == request_id]
+            running = request_id in self._running
+        for item in queued:  # never reached the engine: finish it here, with no output
+            self._forget(item)
+            item.future.set_exception(RequestAborted(request_id))
+        if running:
+            self.engine.abort_request(request_id)
+            self._wakeup.set()
 
     def in_flight(self) -> list[str]:
         with self._lock:
-            return list(self._futures)
+            items = [*self._running.values(), *self._pending, *self._isolated]
+        return [item.request.request_id for item in items]
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            if not self.engine.has_unfinished_requests():
+            if not self._running and not self._has_queued():
                 self._wakeup.wait(timeout=0.5)
                 self._wakeup.clear()
+                if self.batch_wait_seconds:  # let a burst of messages land in one first step
+                    time.sleep(self.batch_wait_seconds)
+                continue
+            self._admit()
+            if not self._running:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as exc:  # the engine broke: fail what is in flight, keep serving
-                log.exception("engine step failed; failing the requests in flight")
-                self._fail_all(exc)
+            except Exception as exc:
+                self._recover_from_failed_step(exc)
                 continue
             for output in outputs:
                 if output.finished:
                     self._resolve(output)
 
+    def _has_queued(self) -> bool:
+        with self._lock:
+            return bool(self._pending or self._isolated)
+
+    def _admit(self) -> None:
+        """Move queued requests into the engine; an isolated request waits for an empty engine
+        and then runs with nothing beside it."""
+        with self._lock:
+            if any(item.request.isolated for item in self._running.values()):
+                return
+            if self._isolated:
+                if self._running:
+                    return
+                batch = [self._isolated.popleft()]
+            else:
+                batch, self._pending = list(self._pending), deque()
+        for item in batch:
+            request = item.request
+            try:
+                self.engine.add_request(request.request_id, request.prompt, request.params,
+                                        priority=request.priority)
+            except Exception as exc:
+                item.future.set_exception(exc)
+                continue
+            with self._lock:
+                self._running[request.request_id] = item
+
     def _resolve(self, output: RequestOutput) -> None:
         with self._lock:
-            future = self._futures.pop(output.request_id, None)
-        if future is not None:
-            future.set_result(output)
+            item = self._running.pop(output.request_id, None)
+        if item is not None:
+            item.future.set_result(output)
 
-    def _fail_all(self, exc: Exception) -> None:
+    def _recover_from_failed_step(self, exc: Exception) -> None:
         with self._lock:
-            futures, self._futures = self._futures, {}
-        for request_id, future in futures.items():
+            batch, self._running = list(self._running.values()), {}
+        for item in batch:
+            self._abort_quietly(item.request.request_id)
+        if len(batch) == 1 and batch[0].request.isolated:
+            log.error("request %s failed alone in the engine: %s", batch[0].request.request_id,
+                      exc)
+            batch[0].future.set_exception(exc)
+            return
+        log.exception("engine step failed; re-running its %d requests one at a time", len(batch))
+        with self._lock:
+            for item in reversed(batch):
+                isolated = EngineRequest(**{**item.request.__dict__, "isolated": True})
+                self._isolated.appendleft(_InFlight(isolated, item.future))
+
+    def _abort_quietly(self, request_id: str) -> None:
+        try:
             self.engine.abort_request(request_id)
-            future.set_exception(exc)
+            while self.engine.has_unfinished_requests():  # flush the aborted requests out
+                self.engine.step()
+        except Exception:
+            log.exception("the engine could not abort %s after a failed step", request_id)
+
+    def _forget(self, item: _InFlight) -> None:
+        with self._lock:
+            for queue in (self._pending, self._isolated):
+                if item in queue:
+                    queue.remove(item)
+
+
+class RequestAborted(Exception):
+    """The request was aborted before it reached the engine (no partial output exists)."""

@@ -2,6 +2,8 @@
 
 Every write is a conditional transition (genq.job_store), so a duplicate delivery, a stale
 worker or a cancel that raced us cannot produce a second result or overwrite a finished job.
+A job handed back (drain, quarantine busy) goes through the outbox, so it is republished even
+if this process's broker connection is already gone.
 """
 
 from __future__ import annotations
@@ -9,22 +11,34 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
+from enum import Enum
 
 from sqlalchemy import func, select, update
 
 from engine import RequestOutput, SamplingParams
 from genq import db
 from genq.errors import ErrorCode
-from genq.job_store import transition
+from genq.job_store import enqueue_run_message, transition
 from genq.models import Job, utcnow
 from genq.settings import Settings
 from genq.states import JobStatus, Priority
-from workers.engine_loop import EngineLoop, EngineRequest
+from workers.engine_loop import EngineLoop, EngineRequest, RequestAborted
+from workers.middleware import load_middleware, run_hook
 
 log = logging.getLogger(__name__)
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+WAIT_TICK_SECONDS = 0.25
+
+
+class StopReason(Enum):
+    DEADLINE = "deadline"
+    DRAIN = "drain"
 
 
 class JobRunner:
@@ -33,29 +47,90 @@ class JobRunner:
         self.loop = loop
         self.worker_id = worker_id
         self.url = settings.database_url_resolved
+        self.middleware = load_middleware(settings.worker_middleware)
+        # Jobs that were delivered before (their worker died) run one at a time per process,
+        # so a job that kills its process cannot take the same neighbours down twice.
+        self._quarantine = threading.Lock()
+        self._drain_deadline: float | None = None
+
+    def begin_drain(self, seconds: float) -> None:
+        self._drain_deadline = time.monotonic() + seconds
 
     def run(self, job_id: str) -> None:
-        job = self.claim(job_id)
-        if job is None:
+        if self._drain_deadline is not None:
+            self.hand_back(job_id, claimed=False)
+            return
+        job = self.claim(job_id, first_delivery=True)
+        if job is not None:
+            self._run(job, isolated=False)
+            return
+        # Not a first delivery (or not claimable at all): the quarantine path.
+        if not self._quarantine.acquire(blocking=False):
+            self.hand_back(job_id, claimed=False)
+            return
+        try:
+            job = self.claim(job_id)
+            if job is not None:
+                self._run(job, isolated=True)
+        finally:
+            self._quarantine.release()
+
+    def _run(self, job: Job, isolated: bool) -> None:
+        run_hook(self.middleware, "before_job", job)
+        if job.deadline_at is not None and job.deadline_at <= utcnow():
+            self._finish(job.id, JobStatus.EXPIRED)
             return
         request = EngineRequest(
             request_id=job.id,
             prompt=job.messages if job.messages is not None else job.prompt or "",
             params=SamplingParams(**job.sampling_params),
             priority=Priority(job.priority).rank,
+            isolated=isolated,
         )
+        stop_reason: StopReason | None = None
         try:
-            output = self.loop.submit(request).result()
+            output, stop_reason = self._wait(job, self.loop.submit(request))
+        except RequestAborted:
+            output = None
         except ValueError as exc:  # refused by the engine: the request itself is bad
             self.fail(job.id, ErrorCode.INVALID_REQUEST, str(exc))
             return
         except Exception as exc:
             self.fail(job.id, ErrorCode.ENGINE_ERROR, f"{type(exc).__name__}: {exc}")
             return
-        self.record_output(job.id, output)
+        if stop_reason is StopReason.DRAIN:
+            self.hand_back(job.id, claimed=True)
+        elif stop_reason is StopReason.DEADLINE:
+            self._finish(job.id, JobStatus.EXPIRED, output=output)
+        elif output is not None:
+            self.record_output(job.id, output)
 
-    def claim(self, job_id: str) -> Job | None:
-        """Take the job for this worker, or return None when it is not ours to run."""
+    def _wait(self, job: Job, future: Future[RequestOutput]
+              ) -> tuple[RequestOutput | None, StopReason | None]:
+        """Wait for the engine, aborting the request at the job's deadline or the drain's."""
+        deadline = (time.monotonic() + (job.deadline_at - utcnow()).total_seconds()
+                    if job.deadline_at is not None else None)
+        reason: StopReason | None = None
+        while True:
+            try:
+                return future.result(timeout=WAIT_TICK_SECONDS), reason
+            except FutureTimeout:
+                pass
+            if reason is not None:
+                continue
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                reason = StopReason.DEADLINE
+            elif self._drain_deadline is not None and now >= self._drain_deadline:
+                reason = StopReason.DRAIN
+            if reason is not None:
+                self.loop.abort(job.id)
+
+    def claim(self, job_id: str, first_delivery: bool = False) -> Job | None:
+        """Take the job for this worker, or return None when it is not ours to run.
+
+        `first_delivery`: claim only a job that never ran (the fast path, one UPDATE).
+        """
         now = utcnow()
         lease = {
             "worker_id": self.worker_id,
@@ -65,8 +140,9 @@ class JobRunner:
         }
         with db.transaction(self.url) as session:
             claimed = transition(
-                session, job_id, JobStatus.RUNNING, only_from={JobStatus.QUEUED}, **lease
-            ) or transition(
+                session, job_id, JobStatus.RUNNING, only_from={JobStatus.QUEUED},
+                extra_where=(Job.attempts == 0,) if first_delivery else (), **lease
+            ) or not first_delivery and transition(
                 session,
                 job_id,
                 JobStatus.RUNNING,
@@ -76,7 +152,9 @@ class JobRunner:
             )
             job = session.get(Job, job_id) if claimed else None
         if job is None:
-            log.info("job %s not claimed: finished, canceled, unknown or running elsewhere", job_id)
+            if not first_delivery:
+                log.info("job %s not claimed: finished, canceled, unknown or running elsewhere",
+                         job_id)
             return None
         if job.attempts > self.settings.job_max_attempts:
             self.fail(job_id, ErrorCode.WORKER_LOST,
@@ -85,15 +163,9 @@ class JobRunner:
         return job
 
     def record_output(self, job_id: str, output: RequestOutput) -> None:
-        completion = output.outputs[0]
-        result = {
-            "output_text": completion.text,
-            "finish_reason": completion.finish_reason,
-            "prompt_tokens": len(output.prompt_token_ids),
-            "completion_tokens": len(completion.token_ids),
-        }
+        result = _result_values(output)
         with db.transaction(self.url) as session:
-            if completion.finish_reason != "abort" and transition(
+            if result["finish_reason"] != "abort" and transition(
                 session, job_id, JobStatus.SUCCEEDED, extra_where=self._ours(), **result
             ):
                 return
@@ -105,10 +177,28 @@ class JobRunner:
                 .values(**result)
             )
 
+    def _finish(self, job_id: str, status: JobStatus, output: RequestOutput | None = None
+                ) -> None:
+        values = _result_values(output) if output is not None else {}
+        with db.transaction(self.url) as session:
+            transition(session, job_id, status, extra_where=self._ours(), **values)
+
     def fail(self, job_id: str, code: ErrorCode, message: str) -> None:
         with db.transaction(self.url) as session:
             transition(session, job_id, JobStatus.FAILED, extra_where=self._ours(),
                        error_code=code.value, error_message=message[:2000])
+
+    def hand_back(self, job_id: str, claimed: bool) -> None:
+        """Put the job back in its queue through the outbox (this worker will not run it)."""
+        with db.transaction(self.url) as session:
+            if claimed:
+                moved = transition(session, job_id, JobStatus.QUEUED, extra_where=self._ours(),
+                                   worker_id=None, lease_expires_at=None)
+            else:
+                moved = session.scalar(select(Job.status).where(Job.id == job_id)) == "queued"
+            if moved:
+                priority = session.scalar(select(Job.priority).where(Job.id == job_id))
+                enqueue_run_message(session, job_id, Priority(priority))
 
     def abort_canceled(self) -> None:
         """Abort in the engine every in-flight job that was canceled through the API."""
@@ -134,3 +224,13 @@ class JobRunner:
 
     def _ours(self) -> tuple:
         return (Job.worker_id == self.worker_id,)
+
+
+def _result_values(output: RequestOutput) -> dict:
+    completion = output.outputs[0]
+    return {
+        "output_text": completion.text,
+        "finish_reason": completion.finish_reason,
+        "prompt_tokens": len(output.prompt_token_ids),
+        "completion_tokens": len(completion.token_ids),
+    }

@@ -44,3 +44,15 @@ def reap_expired_leases(settings: Settings, limit: int = 200) -> int:
     if reaped:
         log.warning("reaper: %d job(s) with an expired lease requeued or failed", reaped)
     return reaped
+
+
+def expire_overdue_queued(settings: Settings, limit: int = 200) -> int:
+    """Queued jobs past their deadline never start: they become `expired` right away."""
+    overdue = (Job.deadline_at < utcnow(),)
+    with db.transaction(settings.database_url_resolved) as session:
+        job_ids = session.scalars(
+            select(Job.id).where(Job.status == JobStatus.QUEUED.value, *overdue).limit(limit)
+        ).all()
+        expired = sum(transition(session, job_id, JobStatus.EXPIRED, extra_where=overdue)
+                      for job_id in job_ids)
+    return expired

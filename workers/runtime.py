@@ -13,12 +13,14 @@ from genq import db
 from genq.settings import Settings, get_settings
 from workers.engine_loop import EngineLoop, EngineRequest
 from workers.job_runner import JobRunner
+from workers.reaper import expire_overdue_queued, reap_expired_leases
 
 log = logging.getLogger(__name__)
 
 
 class WorkerRuntime:
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         db.ensure_schema_current(settings.database_url_resolved)
         started = time.monotonic()
         config = EngineConfig(
@@ -31,7 +33,7 @@ class WorkerRuntime:
             **({"kv_cache_tokens": settings.engine_kv_cache_tokens}
                if settings.engine_kv_cache_tokens else {}),
         )
-        self.loop = EngineLoop(LLMEngine(config))
+        self.loop = EngineLoop(LLMEngine(config), settings.worker_batch_wait_ms / 1000)
         self.loop.start()
         self.runner = JobRunner(settings, self.loop)
         self._warm_up()
@@ -47,14 +49,20 @@ class WorkerRuntime:
         self.loop.submit(EngineRequest("warmup", "Hello", params, priority=0)).result()
 
     def _housekeep(self, settings: Settings) -> None:
-        renew_every = settings.job_lease_seconds / 3
-        last_renewal = 0.0
+        """Abort canceled jobs every tick; renew leases and reap dead workers' jobs less often."""
+        chores = [
+            (settings.job_lease_seconds / 3, self.runner.renew_leases),
+            (settings.reaper_interval_seconds, lambda: reap_expired_leases(settings)),
+            (settings.reaper_interval_seconds, lambda: expire_overdue_queued(settings)),
+        ]
+        last_run = [0.0] * len(chores)
         while not self._stop.wait(settings.cancel_poll_seconds):
             try:
                 self.runner.abort_canceled()
-                if time.monotonic() - last_renewal >= renew_every:
-                    self.runner.renew_leases()
-                    last_renewal = time.monotonic()
+                for index, (interval, chore) in enumerate(chores):
+                    if time.monotonic() - last_run[index] >= interval:
+                        chore()
+                        last_run[index] = time.monotonic()
             except Exception:  # a DB hiccup must not kill the thread; next tick retries
                 log.exception("housekeeping tick failed")
 

@@ -3,7 +3,7 @@ before the consumer takes its first message."""
 
 from __future__ import annotations
 
-from celery.signals import worker_init, worker_shutdown
+from celery.signals import worker_init, worker_shutdown, worker_shutting_down
 
 from genq.queues import RUN_JOB_TASK
 from workers.celery_app import app
@@ -13,6 +13,15 @@ from workers.runtime import get_runtime
 @worker_init.connect
 def _load_engine(**_kwargs) -> None:
     get_runtime()
+
+
+@worker_shutting_down.connect
+def _drain(**_kwargs) -> None:
+    """Warm shutdown (SIGTERM): Celery stops taking messages; in-flight jobs get
+    `worker_drain_seconds` to finish, then go back to the queue."""
+    if get_runtime.cache_info().currsize:
+        runtime = get_runtime()
+        runtime.runner.begin_drain(runtime.settings.worker_drain_seconds)
 
 
 @worker_shutdown.connect

@@ -10,7 +10,7 @@ import pytest
 import redis
 from kombu import Connection
 
-from genq.queues import ALL_QUEUES
+from genq.queues import job_queues
 from tests.conftest import MODEL_CACHE_DIR, TINY_MODEL, free_port, make_key
 from tests.processes import ProcessGroup, start_api, start_worker
 
@@ -36,9 +36,9 @@ def purge_broker(broker_url: str) -> None:
         return
     with Connection(broker_url, connect_timeout=5) as conn:
         channel = conn.channel()
-        for queue in ALL_QUEUES:
+        for queue in job_queues(broker_url):
             try:
-                channel.queue_purge(queue)
+                channel.queue_purge(queue.name)
             except Exception:  # not declared yet: nothing to purge
                 channel = conn.channel()
 

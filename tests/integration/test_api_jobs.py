@@ -18,7 +18,8 @@ from genq import db
 from genq.job_store import transition
 from genq.models import Job, Outbox, utcnow
 from genq.settings import Settings
-from genq.states import JobStatus
+from genq.queues import AMQP_MAX_PRIORITY, AMQP_MESSAGE_PRIORITY, job_queues, queue_for
+from genq.states import JobStatus, Priority
 from producer.outbox import relay_pending
 from producer.publisher import publish_job
 from producer.submit import load_tokenizer_cached
@@ -303,16 +304,19 @@ def test_relay_leaves_fresh_rows_to_the_submitting_process(
     assert relay_pending(up) == 0
 
 
-def test_publisher_delivers_to_rabbitmq(rabbitmq_url):
-    queue = f"genq.test-{uuid.uuid4().hex[:8]}"
-    publish_job(rabbitmq_url, "job_probe", queue)
+def test_publisher_delivers_to_the_rabbitmq_priority_queue(rabbitmq_url):
+    job_id = f"job_probe_{uuid.uuid4().hex[:8]}"
+    publish_job(rabbitmq_url, job_id, queue_for(Priority.INTERACTIVE))
 
     with kombu.Connection(rabbitmq_url) as connection:
-        channel = connection.channel()
-        try:
-            assert channel.queue_declare(queue, passive=True).message_count == 1
-        finally:
-            channel.queue_delete(queue)
+        queue = job_queues(rabbitmq_url)[0](connection.channel())
+        assert queue.queue_arguments == {"x-max-priority": AMQP_MAX_PRIORITY}
+        for _ in range(10_000):
+            message = queue.get(no_ack=True)
+            assert message is not None, "the published message never arrived"
+            if message.headers.get("argsrepr") == repr([job_id]):
+                break
+        assert message.properties["priority"] == AMQP_MESSAGE_PRIORITY[Priority.INTERACTIVE]
 
 
 @pytest.mark.parametrize("broker", ["redis://127.0.0.1:{port}/0",

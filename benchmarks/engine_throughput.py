@@ -1,0 +1,242 @@
+"""Output tokens/s of genq's engine against transformers on the same requests.
+
+    python -m benchmarks.engine_throughput [--model smollm2-135m] [--num-requests 128]
+        [--seed 0] [--dtype auto] [--baselines hf_sequential,hf_static,hf_generate_batch]
+        [--json PATH]
+
+Workload W-CPU: random token-id prompts of U[16,256] tokens, U[16,128] output tokens each,
+EOS ignored; plus a fixed-length control (prompt 128, output 64). Each contender runs in its
+own spawned process, so peak_rss_mb is that contender's alone and nothing is shared or warm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+ALL_BASELINES = ("hf_sequential", "hf_static", "hf_generate_batch")
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    output_lengths: list[int]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.output_lengths)
+
+
+def random_workload(num_requests: int, seed: int, prompt_range=(16, 256), output_range=(16, 128),
+                    vocab: int = 49152) -> Workload:
+    rng = random.Random(seed)
+    prompts, outputs = [], []
+    for _ in range(num_requests):
+        length = rng.randint(*prompt_range)
+        prompts.append([rng.randrange(100, vocab) for _ in range(length)])
+        outputs.append(rng.randint(*output_range))
+    return Workload(prompts, outputs)
+
+
+def fixed_workload(num_requests: int, seed: int) -> Workload:
+    return random_workload(num_requests, seed + 1, (128, 128), (64, 64))
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_genq(args, workload: Workload) -> tuple[int, float]:
+    from engine import LLM, SamplingParams
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
+    llm.generate([workload.prompts[0][:32]], SamplingParams(max_tokens=4), use_tqdm=False)
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+              for n in workload.output_lengths]
+    start = time.perf_counter()
+    outputs = llm.generate(workload.prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    return sum(o.num_completion_tokens for o in outputs), seconds
+
+
+def _hf_model(args):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.config import resolve_dtype
+    from engine.model_loader import load_model
+    config, state_dict, _ = load_model(args.model, seed=args.seed)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(state_dict, strict=False)
+    model.tie_weights()
+    return model.to(resolve_dtype(args.dtype, "cpu")).eval()
+
+
+def _greedy_config(max_new_tokens: int):
+    from transformers import GenerationConfig
+    return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                            do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+def run_hf_sequential(args, workload: Workload) -> tuple[int, float]:
+    import torch
+    model = _hf_model(args)
+    subset = range(min(args.hf_sequential_requests, len(workload.prompts)))
+    tokens, start = 0, time.perf_counter()
+    with torch.inference_mode():
+        for i in subset:
+            prompt = torch.tensor([workload.prompts[i]])
+            output = model.generate(prompt, generation_config=_greedy_config(
+                workload.output_lengths[i]))
+            tokens += output.shape[1] - prompt.shape[1]
+    return tokens, time.perf_counter() - start
+
+
+def run_hf_static(args, workload: Workload, batch_size: int) -> tuple[int, float]:
+    """Left-padded static batches in request order; only requested tokens are counted."""
+    import torch
+    model = _hf_model(args)
+    tokens, start = 0, time.perf_counter()
+    with torch.inference_mode():
+        for first in range(0, len(workload.prompts), batch_size):
+            prompts = workload.prompts[first:first + batch_size]
+            lengths = workload.output_lengths[first:first + batch_size]
+            width = max(len(p) for p in prompts)
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+            model.generate(ids, attention_mask=mask, generation_config=_greedy_config(max(lengths)))
+            tokens += sum(lengths)
+    return tokens, time.perf_counter() - start
+
+
+def run_hf_generate_batch(args, workload: Workload) -> tuple[int, float]:
+    """transformers' own continuous batching (``generate_batch``'s manager, per-request lengths)."""
+    model = _hf_model(args)
+    config = _greedy_config(max(workload.output_lengths))
+    config.min_new_tokens = None
+    start = time.perf_counter()
+    tokens = 0
+    with model.continuous_batching_context_manager(generation_config=config) as manager:
+        for i, (prompt, length) in enumerate(zip(workload.prompts, workload.output_lengths)):
+            manager.add_request(prompt, request_id=f"r{i}", max_new_tokens=length, eos_token_id=-1)
+        for _ in workload.prompts:
+            result = manager.get_result(timeout=600)
+            tokens += len(result.generated_tokens)
+    return tokens, time.perf_counter() - start
+
+
+CONTENDERS = {
+    "genq": run_genq,
+    "hf_sequential": run_hf_sequential,
+    "hf_static_bs32": lambda args, workload: run_hf_static(args, workload, 32),
+    "hf_static_bs64": lambda args, workload: run_hf_static(args, workload, 64),
+    "hf_generate_batch": run_hf_generate_batch,
+}
+
+
+def _child(name: str, args, workload: Workload, queue) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tokens, seconds = CONTENDERS[name](args, workload)
+    queue.put(dict(output_tokens=tokens, seconds=round(seconds, 3),
+                   output_tok_s=round(tokens / seconds, 2), peak_rss_mb=round(_peak_rss_mb(), 1)))
+
+
+def measure(name: str, args, workload: Workload) -> dict:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(name, args, workload, queue))
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"contender {name} failed (exit code {process.exitcode})")
+    return queue.get()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--num-requests", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--baselines", default=",".join(ALL_BASELINES),
+                        help="comma list of " + ", ".join(ALL_BASELINES) + ", or 'none'")
+    parser.add_argument("--json", dest="json_path")
+    parser.add_argument("--hf-sequential-requests", type=int, default=8,
+                        help="hf_sequential runs this many of the requests (tokens/s is what counts)")
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    args = parser.parse_args(argv)
+    baselines = [] if args.baselines == "none" else args.baselines.split(",")
+    unknown = set(baselines) - set(ALL_BASELINES)
+    if unknown:
+        parser.error(f"unknown baselines: {sorted(unknown)}")
+
+    workload = random_workload(args.num_requests, args.seed)
+    fixed = fixed_workload(args.num_requests, args.seed)
+    results = {"genq": measure("genq", args, workload)}
+    statics = {}
+    for name in baselines:
+        if name == "hf_static":
+            statics = {bs: measure(f"hf_static_bs{bs}", args, workload) for bs in (32, 64)}
+            results[name] = max(statics.values(), key=lambda r: r["output_tok_s"])
+        else:
+            results[name] = measure(name, args, workload)
+    fixed_genq = measure("genq", args, fixed)
+    fixed_static = None
+    if "hf_static" in baselines:
+        fixed_static = max((measure(f"hf_static_bs{bs}", args, fixed) for bs in (32, 64)),
+                           key=lambda r: r["output_tok_s"])
+
+    genq_rate = results["genq"]["output_tok_s"]
+    report = {
+        "workload": dict(name="W-CPU", model=args.model, dtype=args.dtype,
+                         num_requests=args.num_requests, seed=args.seed,
+                         prompt_len="U[16,256]", output_len="U[16,128]", ignore_eos=True,
+                         output_tokens=workload.num_output_tokens,
+                         hf_sequential_requests=args.hf_sequential_requests),
+        "results": results,
+        "ratios": {f"vs_{name}": round(genq_rate / results[name]["output_tok_s"], 2)
+                   for name in baselines},
+        "fixed_length": dict(
+            genq_tok_s=fixed_genq["output_tok_s"],
+            hf_static_tok_s=fixed_static["output_tok_s"] if fixed_static else None,
+            ratio=round(fixed_genq["output_tok_s"] / fixed_static["output_tok_s"], 2)
+            if fixed_static else None),
+        "hf_static_by_batch_size": {str(bs): r for bs, r in statics.items()},
+    }
+    print_table(report)
+    if args.json_path:
+        with open(args.json_path, "w") as json_file:
+            json.dump(report, json_file, indent=2)
+    return report
+
+
+def print_table(report: dict) -> None:
+    rows = [("contender", "output_tokens", "seconds", "output_tok_s", "peak_rss_mb", "genq ×")]
+    genq = report["results"]["genq"]["output_tok_s"]
+    for name, r in report["results"].items():
+        rows.append((name, r["output_tokens"], r["seconds"], r["output_tok_s"], r["peak_rss_mb"],
+                     f"{genq / r['output_tok_s']:.2f}"))
+    for bs, r in report["hf_static_by_batch_size"].items():
+        rows.append((f"  hf_static bs{bs}", r["output_tokens"], r["seconds"], r["output_tok_s"],
+                     r["peak_rss_mb"], f"{genq / r['output_tok_s']:.2f}"))
+    fixed = report["fixed_length"]
+    rows.append(("fixed 128/64: genq", "", "", fixed["genq_tok_s"], "", ""))
+    rows.append(("fixed 128/64: hf_static", "", "", fixed["hf_static_tok_s"], "",
+                 fixed["ratio"] if fixed["ratio"] is not None else ""))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

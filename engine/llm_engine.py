@@ -1,0 +1,213 @@
+"""LLMEngine: the online API (add_request / step / abort_request) around scheduler and runner.
+
+Thread-safety: ``add_request``, ``abort_request``, ``has_unfinished_requests`` and ``stats`` may
+be called from any thread; requests and aborts go into a lock-protected inbox that ``step()``
+drains before scheduling. ``step()`` itself must be called from one thread at a time (one
+engine-loop thread): it owns the scheduler, the KV cache and the model.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.model_loader import load_model
+from engine.model_runner import ModelRunner
+from engine.models.llama import LlamaForCausalLM
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+Prompt = str | list[int] | list[dict]
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    kv_cache_usage: float  # fraction of KV blocks held by live sequences
+    num_prompt_tokens: int  # over all finished-or-running requests added so far
+    num_generated_tokens: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if config.device == "cpu":
+            torch.set_num_threads(config.num_threads or _usable_cpus())
+        hf_config, state_dict, self.tokenizer = load_model(config.model, config.cache_dir,
+                                                           config.seed)
+        model = LlamaForCausalLM(hf_config, state_dict, config.dtype, config.device)
+        del state_dict
+        self.max_model_len = model.max_model_len
+        self.eos_token_ids = _eos_token_ids(hf_config, self.tokenizer)
+        self.runner = ModelRunner(config, model, Sampler(self.eos_token_ids))
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self._seed_source = random.Random(config.seed)
+        self._lock = threading.Lock()
+        self._inbox: list[Sequence] = []
+        self._abort_inbox: list[str] = []
+        self._live: dict[str, Sequence] = {}  # every request added and not yet returned
+        self._num_prompt_tokens = 0
+        self._num_generated_tokens = 0
+
+    @classmethod
+    def from_model(cls, model: str, **overrides) -> LLMEngine:
+        return cls(EngineConfig(model=model, **overrides))
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if prompt and isinstance(prompt[0], dict):
+            rendered = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
+                                                          tokenize=False)
+            return self.tokenizer.encode(rendered, add_special_tokens=False)
+        return list(prompt)
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
+                    priority: int = 0) -> None:
+        """Queue a request; raises ValueError for a duplicate id or a prompt that cannot fit."""
+        params = params or SamplingParams()
+        token_ids = self.tokenize(prompt)
+        if not token_ids:
+            raise ValueError("prompt must not be empty")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt is {len(token_ids)} tokens, longer than the model's "
+                             f"context (max_model_len={self.max_model_len}) allows")
+        worst_case = min(len(token_ids) + params.max_tokens, self.max_model_len)
+        capacity = self.runner.num_slots
+        if worst_case > capacity:
+            raise ValueError(f"prompt + max_tokens needs {worst_case} KV-cache tokens but the "
+                             f"pool holds {capacity} (raise kv_cache_tokens)")
+        generator = torch.Generator()
+        seed = params.seed
+        with self._lock:
+            if request_id in self._live:
+                raise ValueError(f"request_id {request_id!r} is already in the engine")
+            if seed is None:
+                seed = self._seed_source.getrandbits(63)
+            generator.manual_seed(seed)
+            seq = Sequence(request_id, token_ids, params, priority, generator)
+            self._live[request_id] = seq
+            self._inbox.append(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        """The request finishes with reason "abort" (partial output kept) at the next step()."""
+        with self._lock:
+            if request_id in self._live:
+                self._abort_inbox.append(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        with self._lock:
+            return bool(self._live)
+
+    @property
+    def stats(self) -> EngineStats:
+        manager = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queried_tokens=manager.num_prefix_query_tokens,
+            prefix_cache_hit_tokens=manager.num_prefix_hit_tokens,
+            kv_cache_usage=manager.usage, num_prompt_tokens=self._num_prompt_tokens,
+            num_generated_tokens=self._num_generated_tokens)
+
+    def step(self) -> list[RequestOutput]:
+        """One engine iteration: schedule -> run -> postprocess. Returns finished requests."""
+        finished = self._drain_inbox()
+        scheduled = self.scheduler.schedule()
+        if scheduled:
+            seqs, token_ids, logprobs = self.runner.run(scheduled)
+            for seq, num_tokens in scheduled:
+                seq.num_computed_tokens += num_tokens
+                self.block_manager.cache_full_blocks(seq)
+            for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
+                if self._append_token(seq, token_id, logprob):
+                    finished.append(seq)
+        return [self._finish_output(seq) for seq in finished]
+
+    def _drain_inbox(self) -> list[Sequence]:
+        with self._lock:
+            new, self._inbox = self._inbox, []
+            aborts, self._abort_inbox = self._abort_inbox, []
+        for seq in new:
+            self._num_prompt_tokens += seq.num_prompt_tokens
+            self.scheduler.add(seq)
+        aborted = []
+        for request_id in aborts:
+            seq = self._live.get(request_id)
+            if seq is not None and not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+                aborted.append(seq)
+        return aborted
+
+    def _append_token(self, seq: Sequence, token_id: int, logprob: dict | None) -> bool:
+        """Add a sampled token; True when it finishes ``seq`` (and it was released)."""
+        seq.token_ids.append(token_id)
+        self._num_generated_tokens += 1
+        if seq.logprobs is not None:
+            seq.logprobs.append(logprob)
+        params = seq.params
+        reason = None
+        if seq.num_output_tokens >= params.min_tokens and (
+                token_id in params.stop_token_ids
+                or (not params.ignore_eos and token_id in self.eos_token_ids)):
+            reason = "stop"
+        elif params.stop and self._truncate_at_stop_string(seq):
+            reason = "stop"
+        elif seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+            reason = "length"
+        if reason is None:
+            return False
+        self.scheduler.finish(seq, reason)
+        return True
+
+    def _truncate_at_stop_string(self, seq: Sequence) -> bool:
+        if seq.num_output_tokens < seq.params.min_tokens:
+            return False
+        text = self._decode(seq)
+        # Only the tail can hold a stop string completed by this token.
+        window = max(len(stop) for stop in seq.params.stop) + 16
+        hits = [i for stop in seq.params.stop
+                if (i := text.find(stop, max(0, len(text) - window))) != -1]
+        if not hits:
+            return False
+        seq.stop_text = text[:min(hits)]
+        return True
+
+    def _decode(self, seq: Sequence) -> str:
+        return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+
+    def _finish_output(self, seq: Sequence) -> RequestOutput:
+        with self._lock:
+            self._live.pop(seq.request_id, None)
+        text = seq.stop_text if seq.stop_text is not None else self._decode(seq)
+        completion = CompletionOutput(text=text, token_ids=seq.output_token_ids,
+                                      finish_reason=seq.finish_reason, logprobs=seq.logprobs)
+        return RequestOutput(seq.request_id, seq.token_ids[:seq.num_prompt_tokens],
+                             [completion], finished=True)
+
+
+def _eos_token_ids(hf_config, tokenizer) -> set[int]:
+    ids = getattr(hf_config, "eos_token_id", None)
+    ids = set(ids) if isinstance(ids, list) else ({ids} if ids is not None else set())
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -1,0 +1,83 @@
+"""Webhook events, recorded in the transaction of the job state change they announce: one event
+row (the exact body, its `webhook-id`) and one delivery row per interested target.
+
+Cheap when nobody listens: the job's own `webhook_url`/`webhook_events` come back from the
+transition's UPDATE … RETURNING, and the tenant's endpoints cost one indexed query.
+
+Deviation from the layering (STYLE.md): the payload's `data` is the job exactly as the API shows
+it, whose one definition is `producer.schemas.JobResponse`, so this core module imports it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import Enum
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from genq.models import Job, WebhookDelivery, WebhookEndpoint, WebhookEvent, new_id, utcnow
+from genq.states import TERMINAL_STATES, JobStatus
+
+# The job states a webhook can announce (`queued` is the submit's own answer, not an event).
+EVENT_STATES = (JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED,
+                JobStatus.EXPIRED)
+DEFAULT_EVENTS = [state.value for state in EVENT_STATES if state in TERMINAL_STATES]
+
+
+class DeliveryStatus(str, Enum):
+    PENDING = "pending"  # waiting for its next attempt (or in flight)
+    DELIVERED = "delivered"  # a 2xx answer
+    FAILED = "failed"  # retries exhausted, 410 Gone, a refused address or a disabled endpoint
+
+
+@dataclass(frozen=True)
+class Listeners:
+    """What the transition's UPDATE … RETURNING tells about who may want this change."""
+
+    tenant_id: str
+    webhook_url: str | None
+    webhook_events: list[str] | None
+
+
+def event_type(state: JobStatus) -> str:
+    return f"job.{state.value}"
+
+
+def record_job_event(session: Session, job_id: str, state: JobStatus,
+                     listeners: Listeners) -> WebhookEvent | None:
+    """Add the event and its deliveries for a job that just moved to `state`, if anyone listens."""
+    if state not in EVENT_STATES:
+        return None
+    targets: list[tuple[str, str | None]] = []  # (url, endpoint id)
+    if listeners.webhook_url and state.value in (listeners.webhook_events or DEFAULT_EVENTS):
+        targets.append((listeners.webhook_url, None))
+    endpoints = session.execute(
+        select(WebhookEndpoint.id, WebhookEndpoint.url, WebhookEndpoint.events)
+        .where(WebhookEndpoint.tenant_id == listeners.tenant_id, WebhookEndpoint.enabled)
+    ).all()
+    targets += [(url, endpoint_id) for endpoint_id, url, events in endpoints
+                if state.value in events]
+    if not targets:
+        return None
+
+    from producer.schemas import JobResponse
+
+    job = session.get(Job, job_id, populate_existing=True)
+    now = utcnow()
+    event = WebhookEvent(id=new_id("msg"), tenant_id=listeners.tenant_id, job_id=job_id,
+                         type=event_type(state), created_at=now)
+    event.payload = json.dumps({
+        "type": event.type,
+        "timestamp": now.isoformat().replace("+00:00", "Z"),
+        "data": JobResponse.from_job(job).model_dump(mode="json"),
+    }, separators=(",", ":"), ensure_ascii=False)
+    session.add(event)
+    session.flush()  # the deliveries reference the event; no ORM relationship orders them
+    session.add_all(
+        WebhookDelivery(event_id=event.id, tenant_id=listeners.tenant_id, job_id=job_id,
+                        endpoint_id=endpoint_id, url=url, next_attempt_at=now)
+        for url, endpoint_id in targets
+    )
+    return event

@@ -1,0 +1,83 @@
+"""Synchronous OpenAI `POST /v1/chat/completions` and `POST /v1/completions`: the request runs
+as an `interactive` job through the queue like any other, and the call waits for it.
+
+Past `completion_timeout_seconds` the job is canceled and the call answers 503
+`service_unavailable` (genq is overloaded; the openai client retries 5xx on its own).
+"""
+
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, Response, jsonify, request
+from pydantic import ValidationError
+
+from genq.errors import ErrorCode, GenqError
+from genq.models import Job
+from genq.states import JobStatus, Priority
+from producer.jobs import cancel_job, get_job
+from producer.openai_compat import CHAT_COMPLETIONS, COMPLETIONS, completion_object, parse_body
+from producer.schemas import JobRequest
+from producer.submit import submit_job
+from results_api.context import authenticate, current_settings, current_tenant_id
+from results_api.openai_errors import register_openai_errors
+
+POLL_SECONDS = 0.05
+
+bp = Blueprint("completions", __name__, url_prefix="/v1")
+register_openai_errors(bp)
+bp.before_request(authenticate)
+
+
+@bp.post("/chat/completions")
+def chat_completions() -> Response:
+    return _complete(_request_for(CHAT_COMPLETIONS))
+
+
+@bp.post("/completions")
+def completions() -> Response:
+    return _complete(_request_for(COMPLETIONS))
+
+
+def _request_for(endpoint: str) -> JobRequest:
+    if request.mimetype != "application/json":
+        raise GenqError(ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+                        "send the body as JSON with `Content-Type: application/json`")
+    try:
+        return parse_body(endpoint, request.get_data(cache=False), Priority.INTERACTIVE)
+    except ValidationError as exc:
+        if exc.errors()[0]["type"] != "json_invalid":
+            raise
+        raise GenqError(ErrorCode.INVALID_JSON,
+                        f"the body is not valid JSON: {exc.errors()[0]['msg']}") from None
+
+
+def _complete(job_request: JobRequest) -> Response:
+    settings, tenant_id = current_settings(), current_tenant_id()
+    job = submit_job(settings, tenant_id, job_request).job
+    deadline = time.monotonic() + settings.completion_timeout_seconds
+    while not JobStatus(job.status).is_terminal:
+        if time.monotonic() >= deadline:
+            _cancel_quietly(job)
+            raise GenqError(ErrorCode.SERVICE_UNAVAILABLE,
+                            f"the completion did not finish within "
+                            f"{settings.completion_timeout_seconds:g} s; retry later")
+        time.sleep(POLL_SECONDS)
+        job = get_job(settings, tenant_id, job.id)
+    if job.status != JobStatus.SUCCEEDED.value:
+        raise _job_error(job)
+    return jsonify(completion_object(job).model_dump(mode="json"))
+
+
+def _job_error(job: Job) -> GenqError:
+    if job.error_code == ErrorCode.INVALID_REQUEST.value:
+        return GenqError(ErrorCode.INVALID_REQUEST, job.error_message or "invalid request")
+    return GenqError(ErrorCode.INTERNAL,
+                     f"the completion {job.status}: {job.error_message or job.error_code}")
+
+
+def _cancel_quietly(job: Job) -> None:
+    try:
+        cancel_job(current_settings(), current_tenant_id(), job.id)
+    except GenqError:  # it finished in the meantime: nothing to cancel
+        pass

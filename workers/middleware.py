@@ -1,0 +1,26 @@
+"""Worker middleware (dramatiq-style hooks instead of flags threaded through calls).
+
+`GENQ_WORKER_MIDDLEWARE="pkg.module:object,…"` names objects with any of these hooks:
+- `before_job(job)`: called in the worker thread after the job was claimed, before it runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+
+def load_middleware(spec: str) -> list[Any]:
+    middleware = []
+    for path in filter(None, (part.strip() for part in spec.split(","))):
+        module_name, _, attribute = path.partition(":")
+        obj = getattr(importlib.import_module(module_name), attribute)
+        middleware.append(obj() if isinstance(obj, type) else obj)
+    return middleware
+
+
+def run_hook(middleware: list[Any], hook: str, *args: Any) -> None:
+    for item in middleware:
+        method = getattr(item, hook, None)
+        if method is not None:
+            method(*args)

@@ -1,0 +1,113 @@
+"""The webhook worker: an I/O-only Celery worker (threads pool, no model) on its own queue,
+`genq.webhooks`, which GPU workers never consume; plus the dispatcher thread that feeds it.
+
+Why retries are scheduled in the database, not with Celery countdown/eta: a delivery's next
+attempt is `next_attempt_at` on its row. Retries up to 10 h away would sit in the broker as
+unacked eta messages, which Redis redelivers after its visibility timeout and which die with a
+purged queue; a row cannot be lost. The dispatcher polls due rows every `webhook_poll_seconds`,
+leases each one with a fresh token and publishes it; the task acts only if its token is still
+the current one, so a duplicate message never sends twice. If a webhook worker dies mid-attempt,
+the lease runs out and the next dispatcher round sends the delivery again (same webhook-id:
+receivers deduplicate on it, as Standard Webhooks asks).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from datetime import timedelta
+
+from celery import Celery
+from kombu import Queue
+from sqlalchemy import or_, select, update
+
+from genq import db
+from genq.models import WebhookDelivery, utcnow
+from genq.settings import Settings, get_settings
+from genq.webhook_events import DeliveryStatus
+from workers.webhook_delivery import deliver
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_QUEUE = "genq.webhooks"
+DELIVER_WEBHOOK_TASK = "genq.deliver_webhook"
+DISPATCH_BATCH = 200
+
+
+def make_webhook_celery(settings: Settings) -> Celery:
+    app = Celery("genq-webhooks", broker=settings.broker_url or None)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_queues=[Queue(WEBHOOK_QUEUE)],
+        task_default_queue=WEBHOOK_QUEUE,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+app = make_webhook_celery(get_settings())
+
+
+@app.task(name=DELIVER_WEBHOOK_TASK)
+def deliver_webhook(delivery_id: str, token: str) -> None:
+    deliver(get_settings(), delivery_id, token)
+
+
+def dispatch_due(settings: Settings, limit: int = DISPATCH_BATCH) -> int:
+    """Lease and publish the deliveries whose next attempt is due; return how many."""
+    now = utcnow()
+    # A published delivery not started within this long (worker died, queue backed up) is
+    # published again under a new token; the old message then does nothing.
+    lease = timedelta(seconds=4 * settings.webhook_timeout_seconds + 60)
+    due = (WebhookDelivery.status == DeliveryStatus.PENDING.value,
+           WebhookDelivery.next_attempt_at <= now,
+           or_(WebhookDelivery.lease_expires_at.is_(None),
+               WebhookDelivery.lease_expires_at < now))
+    with db.session_factory(settings.database_url_resolved)() as session:
+        ids = session.scalars(select(WebhookDelivery.id).where(*due)
+                              .order_by(WebhookDelivery.next_attempt_at).limit(limit)).all()
+    dispatched = 0
+    for delivery_id in ids:
+        token = secrets.token_hex(16)
+        with db.transaction(settings.database_url_resolved) as session:
+            leased = session.execute(
+                update(WebhookDelivery).where(WebhookDelivery.id == delivery_id, *due)
+                .values(lease_token=token, lease_expires_at=now + lease)
+            ).rowcount == 1
+        if leased:
+            app.send_task(DELIVER_WEBHOOK_TASK, args=[delivery_id, token], queue=WEBHOOK_QUEUE)
+            dispatched += 1
+    return dispatched
+
+
+def run_dispatcher(settings: Settings, stop: threading.Event) -> None:
+    """Dispatch due deliveries every `webhook_poll_seconds` until `stop`; never raises."""
+    while not stop.is_set():
+        try:
+            dispatch_due(settings)
+        except Exception:  # DB or broker hiccup: the leases run out, the next round retries
+            log.exception("webhook dispatch round failed")
+        stop.wait(settings.webhook_poll_seconds)
+
+
+def run_webhook_worker(settings: Settings, concurrency: int | None = None,
+                       hostname: str | None = None) -> None:
+    """Run the dispatcher thread and the Celery consumer of `genq.webhooks` (blocks)."""
+    db.ensure_schema_current(settings.database_url_resolved)
+    stop = threading.Event()
+    threading.Thread(target=run_dispatcher, args=(settings, stop), daemon=True,
+                     name="genq-webhook-dispatcher").start()
+    argv = ["worker", "--pool", "threads",
+            "--concurrency", str(concurrency or settings.webhook_concurrency),
+            "--queues", WEBHOOK_QUEUE, "--loglevel", "INFO",
+            "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    argv += ["--hostname", hostname or "webhooks@%h"]
+    try:
+        app.worker_main(argv)
+    finally:
+        stop.set()
