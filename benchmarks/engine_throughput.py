@@ -157,7 +157,9 @@ def measure(name: str, args, workload: Workload) -> dict:
     process.join()
     if process.exitcode != 0:
         raise RuntimeError(f"contender {name} failed (exit code {process.exitcode})")
-    return queue.get()
+    result = queue.get()
+    print(f"{name}: {result}", file=sys.stderr, flush=True)
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -14,6 +14,7 @@ import click
 from rich.console import Console
 
 from genq import db
+from genq.cli_batch import batch
 from genq.settings import Settings, get_settings
 from genq.states import Priority
 
@@ -55,7 +56,7 @@ def up(host: str | None, port: int | None) -> None:
     db.upgrade(settings.database_url_resolved)
     console.print(f"[green]database[/] {settings.database_url_resolved} is up to date")
     children = [
-        subprocess.Popen(_api_command(settings, host, port), env=env),
+        subprocess.Popen(_api_command(settings, host, port), env=_api_env(settings, env)),
         subprocess.Popen([sys.executable, "-m", "genq.cli", "worker"], env=env),
         subprocess.Popen([sys.executable, "-m", "genq.cli", "webhook-worker"], env=env),
     ]
@@ -92,7 +93,15 @@ def api(host: str | None, port: int | None) -> None:
     """Run the HTTP API under gunicorn."""
     settings = get_settings()
     command = _api_command(settings, host or settings.api_host, port or settings.api_port)
-    os.execv(sys.executable, command)
+    os.execve(sys.executable, command, _api_env(settings, dict(os.environ)))
+
+
+def _api_env(settings: Settings, env: dict[str, str]) -> dict[str, str]:
+    """The API's gunicorn processes share one prometheus_client multiprocess directory, so
+    /metrics counts the HTTP requests of all of them (results_api/metrics.py)."""
+    from genq.metrics import MULTIPROCESS_ENV, prepare_multiprocess_dir
+
+    return {**env, MULTIPROCESS_ENV: str(prepare_multiprocess_dir(settings.data_dir))}
 
 
 @main.command()
@@ -178,6 +187,35 @@ def keys_create(tenant: str) -> None:
     click.echo(key)
 
 
+@main.group()
+def tenants() -> None:
+    """Tenants and their admission limits."""
+
+
+@tenants.command("set-limits")
+@click.argument("tenant")
+@click.option("--requests-per-minute", "--rpm", type=click.IntRange(min=0), default=None)
+@click.option("--tokens-per-minute", "--tpm", type=click.IntRange(min=0), default=None,
+              help="Prompt tokens + max_tokens, counted at admission.")
+@click.option("--max-queued-jobs", type=click.IntRange(min=0), default=None)
+@click.option("--max-tokens-per-job", type=click.IntRange(min=1), default=None,
+              help="The largest max_tokens a job may ask for.")
+def tenants_set_limits(tenant: str, **limits: int | None) -> None:
+    """Set TENANT's limits; an option left out is unlimited, 0 (where allowed) blocks."""
+    from dataclasses import asdict
+
+    from genq.limits import TenantLimits, limits_of, set_limits
+
+    url = get_settings().database_url_resolved
+    db.ensure_schema_current(url)
+    try:
+        with db.transaction(url) as session:
+            saved = limits_of(set_limits(session, tenant, TenantLimits(**limits)))
+    except LookupError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(json.dumps({"tenant": tenant, **asdict(saved)}, indent=2))
+
+
 def _client():
     from producer.client import GenqClient
 
@@ -211,6 +249,9 @@ def submit(prompt: str, chat: bool, max_tokens: int, temperature: float, priorit
 def get(job_id: str) -> None:
     """Print a job as JSON."""
     click.echo(json.dumps(_client().get(job_id), indent=2))
+
+
+main.add_command(batch)  # `genq batch submit | status | download` (genq/cli_batch.py)
 
 
 if __name__ == "__main__":

@@ -44,11 +44,13 @@ HTTP_STATUS: dict[ErrorCode, int] = {
 class GenqError(Exception):
     """A client-visible error: code, human message and the offending parameter, if any."""
 
-    def __init__(self, code: ErrorCode, message: str, param: str | None = None) -> None:
+    def __init__(self, code: ErrorCode, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.param = param
+        self.headers = headers or {}  # e.g. Retry-After and x-ratelimit-* on a 429
 
     @property
     def http_status(self) -> int:

@@ -48,8 +48,10 @@ def transition(
     moved = session.execute(statement).first()
     if moved is None:
         return False
-    # Webhook events commit or roll back with the state change they announce (issue 6).
-    record_job_event(session, job_id, target, Listeners(*moved))
+    # Webhook events commit or roll back with the state change they announce (issue 6). A
+    # re-claim (RUNNING only from RUNNING) changes no state, so it announces nothing.
+    if sources != {target}:
+        record_job_event(session, job_id, target, Listeners(*moved))
     return True
 
 

@@ -57,6 +57,11 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ten"))
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Admission limits (genq.limits), None = unlimited; set with `genq tenants set-limits`.
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer, default=None)
+    tokens_per_minute: Mapped[int | None] = mapped_column(Integer, default=None)
+    max_queued_jobs: Mapped[int | None] = mapped_column(Integer, default=None)
+    max_tokens_per_job: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
 class ApiKey(Base):
@@ -79,6 +84,7 @@ class Job(Base):
         Index("ix_jobs_tenant_status", "tenant_id", "status"),
         Index("ix_jobs_batch_line", "batch_id", "batch_line"),
         Index("ix_jobs_batch_status", "batch_id", "status"),
+        Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
@@ -93,6 +99,8 @@ class Job(Base):
     output_text: Mapped[str | None] = mapped_column(Text, default=None)
     finish_reason: Mapped[str | None] = mapped_column(String(16), default=None)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
+    # prompt_tokens + max_tokens at submit: what the tenant's tokens-per-minute window counts.
+    admitted_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
     completion_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
@@ -113,6 +121,21 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Worker(Base):
+    """A live job worker process, upserted by its heartbeat (dashboard, `GET /v1/models`)."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # host:pid
+    hostname: Mapped[str] = mapped_column(String(200))
+    model: Mapped[str] = mapped_column(String(200))
+    max_batch_size: Mapped[int] = mapped_column(Integer)
+    num_running: Mapped[int] = mapped_column(Integer, default=0)
+    metrics_port: Mapped[int | None] = mapped_column(Integer, default=None)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 class Outbox(Base):

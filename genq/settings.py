@@ -82,6 +82,18 @@ class Settings(BaseSettings):
     # After a secret rotation, deliveries carry both signatures for this long.
     webhook_secret_grace_seconds: float = Field(86400.0, ge=0)
 
+    # Operating (issue 8). A worker serves Prometheus metrics on this port (0: off; one port per
+    # worker process, so several workers on one host need different ports).
+    worker_metrics_port: int = Field(0, ge=0)
+    # Workers upsert a heartbeat row this often; one silent for `worker_live_seconds` is gone.
+    worker_heartbeat_seconds: float = Field(5.0, gt=0)
+    worker_live_seconds: float = Field(30.0, gt=0)
+    # Circuit breakers on the broker and the DB in the API: after this many failures in a row
+    # requests fail fast with 503 for `breaker_reset_seconds`, then one quick probe decides.
+    breaker_failure_threshold: int = Field(1, ge=1)
+    breaker_reset_seconds: float = Field(5.0, gt=0)
+    breaker_probe_timeout_seconds: float = Field(0.5, gt=0)
+
     @property
     def database_url_resolved(self) -> str:
         if self.database_url:

@@ -62,6 +62,7 @@ def record_job_event(session: Session, job_id: str, state: JobStatus,
     if not targets:
         return None
 
+    # Imported late, and only here: the one layering exception (see the module docstring).
     from producer.schemas import JobResponse
 
     job = session.get(Job, job_id, populate_existing=True)

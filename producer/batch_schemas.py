@@ -67,6 +67,21 @@ class BatchCreateRequest(BaseModel):
         return (self.metadata or {}).get("strict", "").lower() == "true"
 
 
+class BatchRetryRequest(BaseModel):
+    """Optional body of `POST /v1/batches/{id}/retry`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    completion_window: str | None = None
+
+    @field_validator("completion_window")
+    @classmethod
+    def _valid_window(cls, value: str | None) -> str | None:
+        if value is not None:
+            window_of(value)
+        return value
+
+
 def window_of(completion_window: str) -> timedelta:
     match = WINDOW_PATTERN.match(completion_window)
     if match is None:

@@ -74,9 +74,11 @@ def cancel_batch(settings: Settings, tenant_id: str, batch_id: str) -> BatchObje
     return get_batch(settings, tenant_id, batch_id)
 
 
-def retry_batch(settings: Settings, tenant_id: str, batch_id: str) -> BatchObject:
+def retry_batch(settings: Settings, tenant_id: str, batch_id: str,
+                completion_window: str | None = None) -> BatchObject:
     """A new batch of the finished batch's failed and expired lines that have a request to run
-    (a malformed line has none); the feeder copies those lines, keeping their line numbers."""
+    (a malformed line has none); the feeder copies those lines, keeping their line numbers.
+    The new batch has the old one's completion window unless another is given."""
     with db.session_factory(settings.database_url_resolved)() as session:
         source = _tenant_batch(session, tenant_id, batch_id)
     if not BatchStatus(source.status).is_terminal:
@@ -84,7 +86,7 @@ def retry_batch(settings: Settings, tenant_id: str, batch_id: str) -> BatchObjec
                         f"batch {batch_id!r} is still {source.status}; retry it once it has "
                         f"finished", param="batch_id")
     return _insert_batch(settings, tenant_id, source.endpoint, source.input_file_id,
-                         source.completion_window, source.metadata_ or {},
+                         completion_window or source.completion_window, source.metadata_ or {},
                          retried_from=source.id)
 
 

@@ -18,10 +18,12 @@ from sqlalchemy.exc import IntegrityError
 from genq import db
 from genq.errors import ErrorCode, GenqError
 from genq.job_store import enqueue_run_message
+from genq.limits import admit
 from genq.models import Job, Outbox, utcnow
 from genq.settings import Settings
 from genq.states import JobStatus
 from genq.webhook_events import DEFAULT_EVENTS
+from producer.breakers import broker_breaker, require
 from producer.publisher import publish_job
 from producer.schemas import JobRequest
 from producer.webhooks import check_job_webhook
@@ -50,6 +52,8 @@ def submit_job(
         if existing is not None:
             return SubmitResult(existing, created=False)
 
+    # While the broker is known to be down, answer 503 at once rather than queue behind it.
+    require(broker_breaker(settings))
     prompt_tokens = count_prompt_tokens(settings, model, request)
     _check_context_length(settings, request, prompt_tokens)
     check_job_webhook(settings, tenant_id, request)
@@ -66,6 +70,7 @@ def submit_job(
         sampling_params=request.sampling_params(),
         metadata_=request.metadata,
         prompt_tokens=prompt_tokens,
+        admitted_tokens=prompt_tokens + request.max_tokens,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
         webhook_url=request.webhook_url,
@@ -74,6 +79,8 @@ def submit_job(
     )
     try:
         with db.transaction(url) as session:
+            # Tenant limits: raises (rolling back, nothing written) when over one.
+            admit(session, tenant_id, job.admitted_tokens, request.max_tokens)
             session.add(job)
             session.flush()
             outbox = enqueue_run_message(session, job.id, request.priority)
@@ -92,9 +99,11 @@ def submit_job(
 
 def publish_outbox_row(settings: Settings, outbox: Outbox) -> bool:
     """Publish one outbox row and mark it sent; False (logged) when the broker refused it."""
+    breaker = broker_breaker(settings)
     try:
         publish_job(settings.broker_url, outbox.job_id, outbox.queue)
     except Exception as exc:  # any broker failure: the relay retries this row later
+        breaker.record_failure(exc)
         log.warning("publishing job %s failed, the outbox relay will retry: %s",
                     outbox.job_id, exc)
         with db.transaction(settings.database_url_resolved) as session:
@@ -103,6 +112,7 @@ def publish_outbox_row(settings: Settings, outbox: Outbox) -> bool:
                 .values(publish_attempts=Outbox.publish_attempts + 1)
             )
         return False
+    breaker.record_success()
     with db.transaction(settings.database_url_resolved) as session:
         # Conditional: two relays racing on one row mark it once (a double publish is harmless,
         # workers skip jobs that are no longer queued).

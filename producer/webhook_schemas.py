@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from genq.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from genq.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookSecret
 from producer.schemas import WebhookEventName
 
 MAX_LIST_LIMIT = 100
@@ -64,6 +64,11 @@ class SecretResponse(BaseModel):
     object: Literal["webhook_secret"] = "webhook_secret"
     secret: str
     previous_secret_expires_at: int | None
+
+    @classmethod
+    def from_secret(cls, secret: WebhookSecret) -> SecretResponse:
+        return cls(secret=secret.secret,
+                   previous_secret_expires_at=_unix(secret.previous_secret_expires_at))
 
 
 class AttemptResponse(BaseModel):

@@ -68,8 +68,7 @@ def rotate_tenant_secret(settings: Settings, tenant_id: str) -> SecretResponse:
             session.add(current)
         else:
             _rotate(settings, current)
-    return SecretResponse(secret=current.secret,
-                          previous_secret_expires_at=_unix(current.previous_secret_expires_at))
+    return SecretResponse.from_secret(current)
 
 
 def create_endpoint(settings: Settings, tenant_id: str,
@@ -207,7 +206,3 @@ def _delivery_response(session: Session, delivery: WebhookDelivery) -> DeliveryR
         .order_by(WebhookAttempt.number)
     ).all()
     return DeliveryResponse.from_delivery(delivery, event_type, list(attempts))
-
-
-def _unix(moment) -> int | None:
-    return None if moment is None else int(moment.timestamp())

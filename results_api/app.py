@@ -3,11 +3,25 @@
 
 from __future__ import annotations
 
+import threading
+
 from flask import Flask
 
 from genq import db
 from genq.settings import Settings
-from results_api import batches, completions, docs, files, health, jobs, webhooks
+from producer.submit import load_tokenizer_cached
+from results_api import (
+    batches,
+    breakers,
+    completions,
+    dashboard,
+    docs,
+    files,
+    health,
+    jobs,
+    metrics,
+    webhooks,
+)
 from results_api.errors import register_error_handlers
 
 
@@ -24,10 +38,16 @@ def create_app(config: dict | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # keep the models' field order in responses
     register_error_handlers(app)
+    metrics.init_app(app)  # first: its after_request hook sees every response
+    breakers.init_app(app)
+    app.register_blueprint(dashboard.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(docs.bp)
     app.register_blueprint(webhooks.bp)
     for blueprint in (files.bp, batches.bp, completions.bp):  # OpenAI-compatible
         app.register_blueprint(blueprint)
+    # Load the tokenizer now, in the background, so the first submit does not wait for it.
+    threading.Thread(target=load_tokenizer_cached, daemon=True, name="genq-tokenizer-warmup",
+                     args=(settings.model, settings.model_cache_dir_resolved)).start()
     return app

@@ -6,7 +6,12 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify, request
 
 from genq.errors import ErrorCode, GenqError
-from producer.batch_schemas import BatchCreateRequest, BatchList, BatchObject
+from producer.batch_schemas import (
+    BatchCreateRequest,
+    BatchList,
+    BatchObject,
+    BatchRetryRequest,
+)
 from producer.batches import (
     DEFAULT_LIST_LIMIT,
     cancel_batch,
@@ -61,7 +66,9 @@ def cancel(batch_id: str) -> Response:
 
 @bp.post("/batches/<batch_id>/retry")
 def retry(batch_id: str) -> Response:
-    return _batch(retry_batch(current_settings(), current_tenant_id(), batch_id))
+    body = BatchRetryRequest.model_validate(request.get_json(silent=True) or {})
+    return _batch(retry_batch(current_settings(), current_tenant_id(), batch_id,
+                              body.completion_window))
 
 
 def _batch(batch: BatchObject) -> Response:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, current_app, jsonify
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException
 
 from genq.errors import ErrorCode, GenqError
+from producer.breakers import database_breaker
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,9 @@ def register_error_handlers(app: Flask) -> None:
 
 
 def error_response(error: GenqError) -> tuple[Response, int]:
-    return jsonify(error.to_dict()), error.http_status
+    response = jsonify(error.to_dict())
+    response.headers.update(error.headers)
+    return response, error.http_status
 
 
 def validation_error(exc: ValidationError) -> GenqError:
@@ -75,6 +78,7 @@ def _database_error(exc: Exception) -> tuple[Response, int]:
     if not unreachable:
         return _unexpected_error(exc)
     log.warning("database unavailable: %s", exc)
+    database_breaker(current_app.config["GENQ_SETTINGS"]).record_failure(exc)
     return error_response(GenqError(ErrorCode.SERVICE_UNAVAILABLE,
                                     "the database is unavailable; retry later"))
 

@@ -24,6 +24,9 @@ from results_api.openai_errors import register_openai_errors
 
 # Room for the multipart boundaries and the small form fields around the file itself.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
+# Werkzeug also applies this to its parse buffer (64 KiB reads plus a partial boundary), so it
+# must stay well above the read size; it bounds memory per upload, never the file's size.
+MAX_FORM_MEMORY_BYTES = 1024 * 1024
 
 bp = Blueprint("files", __name__, url_prefix="/v1")
 register_openai_errors(bp)
@@ -50,7 +53,7 @@ def upload() -> tuple[Response, int]:
         _, form, files = parse_form_data(
             request.environ, stream_factory=stream_to_disk,
             max_content_length=settings.max_file_bytes + MULTIPART_OVERHEAD_BYTES,
-            max_form_memory_size=MULTIPART_OVERHEAD_BYTES,
+            max_form_memory_size=MAX_FORM_MEMORY_BYTES,
         )
         if form.get("purpose") != PURPOSE_BATCH:
             raise GenqError(ErrorCode.INVALID_REQUEST,

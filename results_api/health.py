@@ -1,14 +1,18 @@
-"""Liveness (`/healthz`: the process answers) and readiness (`/readyz`: DB and broker reachable)."""
+"""Liveness (`/healthz`: the process answers) and readiness (`/readyz`: DB and broker reachable).
+
+/readyz goes through the circuit breakers (producer.breakers): while one is open it answers 503
+at once; otherwise it probes, and a failed probe opens the breaker for the API's requests too.
+"""
 
 from __future__ import annotations
 
 import logging
 
 from flask import Blueprint, Response, jsonify
-from sqlalchemy import text
 
-from genq import db
+from genq.circuit_breaker import CircuitBreaker
 from genq.errors import ErrorCode
+from producer.breakers import broker_breaker, database_breaker, ping_database
 from producer.publisher import check_broker
 from results_api.context import current_settings
 
@@ -27,8 +31,10 @@ def healthz() -> Response:
 def readyz() -> tuple[Response, int]:
     settings = current_settings()
     checks = {
-        "database": _check(lambda: _ping_database(settings.database_url_resolved)),
-        "broker": _check(lambda: check_broker(settings.broker_url, BROKER_CHECK_TIMEOUT_SECONDS)),
+        "database": _check(database_breaker(settings),
+                           lambda: ping_database(settings.database_url_resolved)),
+        "broker": _check(broker_breaker(settings),
+                         lambda: check_broker(settings.broker_url, BROKER_CHECK_TIMEOUT_SECONDS)),
     }
     failed = [name for name, result in checks.items() if result != "ok"]
     if not failed:
@@ -38,15 +44,14 @@ def readyz() -> tuple[Response, int]:
     return jsonify(status="unavailable", checks=checks, error=error), 503
 
 
-def _ping_database(url: str) -> None:
-    with db.get_engine(url).connect() as conn:
-        conn.execute(text("SELECT 1"))
-
-
-def _check(probe) -> str:
+def _check(breaker: CircuitBreaker, probe) -> str:
+    if not breaker.allow():
+        return f"circuit open: {breaker.last_error}"[:300]
     try:
         probe()
     except Exception as exc:  # a readiness probe reports failures, it does not raise them
         log.warning("readiness check failed: %s", exc)
+        breaker.record_failure(exc)
         return f"error: {type(exc).__name__}: {exc}"[:300]
+    breaker.record_success()
     return "ok"

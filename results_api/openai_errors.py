@@ -29,7 +29,9 @@ def openai_error_response(error: GenqError) -> tuple[Response, int]:
                                  else "invalid_request_error")
     body = {"error": {"message": error.message, "type": error_type, "param": error.param,
                       "code": error.code.value}}
-    return jsonify(body), status
+    response = jsonify(body)
+    response.headers.update(error.headers)
+    return response, status
 
 
 def _http_error(exc: HTTPException) -> tuple[Response, int]:

@@ -19,6 +19,7 @@ from producer.webhook_schemas import (
     EndpointUpdate,
     SecretResponse,
 )
+from results_api.openapi_openai import OPENAI_SCHEMAS, openai_paths
 
 REF = "#/components/schemas/{model}"
 
@@ -32,6 +33,8 @@ def openapi_document() -> dict[str, Any]:
     for model in (JobResponse, JobList, ErrorResponse, EndpointResponse, EndpointList,
                   SecretResponse, DeliveryResponse, DeliveryList):
         _add_schema(schemas, model, "serialization")
+    for model, mode in OPENAI_SCHEMAS:
+        _add_schema(schemas, model, mode)
     return {
         "openapi": "3.1.0",
         "info": {"title": "genq", "version": "1",
@@ -42,7 +45,7 @@ def openapi_document() -> dict[str, Any]:
             "responses": {"Error": _json_response("An error", "ErrorResponse")},
         },
         "security": [{"bearer": []}],
-        "paths": _paths(),
+        "paths": _paths() | openai_paths(_ref, _json_response, _errors),
     }
 
 

@@ -1,5 +1,5 @@
-"""A real HTTP webhook receiver for tests: a threaded server on 127.0.0.1 that answers from a
-script (status, headers, or hang) and records every request it got."""
+"""Webhook test helpers: a real HTTP receiver (a threaded server on 127.0.0.1 that answers from
+a script: status, headers or a hang, and records every request) and the tests' broker."""
 
 from __future__ import annotations
 
@@ -13,7 +13,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from standardwebhooks import Webhook
 
-from tests.conftest import free_port
+from tests.conftest import REDIS_URL, free_port, require_service
+
+# Webhook tests' Redis database: their webhook workers consume `genq.webhooks` there, and the
+# run messages of the jobs they submit pile up unconsumed (no job worker reads it).
+WEBHOOK_TEST_REDIS_DB = 12
+
+
+def webhook_test_broker_url() -> str:
+    require_service("Redis", REDIS_URL)
+    return REDIS_URL.rsplit("/", 1)[0] + f"/{WEBHOOK_TEST_REDIS_DB}"
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,12 @@ class JobRunner:
 
     def _run(self, job: Job, isolated: bool) -> None:
         run_hook(self.middleware, "before_job", job)
+        try:
+            self._execute(job, isolated)
+        finally:
+            run_hook(self.middleware, "after_job", job)
+
+    def _execute(self, job: Job, isolated: bool) -> None:
         if job.deadline_at is not None and job.deadline_at <= utcnow():
             self._finish(job.id, JobStatus.EXPIRED)
             return

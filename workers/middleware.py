@@ -2,6 +2,7 @@
 
 `GENQ_WORKER_MIDDLEWARE="pkg.module:object,…"` names objects with any of these hooks:
 - `before_job(job)`: called in the worker thread after the job was claimed, before it runs.
+- `after_job(job)`: called in the same thread once the job's run ended, however it ended.
 """
 
 from __future__ import annotations

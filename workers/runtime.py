@@ -9,10 +9,13 @@ import time
 from functools import lru_cache
 
 from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.echo import ECHO_MODEL, EchoEngine
 from genq import db
 from genq.settings import Settings, get_settings
+from workers import heartbeat
 from workers.engine_loop import EngineLoop, EngineRequest
 from workers.job_runner import JobRunner
+from workers.metrics import JobTimingMiddleware, start_metrics_server
 from workers.reaper import expire_overdue_queued, reap_expired_leases
 
 log = logging.getLogger(__name__)
@@ -33,9 +36,14 @@ class WorkerRuntime:
             **({"kv_cache_tokens": settings.engine_kv_cache_tokens}
                if settings.engine_kv_cache_tokens else {}),
         )
-        self.loop = EngineLoop(LLMEngine(config), settings.worker_batch_wait_ms / 1000)
+        engine = (EchoEngine(cache_dir=config.cache_dir) if settings.model == ECHO_MODEL
+                  else LLMEngine(config))
+        self.loop = EngineLoop(engine, settings.worker_batch_wait_ms / 1000)
         self.loop.start()
         self.runner = JobRunner(settings, self.loop)
+        self.runner.middleware.append(JobTimingMiddleware())
+        if settings.worker_metrics_port:
+            start_metrics_server(settings.worker_metrics_port, engine, settings.model)
         self._warm_up()
         log.info("engine for %s ready in %.1f s", settings.model, time.monotonic() - started)
         self._stop = threading.Event()
@@ -54,6 +62,8 @@ class WorkerRuntime:
             (settings.job_lease_seconds / 3, self.runner.renew_leases),
             (settings.reaper_interval_seconds, lambda: reap_expired_leases(settings)),
             (settings.reaper_interval_seconds, lambda: expire_overdue_queued(settings)),
+            (settings.worker_heartbeat_seconds, lambda: heartbeat.beat(
+                settings, self.runner.worker_id, len(self.loop.in_flight()))),
         ]
         last_run = [0.0] * len(chores)
         while not self._stop.wait(settings.cancel_poll_seconds):
@@ -69,6 +79,7 @@ class WorkerRuntime:
     def close(self) -> None:
         self._stop.set()
         self.loop.stop(timeout=5)
+        heartbeat.leave(self.settings, self.runner.worker_id)
 
 
 @lru_cache(maxsize=1)

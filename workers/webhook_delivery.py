@@ -39,8 +39,9 @@ RESPONSE_EXCERPT_BYTES = 1024
 MAX_ERROR_CHARS = 500
 # A Retry-After beyond this is treated as this: a typo on the receiver must not park an event.
 MAX_RETRY_AFTER_SECONDS = 36000
-# A claimed attempt may take the HTTP timeout plus this before another worker may retry it.
-CLAIM_MARGIN_SECONDS = 30
+# A claimed attempt is presumed dead (its worker died) after twice the HTTP timeout plus this;
+# the dispatcher then sends the delivery again, with the same webhook-id.
+CLAIM_MARGIN_SECONDS = 5
 USER_AGENT = "genq-webhooks/1"
 
 
@@ -134,7 +135,7 @@ def deliver(settings: Settings, delivery_id: str, token: str) -> None:
             .where(WebhookDelivery.id == delivery_id, WebhookDelivery.lease_token == token,
                    WebhookDelivery.status == DeliveryStatus.PENDING.value)
             .values(lease_expires_at=now + timedelta(
-                seconds=settings.webhook_timeout_seconds + CLAIM_MARGIN_SECONDS))
+                seconds=2 * settings.webhook_timeout_seconds + CLAIM_MARGIN_SECONDS))
         ).rowcount == 1
         if not claimed:
             return

@@ -27,7 +27,18 @@ class PrefillSlice:
     num_tokens: int
     num_cached: int  # context already in the pool before this chunk
     gather_index: torch.Tensor | None  # pool rows of the whole context; None if num_cached == 0
-    mask: torch.Tensor | None  # [num_tokens, context] bool, None if num_cached == 0
+    bias: torch.Tensor  # [num_tokens, context] float32, 0 where visible, -inf where not
+
+
+@dataclass
+class DecodeGroup:
+    """Decode rows [start, start + num_rows) whose paged K/V are gathered to one padded length."""
+
+    start: int
+    num_rows: int
+    length: int
+    gather_index: torch.Tensor  # [2 * kv_heads * num_rows * length] pool rows
+    bias: torch.Tensor  # [num_rows, 1, length] float32, 0 or -inf (padding)
 
 
 @dataclass
@@ -38,12 +49,28 @@ class StepInputs:
     cos: torch.Tensor  # [T, 1, head_dim]
     sin: torch.Tensor
     write_index: torch.Tensor  # [2 * kv_heads * T] pool rows for the new K/V, order (k|v, head, t)
-    num_decode: int  # decode rows are the first num_decode rows of the batch
-    decode_gather_index: torch.Tensor | None  # [2 * kv_heads * B * L] pool rows
-    decode_bias: torch.Tensor | None  # [B, 1, L] 0 or -inf
-    decode_length: int
+    decode_groups: list[DecodeGroup]  # decode rows come first in the batch
     prefills: list[PrefillSlice]
     logits_index: torch.Tensor  # rows whose next-token logits are wanted
+
+
+class Linear:
+    """``x @ weight.T + bias``; on CPU in bf16 the weight is pre-packed once for oneDNN, which
+    ran 6-18% faster than F.linear on SmolLM2's shapes (same results)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight, self.bias, self.packed = weight, bias, None
+        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
+            try:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
+            except (AttributeError, RuntimeError):
+                self.packed = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias,
+                                                  "none", [], "")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -84,7 +111,7 @@ class LlamaForCausalLM:
 
         self.embed = take("model.embed_tokens.weight")
         tied = "lm_head.weight" not in sd or self.config.tie_word_embeddings
-        self.lm_head = self.embed if tied else take("lm_head.weight")
+        self.lm_head = Linear(self.embed if tied else take("lm_head.weight"))
         self.final_norm = take("model.norm.weight")
         self.layers = []
         for i in range(self.num_layers):
@@ -94,12 +121,12 @@ class LlamaForCausalLM:
             layer = {
                 "input_norm": take(p + "input_layernorm.weight"),
                 "post_norm": take(p + "post_attention_layernorm.weight"),
-                "qkv": torch.cat([take(attn + f"{n}_proj.weight") for n in "qkv"]),
-                "qkv_bias": torch.cat([take(b) for b in biases]) if biases[0] in sd else None,
-                "o": take(attn + "o_proj.weight"),
-                "gate_up": torch.cat([take(p + "mlp.gate_proj.weight"),
-                                      take(p + "mlp.up_proj.weight")]),
-                "down": take(p + "mlp.down_proj.weight"),
+                "qkv": Linear(torch.cat([take(attn + f"{n}_proj.weight") for n in "qkv"]),
+                              torch.cat([take(b) for b in biases]) if biases[0] in sd else None),
+                "o": Linear(take(attn + "o_proj.weight")),
+                "gate_up": Linear(torch.cat([take(p + "mlp.gate_proj.weight"),
+                                             take(p + "mlp.up_proj.weight")])),
+                "down": Linear(take(p + "mlp.down_proj.weight")),
                 "q_norm": take(attn + "q_norm.weight") if attn + "q_norm.weight" in sd else None,
                 "k_norm": take(attn + "k_norm.weight") if attn + "k_norm.weight" in sd else None,
             }
@@ -132,22 +159,23 @@ class LlamaForCausalLM:
     def forward(self, step: StepInputs, kv_cache: torch.Tensor) -> torch.Tensor:
         """Float32 logits for ``step.logits_index`` rows."""
         x = F.embedding(step.input_ids, self.embed)
-        num_rows = step.num_decode * step.decode_length * 2 * self.num_kv_heads
-        gather_buffer = x.new_empty(num_rows, self.head_dim) if step.num_decode else None
+        # One gather buffer per decode group, reused by every layer.
+        buffers = [x.new_empty(group.gather_index.numel(), self.head_dim)
+                   for group in step.decode_groups]
         for layer, pool in zip(self.layers, kv_cache):
             h = rms_norm(x, layer["input_norm"], self.eps)
-            h = self._attention(h, layer, pool, step, gather_buffer)
-            x = x + F.linear(h, layer["o"])
+            h = self._attention(h, layer, pool, step, buffers)
+            x = x + layer["o"](h)
             h = rms_norm(x, layer["post_norm"], self.eps)
-            gate, up = F.linear(h, layer["gate_up"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer["down"])
+            gate, up = layer["gate_up"](h).chunk(2, dim=-1)
+            x = x + layer["down"](F.silu(gate) * up)
         x = rms_norm(x[step.logits_index], self.final_norm, self.eps)
-        return F.linear(x, self.lm_head).float()
+        return self.lm_head(x).float()
 
     def _attention(self, h: torch.Tensor, layer: dict, pool: torch.Tensor, step: StepInputs,
-                   gather_buffer: torch.Tensor | None) -> torch.Tensor:
+                   buffers: list[torch.Tensor]) -> torch.Tensor:
         num_tokens, heads, kv_heads, dim = h.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = F.linear(h, layer["qkv"], layer["qkv_bias"])
+        qkv = layer["qkv"](h)
         q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
         q, k, v = (t.view(num_tokens, -1, dim) for t in (q, k, v))
         if layer["q_norm"] is not None:
@@ -157,35 +185,39 @@ class LlamaForCausalLM:
         k = apply_rope(k, step.cos, step.sin)
         pool.index_copy_(0, step.write_index, torch.stack((k, v)).transpose(1, 2).reshape(-1, dim))
         out = q.new_empty(num_tokens, heads, dim)
-        if step.num_decode:
-            out[:step.num_decode] = self._decode_attention(q[:step.num_decode], pool, step,
-                                                           gather_buffer)
+        for group, buffer in zip(step.decode_groups, buffers):
+            rows = slice(group.start, group.start + group.num_rows)
+            out[rows] = self._decode_attention(q[rows], pool, group, buffer)
         for piece in step.prefills:
             rows = slice(piece.start, piece.start + piece.num_tokens)
             out[rows] = self._prefill_attention(q[rows], k[rows], v[rows], pool, piece)
         return out.view(num_tokens, heads * dim)
 
-    def _decode_attention(self, q: torch.Tensor, pool: torch.Tensor, step: StepInputs,
-                          gather_buffer: torch.Tensor) -> torch.Tensor:
-        batch, kv_heads, group = q.shape[0], self.num_kv_heads, self.num_heads // self.num_kv_heads
-        kv = torch.index_select(pool, 0, step.decode_gather_index, out=gather_buffer)
-        kv = kv.view(2, kv_heads, batch, step.decode_length, self.head_dim)
-        q = q.view(batch, kv_heads, group, self.head_dim).transpose(0, 1)  # [kvh, B, G, D]
+    def _decode_attention(self, q: torch.Tensor, pool: torch.Tensor, group: DecodeGroup,
+                          buffer: torch.Tensor) -> torch.Tensor:
+        batch, kv_heads = q.shape[0], self.num_kv_heads
+        kv = torch.index_select(pool, 0, group.gather_index, out=buffer)
+        kv = kv.view(2, kv_heads, batch, group.length, self.head_dim)
+        q = q.view(batch, kv_heads, -1, self.head_dim).transpose(0, 1)  # [kvh, B, G, D]
         scores = torch.matmul(q, kv[0].transpose(-1, -2)).float()
-        scores = scores.mul_(self.scale).add_(step.decode_bias)
+        scores = scores.mul_(self.scale).add_(group.bias)
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         out = torch.matmul(probs, kv[1])  # [kvh, B, G, D]
         return out.transpose(0, 1).reshape(batch, self.num_heads, self.head_dim)
 
     def _prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            pool: torch.Tensor, piece: PrefillSlice) -> torch.Tensor:
-        q = q.transpose(0, 1)  # [H, n, D]
+        # Explicit matmuls rather than SDPA: on CPU, SDPA with GQA or a mask falls back to its
+        # math path, which spends as long checking the mask as computing (profiled).
+        n, kv_heads, dim = q.shape[0], self.num_kv_heads, self.head_dim
         if piece.gather_index is None:
-            out = F.scaled_dot_product_attention(q, k.transpose(0, 1), v.transpose(0, 1),
-                                                 is_causal=True, enable_gqa=True)
+            k, v = k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()
         else:
-            kv = pool.index_select(0, piece.gather_index)
-            kv = kv.view(2, self.num_kv_heads, -1, self.head_dim)
-            out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=piece.mask,
-                                                 enable_gqa=True)
-        return out.transpose(0, 1)
+            kv = pool.index_select(0, piece.gather_index).view(2, kv_heads, -1, dim)
+            k, v = kv[0], kv[1]
+        q = q.transpose(0, 1).reshape(kv_heads, -1, dim)  # [kvh, G * n, D], head-major
+        scores = torch.bmm(q, k.transpose(1, 2)).float().view(kv_heads, -1, n, k.shape[1])
+        scores = scores.mul_(self.scale).add_(piece.bias)
+        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(kv_heads, -1, k.shape[1])
+        out = torch.bmm(probs, v)  # [kvh, G * n, D]
+        return out.view(self.num_heads, n, dim).transpose(0, 1)

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -239,11 +239,15 @@ def tenant_id(database_url: str, name: str = "acme") -> str:
         return session.scalar(select(Tenant.id).where(Tenant.name == name))
 
 
-def wait_until_all_finished(database_url: str, job_ids: list[str], timeout: float
-                            ) -> dict[str, Job]:
+def wait_until_all_finished(database_url: str, job_ids: list[str], timeout: float,
+                            abort: Callable[[], object] | None = None) -> dict[str, Job]:
+    """Wait until every job is in a terminal state; `abort` returning a truthy value (e.g. a
+    list of errors) ends the wait at once with it."""
     terminal = {"succeeded", "failed", "canceled", "expired"}
 
     def finished() -> bool:
+        if abort is not None and (reason := abort()):
+            raise AssertionError(f"aborted waiting for the jobs: {reason}")
         jobs = jobs_by_id(database_url)
         return all(jobs[job_id].status in terminal for job_id in job_ids)
 

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("batch_env")
 
 
 @pytest.mark.parametrize("backend", ["redis+sqlite", "rabbitmq+postgres"])
-def test_openai_client_uploads_runs_and_downloads_a_batch(
+def test_openai_client_runs_a_batch_and_single_calls(
         backend, stack_factory, request, tmp_path):
     # given a genq stack and a 12-line JSONL file written for OpenAI's Batch API
     if backend == "redis+sqlite":
@@ -67,17 +67,12 @@ def test_openai_client_uploads_runs_and_downloads_a_batch(
     assert client.files.content(batch.error_file_id).text == ""
     assert batch.progress["tokens_per_second"] > 0  # genq extension, kept by the client
 
-
-def test_openai_client_single_calls_and_errors(stack_factory, sqlite_url, redis_url):
-    stack = stack_factory(sqlite_url, batch_redis(redis_url))
-    client = openai_client(stack)
-
+    # and single calls work through the same client, queued at interactive priority
     chat = client.chat.completions.create(
         model=TINY_MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=5,
         temperature=0)
     completion = client.completions.create(model=TINY_MODEL, prompt="Once upon a time",
                                            max_tokens=6, temperature=0)
-
     assert chat.object == "chat.completion"
     assert chat.choices[0].message.content
     assert chat.choices[0].finish_reason in ("stop", "length")

@@ -17,7 +17,7 @@ from genq.states import JobStatus
 from producer.submit import load_tokenizer_cached
 from results_api.app import create_app
 from tests.conftest import MODEL_CACHE_DIR, TINY_MODEL, make_key
-from tests.webhook_receiver import receiving
+from tests.webhook_receiver import receiving, webhook_test_broker_url
 from workers.webhook_delivery import deliver
 
 pytestmark = pytest.mark.integration
@@ -32,8 +32,7 @@ def model_cache_dir() -> Path:
 
 
 def make_settings(database_url: str, model_cache_dir: Path, **overrides) -> Settings:
-    # No broker: submits leave their run message to the outbox relay, which is not running.
-    return Settings(database_url=database_url, broker_url="redis://127.0.0.1:1/0",
+    return Settings(database_url=database_url, broker_url=webhook_test_broker_url(),
                     model=TINY_MODEL, model_cache_dir=model_cache_dir, **overrides)
 
 
@@ -186,6 +185,18 @@ def test_job_events_are_filtered_per_endpoint(client, auth, settings):
     assert endpoint_types(everything) == ["job.failed", "job.running", "job.succeeded"]
     assert endpoint_types(switched_off) == []
 
+
+
+def test_a_lease_reclaim_announces_no_second_running_event(client, auth, settings):
+    client.post("/v1/webhook-endpoints", json={"url": HOOK, "events": ["running"]},
+                headers=auth)
+    job = submit(client, auth)
+    move(settings, job["id"], JobStatus.RUNNING)
+
+    with db.transaction(settings.database_url) as session:
+        assert transition(session, job["id"], JobStatus.RUNNING, only_from={JobStatus.RUNNING})
+
+    assert delivered_types(client, auth, job["id"]) == ["job.running"]
 
 def test_events_roll_back_with_the_state_change_they_announce(client, auth, settings):
     client.post("/v1/webhook-endpoints", json={"url": HOOK}, headers=auth)

@@ -10,7 +10,6 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 import redis
@@ -21,20 +20,12 @@ from genq.settings import Settings
 from genq.states import JobStatus
 from producer.submit import load_tokenizer_cached
 from results_api.app import create_app
-from tests.conftest import (
-    MODEL_CACHE_DIR,
-    REDIS_URL,
-    TINY_MODEL,
-    free_port,
-    make_key,
-    require_service,
-)
+from tests.conftest import MODEL_CACHE_DIR, TINY_MODEL, free_port, make_key
 from tests.processes import ProcessGroup, wait_for
-from tests.webhook_receiver import Reply, receiving
+from tests.webhook_receiver import Reply, receiving, webhook_test_broker_url
 
 pytestmark = pytest.mark.integration
 
-WEBHOOK_REDIS_DB = 12
 RETRY_GAP = 0.5
 WORKER_ENV = {
     "GENQ_WEBHOOK_ALLOW_PRIVATE": "true",
@@ -49,14 +40,13 @@ WORKER_ENV = {
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """One SQLite database and one webhook worker for the module; a tenant per test."""
-    require_service("Redis", REDIS_URL)
+    broker_url = webhook_test_broker_url()
     tmp = tmp_path_factory.mktemp("webhooks")
     database_url = f"sqlite:///{tmp / 'genq.db'}"
     db.upgrade(database_url)
-    broker_url = urlparse(REDIS_URL)._replace(path=f"/{WEBHOOK_REDIS_DB}").geturl()
     redis.Redis.from_url(broker_url).flushdb()
     load_tokenizer_cached(TINY_MODEL, Path(MODEL_CACHE_DIR))
-    settings = Settings(database_url=database_url, broker_url="redis://127.0.0.1:1/0",
+    settings = Settings(database_url=database_url, broker_url=broker_url,
                         model=TINY_MODEL, model_cache_dir=Path(MODEL_CACHE_DIR),
                         webhook_allow_private=True)
     group = ProcessGroup(tmp, {**os.environ, "GENQ_DATABASE_URL": database_url,

@@ -1,0 +1,239 @@
+"""What the job system costs: genq end to end with the echo engine against plain Celery.
+
+    python -m benchmarks.queue_overhead [--num-jobs 1000] [--broker-url redis://…/14]
+        [--database-url sqlite:///…] [--latency-samples 50] [--concurrency 32]
+        [--engine-model smollm2-135m --engine-prompts 64] [--json PATH]
+
+- genq: jobs submitted through the producer (validate, job row + outbox row, publish), run by
+  a real `genq worker` with the echo engine, counted when their result row is committed.
+- plain Celery: a no-op task with acks_late, sent N times, drained by one default worker.
+- idle submit→start latency: one job at a time, `started_at - created_at` from the DB.
+- with --engine-model: the same prompts through the whole system vs the engine's own
+  `LLM.generate` in this process (the job system's share of end-to-end time).
+Everything runs in one invocation so the ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+from sqlalchemy import func, select
+
+from genq import db
+from genq.api_keys import create_api_key
+from genq.models import Job
+from genq.settings import Settings
+from genq.states import TERMINAL_STATES
+from producer.schemas import JobRequest
+from producer.submit import submit_job
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _start_worker(settings: Settings, concurrency: int, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "GENQ_DATABASE_URL": settings.database_url_resolved,
+           "GENQ_BROKER_URL": settings.broker_url, "GENQ_MODEL": settings.model,
+           "GENQ_MODEL_CACHE_DIR": str(settings.model_cache_dir_resolved),
+           "GENQ_DATA_DIR": str(settings.data_dir), "HF_HUB_OFFLINE": "1"}
+    log = log_path.open("wb")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "genq.cli", "worker", "--concurrency", str(concurrency)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    deadline = time.monotonic() + 600
+    while " ready." not in log_path.read_text(errors="replace"):
+        if worker.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"worker did not start:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+    return worker
+
+
+def _count_finished(url: str) -> int:
+    with db.session_factory(url)() as session:
+        return session.scalar(select(func.count()).select_from(Job).where(
+            Job.status.in_([s.value for s in TERMINAL_STATES])))
+
+
+def _wait_finished(url: str, total: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _count_finished(url) < total:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {_count_finished(url)}/{total} jobs finished")
+        time.sleep(0.02)
+
+
+def run_genq(settings: Settings, tenant_id: str, prompts: list[str], max_tokens: int) -> dict:
+    url = settings.database_url_resolved
+    before = _count_finished(url)
+    started = time.perf_counter()
+    for prompt in prompts:
+        submit_job(settings, tenant_id, JobRequest(prompt=prompt, max_tokens=max_tokens,
+                                                   temperature=0))
+    enqueued = time.perf_counter() - started
+    _wait_finished(url, before + len(prompts), timeout=3600)
+    seconds = time.perf_counter() - started
+    return {"jobs": len(prompts), "seconds": seconds, "jobs_per_s": len(prompts) / seconds,
+            "enqueued_per_s": len(prompts) / enqueued}
+
+
+def idle_latency(settings: Settings, tenant_id: str, samples: int) -> dict:
+    url = settings.database_url_resolved
+    latencies = []
+    for index in range(samples):
+        job = submit_job(settings, tenant_id, JobRequest(prompt=f"ping {index}", max_tokens=1,
+                                                         temperature=0)).job
+        while True:
+            with db.session_factory(url)() as session:
+                started_at, created_at = session.execute(
+                    select(Job.started_at, Job.created_at).where(Job.id == job.id)).one()
+            if started_at is not None:
+                break
+            time.sleep(0.002)
+        latencies.append((started_at - created_at).total_seconds() * 1000)
+        time.sleep(0.05)  # idle between jobs
+    latencies.sort()
+    return {"samples": samples, "p50_ms": statistics.median(latencies),
+            "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]}
+
+
+def run_plain_celery(broker_url: str, num_tasks: int, log_path: Path) -> dict:
+    from benchmarks import celery_noop
+
+    counter = redis.Redis.from_url(broker_url)
+    counter.flushdb()
+    env = {**os.environ, "NOOP_BROKER_URL": broker_url}
+    with log_path.open("wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "benchmarks.celery_noop", "worker",
+             "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        while " ready." not in log_path.read_text(errors="replace"):
+            time.sleep(0.2)
+        celery_noop.app.conf.broker_url = broker_url
+        started = time.perf_counter()
+        for index in range(num_tasks):
+            celery_noop.noop.delay(index)
+        enqueued = time.perf_counter() - started
+        while int(counter.get(celery_noop.COUNTER_KEY) or 0) < num_tasks:
+            time.sleep(0.005)
+        seconds = time.perf_counter() - started
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    return {"jobs": num_tasks, "seconds": seconds, "jobs_per_s": num_tasks / seconds,
+            "enqueued_per_s": num_tasks / enqueued}
+
+
+def engine_offline(model: str, prompts: list[str], max_tokens: int, cache_dir: str) -> dict:
+    from engine import LLM, SamplingParams
+
+    llm = LLM(model, cache_dir=cache_dir)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up, as the worker does
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {"seconds": seconds, "output_tokens": tokens, "output_tok_s": tokens / seconds}
+
+
+def make_settings(args, workdir: Path, model: str) -> Settings:
+    url = args.database_url or f"sqlite:///{workdir / 'bench.db'}"
+    return Settings(database_url=url, broker_url=args.broker_url, model=model,
+                    data_dir=workdir, model_cache_dir=Path(args.model_cache_dir),
+                    outbox_stale_seconds=5)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-jobs", type=int, default=1000)
+    parser.add_argument("--latency-samples", type=int, default=50)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--broker-url", default="redis://127.0.0.1:6379/14")
+    parser.add_argument("--database-url", default="")
+    parser.add_argument("--model-cache-dir", default=str(REPO / ".genq" / "models"))
+    parser.add_argument("--engine-model", default="")
+    parser.add_argument("--engine-prompts", type=int, default=64)
+    parser.add_argument("--engine-max-tokens", type=int, default=32)
+    parser.add_argument("--json", default="")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="genq-bench-") as tmp:
+        workdir = Path(tmp)
+        results["plain_celery"] = run_plain_celery(args.broker_url, args.num_jobs,
+                                                   workdir / "noop.log")
+        for model, label in [("echo", "genq_echo")] + (
+                [(args.engine_model, "genq_engine")] if args.engine_model else []):
+            settings = make_settings(args, workdir / label, model)
+            settings.data_dir.mkdir(parents=True)
+            db.upgrade(settings.database_url_resolved)
+            redis.Redis.from_url(args.broker_url).flushdb()
+            with db.transaction(settings.database_url_resolved) as session:
+                tenant_id = _tenant_of(session)
+            worker = _start_worker(settings, args.concurrency, workdir / f"{label}.log")
+            try:
+                if model == "echo":
+                    results["idle_submit_to_start"] = idle_latency(settings, tenant_id,
+                                                                   args.latency_samples)
+                    prompts = [f"job {i}: echo these words back" for i in range(args.num_jobs)]
+                    results[label] = run_genq(settings, tenant_id, prompts, max_tokens=8)
+                else:
+                    prompts = [f"Write a short story about item {i}." for i in
+                               range(args.engine_prompts)]
+                    results[label] = run_genq(settings, tenant_id, prompts,
+                                              args.engine_max_tokens)
+            finally:
+                worker.terminate()
+                worker.wait(60)
+        if args.engine_model:
+            results["engine_offline"] = engine_offline(
+                args.engine_model, prompts, args.engine_max_tokens, args.model_cache_dir)
+
+    ratios = {"genq_echo_vs_plain_celery":
+              results["genq_echo"]["jobs_per_s"] / results["plain_celery"]["jobs_per_s"]}
+    if args.engine_model:
+        ratios["system_vs_engine_offline"] = (results["engine_offline"]["seconds"]
+                                              / results["genq_engine"]["seconds"])
+    report = {"num_jobs": args.num_jobs, "broker": args.broker_url, "results": results,
+              "ratios": ratios}
+    _print_table(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _tenant_of(session) -> str:
+    from genq.api_keys import tenant_id_for_key
+
+    return tenant_id_for_key(session, create_api_key(session, "bench"))
+
+
+def _print_table(report: dict) -> None:
+    print(f"{'contender':<16}{'jobs':>8}{'seconds':>10}{'jobs/s':>10}{'enqueued/s':>12}")
+    for name in ("plain_celery", "genq_echo", "genq_engine"):
+        row = report["results"].get(name)
+        if row:
+            print(f"{name:<16}{row['jobs']:>8}{row['seconds']:>10.2f}{row['jobs_per_s']:>10.1f}"
+                  f"{row['enqueued_per_s']:>12.1f}")
+    latency = report["results"]["idle_submit_to_start"]
+    print(f"idle submit->start: p50 {latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms")
+    if "engine_offline" in report["results"]:
+        print(f"engine offline LLM.generate: {report['results']['engine_offline']['seconds']:.2f}"
+              " s on the same prompts")
+    for name, value in report["ratios"].items():
+        print(f"{name}: {value:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""What the system is doing now, read from the database: jobs by status, live workers, recent
+jobs and batches, per-minute throughput and latency. The one source for `/metrics` (so the
+numbers match the DB exactly) and for the `/dashboard` page."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from genq.models import Batch, Job, WebhookDelivery, Worker, utcnow
+from genq.states import TERMINAL_STATES, JobStatus
+
+MAX_SERIES_JOBS = 50_000  # finished jobs of the last hour read for the charts; beyond, sampled
+
+
+@dataclass(frozen=True)
+class JobCount:
+    status: str
+    priority: str
+    model: str
+    count: int
+
+
+@dataclass(frozen=True)
+class MinutePoint:
+    minute: datetime
+    jobs_finished: int
+    generated_tokens_per_second: float
+    latency_p50_seconds: float | None
+    latency_p95_seconds: float | None
+
+
+@dataclass(frozen=True)
+class BatchProgress:
+    batch: Batch
+    done: int  # lines whose job reached a terminal state
+
+
+def job_counts(session: Session) -> list[JobCount]:
+    rows = session.execute(
+        select(Job.status, Job.priority, Job.model, func.count())
+        .group_by(Job.status, Job.priority, Job.model)
+    )
+    return [JobCount(*row) for row in rows]
+
+
+def webhook_delivery_counts(session: Session) -> dict[str, int]:
+    rows = session.execute(
+        select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status))
+    return dict(rows.tuples().all())
+
+
+def live_workers(session: Session, live_seconds: float) -> list[Worker]:
+    since = utcnow() - timedelta(seconds=live_seconds)
+    return list(session.scalars(
+        select(Worker).where(Worker.last_heartbeat_at >= since).order_by(Worker.id)))
+
+
+def recent_jobs(session: Session, tenant_id: str, limit: int = 20) -> list[Job]:
+    return list(session.scalars(
+        select(Job).where(Job.tenant_id == tenant_id).order_by(Job.id.desc()).limit(limit)))
+
+
+def recent_batches(session: Session, tenant_id: str, limit: int = 10) -> list[BatchProgress]:
+    batches = list(session.scalars(
+        select(Batch).where(Batch.tenant_id == tenant_id).order_by(Batch.id.desc()).limit(limit)))
+    if not batches:
+        return []
+    done = dict(session.execute(
+        select(Job.batch_id, func.count())
+        .where(Job.batch_id.in_([b.id for b in batches]),
+               Job.status.in_([s.value for s in TERMINAL_STATES]))
+        .group_by(Job.batch_id)
+    ).tuples().all())
+    return [BatchProgress(batch, done.get(batch.id, 0)) for batch in batches]
+
+
+def minute_series(session: Session, minutes: int = 60) -> list[MinutePoint]:
+    """One point per minute of the last `minutes`: jobs finished, generated tokens/s, and the
+    p50/p95 of submit-to-finish latency of the jobs that succeeded in that minute."""
+    now = utcnow().replace(second=0, microsecond=0)
+    start = now - timedelta(minutes=minutes - 1)
+    rows = session.execute(
+        select(Job.created_at, Job.finished_at, Job.status, Job.completion_tokens)
+        .where(Job.finished_at >= start).limit(MAX_SERIES_JOBS)
+    ).all()
+    buckets: dict[int, list] = {index: [] for index in range(minutes)}
+    for created_at, finished_at, status, completion_tokens in rows:
+        index = int((finished_at - start).total_seconds() // 60)
+        if 0 <= index < minutes:
+            buckets[index].append((created_at, finished_at, status, completion_tokens or 0))
+    points = []
+    for index, jobs in buckets.items():
+        latencies = sorted((f - c).total_seconds() for c, f, status, _ in jobs
+                           if status == JobStatus.SUCCEEDED.value)
+        points.append(MinutePoint(
+            minute=start + timedelta(minutes=index),
+            jobs_finished=len(jobs),
+            generated_tokens_per_second=sum(tokens for *_, tokens in jobs) / 60,
+            latency_p50_seconds=_percentile(latencies, 0.50),
+            latency_p95_seconds=_percentile(latencies, 0.95),
+        ))
+    return points
+
+
+def _percentile(sorted_values: list[float], fraction: float) -> float | None:
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))]

@@ -1,0 +1,91 @@
+"""Prometheus metrics computed from the database at scrape time, shared by the API's /metrics.
+
+Why from the DB: queue depth, jobs by state and webhook outcomes are facts about rows, not about
+one process. Reading them at scrape makes them exact (they match the DB) and the same whichever
+gunicorn process or API host answers; counters kept in memory would each see a slice.
+Per-process numbers (HTTP requests in the API, engine and job timings in a worker) are kept by
+prometheus_client in those processes: see results_api/metrics.py and workers/metrics.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from genq import db, fleet
+from genq.states import TERMINAL_STATES, JobStatus, Priority
+from genq.webhook_events import DeliveryStatus
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class DatabaseCollector(Collector):
+    def __init__(self, database_url: str, worker_live_seconds: float) -> None:
+        self.database_url = database_url
+        self.worker_live_seconds = worker_live_seconds
+
+    def collect(self) -> Iterator[Metric]:
+        with db.session_factory(self.database_url)() as session:
+            counts = fleet.job_counts(session)
+            deliveries = fleet.webhook_delivery_counts(session)
+            workers = fleet.live_workers(session, self.worker_live_seconds)
+
+        depth = GaugeMetricFamily("genq_queue_depth", "Jobs waiting in the queue (status queued).",
+                                  labels=["priority", "model"])
+        jobs = GaugeMetricFamily("genq_jobs", "Jobs in the database by status.",
+                                 labels=["status", "priority", "model"])
+        finished = CounterMetricFamily("genq_jobs_finished", "Jobs that reached a terminal state.",
+                                       labels=["status", "model"])
+        queued = {(p.value, c.model): 0 for c in counts for p in Priority}
+        terminal: dict[tuple[str, str], int] = {}
+        for count in counts:
+            jobs.add_metric([count.status, count.priority, count.model], count.count)
+            if count.status == JobStatus.QUEUED.value:
+                queued[count.priority, count.model] += count.count
+            elif JobStatus(count.status) in TERMINAL_STATES:
+                key = (count.status, count.model)
+                terminal[key] = terminal.get(key, 0) + count.count
+        for (priority, model), value in sorted(queued.items()):
+            depth.add_metric([priority, model], value)
+        for (status, model), value in sorted(terminal.items()):
+            finished.add_metric([status, model], value)
+
+        webhooks = GaugeMetricFamily("genq_webhook_deliveries",
+                                     "Webhook deliveries by status (pending, delivered, failed).",
+                                     labels=["status"])
+        # Every status has a series, zero included, so rates and alerts work from the start.
+        deliveries = {status.value: 0 for status in DeliveryStatus} | deliveries
+        for status, value in sorted(deliveries.items()):
+            webhooks.add_metric([status], value)
+
+        live = GaugeMetricFamily("genq_workers_live", "Job workers with a recent heartbeat.",
+                                 labels=["model"])
+        batch = GaugeMetricFamily("genq_worker_running_requests",
+                                  "Requests in each live worker's engine batch (heartbeat).",
+                                  labels=["worker", "model"])
+        by_model: dict[str, int] = {}
+        for worker in workers:
+            by_model[worker.model] = by_model.get(worker.model, 0) + 1
+            batch.add_metric([worker.id, worker.model], worker.num_running)
+        for model, value in sorted(by_model.items()):
+            live.add_metric([model], value)
+        yield from (depth, jobs, finished, webhooks, live, batch)
+
+
+def prepare_multiprocess_dir(data_dir: Path) -> Path:
+    """An empty directory for prometheus_client's multiprocess mode, for the gunicorn processes
+    of one API (set in the environment before they start; stale files from a previous run would
+    add old counts)."""
+    directory = (data_dir / "prometheus-api").resolve()
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    return directory
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get(MULTIPROCESS_ENV))

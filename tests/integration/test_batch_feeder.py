@@ -1,0 +1,94 @@
+"""The batch feeder on a real database and a real Redis broker, with no worker: it ingests a
+file into job rows, keeps only a window of them on the broker, tops the window up as lines
+finish, and finalizes a cancelled batch with every line accounted for."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from genq import db
+from genq.job_store import transition
+from genq.models import Job, Outbox
+from genq.settings import Settings
+from genq.states import JobStatus
+from producer.batch_feeder import feed_batches
+from results_api.app import create_app
+from tests.conftest import TINY_MODEL, make_key
+
+pytestmark = pytest.mark.integration
+
+FEEDER_REDIS_DB = 10
+LINES, WINDOW = 600, 100
+
+
+@pytest.fixture
+def broker(redis_url):
+    url = redis_url.rsplit("/", 1)[0] + f"/{FEEDER_REDIS_DB}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url, client
+    client.flushdb()
+
+
+def count(database_url: str, *where) -> int:
+    with db.session_factory(database_url)() as session:
+        return session.scalar(select(func.count()).select_from(Job).where(*where))
+
+
+def test_feeder_enqueues_in_windows_and_finalizes_a_cancelled_batch(database_url, broker,
+                                                                     tmp_path):
+    # given a 600-line batch and a window of 100
+    broker_url, redis_client = broker
+    settings = Settings(database_url=database_url, broker_url=broker_url, model=TINY_MODEL,
+                        data_dir=tmp_path, batch_window_jobs=WINDOW)
+    api = create_app({"GENQ_SETTINGS": settings}).test_client()
+    api.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {make_key(database_url)}"
+    content = "".join(json.dumps({
+        "custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+        "body": {"model": TINY_MODEL, "prompt": f"p{i}", "max_tokens": 3}}) + "\n"
+        for i in range(LINES)).encode()
+    file_id = api.post("/v1/files", data={"purpose": "batch", "file": (io.BytesIO(content),
+                                                                       "f.jsonl")},
+                       content_type="multipart/form-data").get_json()["id"]
+    batch_id = api.post("/v1/batches", json={"input_file_id": file_id,
+                                             "endpoint": "/v1/completions"}).get_json()["id"]
+
+    # when the feeder runs twice: then every line is a job, one window of them on the broker
+    feed_batches(settings)
+    feed_batches(settings)
+    in_batch = (Job.batch_id == batch_id,)
+    assert count(database_url, *in_batch) == LINES
+    assert count(database_url, *in_batch, Job.priority == "batch") == LINES
+    assert redis_client.llen("genq.batch") == WINDOW
+    with db.session_factory(database_url)() as session:
+        assert session.scalar(select(func.count()).select_from(Outbox)) == WINDOW
+
+    # when 30 lines finish (as a worker would record them), the window is topped up by 30
+    with db.session_factory(database_url)() as session:
+        first = session.scalars(select(Job.id).where(*in_batch).order_by(Job.batch_line)
+                                .limit(30)).all()
+    with db.transaction(database_url) as session:
+        for job_id in first:
+            assert transition(session, job_id, JobStatus.RUNNING, worker_id="w")
+            assert transition(session, job_id, JobStatus.SUCCEEDED, output_text="ok",
+                              finish_reason="stop", prompt_tokens=2, completion_tokens=1)
+    feed_batches(settings)
+    assert redis_client.llen("genq.batch") == WINDOW + 30
+
+    # when the batch is cancelled: the rest is cancelled, the finished lines are kept
+    assert api.post(f"/v1/batches/{batch_id}/cancel").get_json()["status"] == "cancelling"
+    feed_batches(settings)
+    batch = api.get(f"/v1/batches/{batch_id}").get_json()
+    assert batch["status"] == "cancelled"
+    assert batch["request_counts"] == {"total": LINES, "completed": 30, "failed": LINES - 30}
+    assert batch["progress"]["completion_tokens"] == 30
+    output = api.get(f"/v1/files/{batch['output_file_id']}/content").data.decode().splitlines()
+    assert [json.loads(line)["custom_id"] for line in output] == [f"c{i}" for i in range(30)]
+    assert json.loads(output[0])["response"]["body"]["choices"][0] == {
+        "index": 0, "text": "ok", "finish_reason": "stop", "logprobs": None}
+    assert api.get(f"/v1/files/{batch['error_file_id']}").get_json()["line_count"] == LINES - 30

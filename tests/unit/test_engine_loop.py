@@ -1,0 +1,93 @@
+"""The worker's engine loop: continuous admission, fault isolation, aborts. It runs on the real
+EchoEngine; `PoisonedEchoEngine` makes a step fail whenever one chosen request is in the batch,
+the way a bad request (or a CUDA OOM it causes) breaks a real engine step."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import SamplingParams
+from engine.echo import EchoEngine
+from tests.conftest import MODEL_CACHE_DIR
+from workers.engine_loop import EngineLoop, EngineRequest, RequestAborted
+
+PARAMS = SamplingParams(max_tokens=4, temperature=0)
+
+
+class PoisonedEchoEngine(EchoEngine):
+    def __init__(self, poison_id: str) -> None:
+        super().__init__(cache_dir=MODEL_CACHE_DIR)
+        self.poison_id = poison_id
+        self.batches: list[set[str]] = []
+
+    def step(self):
+        with self._lock:  # aborted requests are dropped before the "forward", as in LLMEngine
+            batch = {rid for rid, out in self._live.items()
+                     if out.outputs[0].finish_reason != "abort"}
+        self.batches.append(batch)
+        if self.poison_id in batch:
+            raise RuntimeError("CUDA out of memory (simulated by the test engine)")
+        return super().step()
+
+
+@pytest.fixture
+def loop_factory():
+    loops: list[EngineLoop] = []
+
+    def make(engine) -> EngineLoop:
+        loop = EngineLoop(engine, batch_wait_seconds=0.05)
+        loop.start()
+        loops.append(loop)
+        return loop
+
+    yield make
+    for loop in loops:
+        loop.stop(timeout=5)
+
+
+def test_requests_submitted_together_share_one_engine_step(loop_factory):
+    engine = PoisonedEchoEngine(poison_id="none")
+    loop = loop_factory(engine)
+
+    futures = [loop.submit(EngineRequest(f"r{i}", f"hello {i}", PARAMS, 1)) for i in range(8)]
+
+    outputs = [f.result(timeout=10) for f in futures]
+    assert [o.request_id for o in outputs] == [f"r{i}" for i in range(8)]
+    assert max(len(batch) for batch in engine.batches) == 8
+
+
+def test_an_engine_error_fails_only_the_request_that_caused_it(loop_factory):
+    loop = loop_factory(PoisonedEchoEngine(poison_id="bad"))
+
+    futures = {rid: loop.submit(EngineRequest(rid, f"prompt {rid}", PARAMS, 1))
+               for rid in ("a", "bad", "b", "c")}
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        futures["bad"].result(timeout=10)
+    for rid in ("a", "b", "c"):
+        assert futures[rid].result(timeout=10).outputs[0].finish_reason in {"stop", "length"}
+
+
+def test_an_isolated_request_never_shares_a_step(loop_factory):
+    engine = PoisonedEchoEngine(poison_id="none")
+    loop = loop_factory(engine)
+    futures = [loop.submit(EngineRequest(f"n{i}", "x", PARAMS, 1)) for i in range(3)]
+    futures.append(loop.submit(EngineRequest("suspect", "x", PARAMS, 1, isolated=True)))
+    futures += [loop.submit(EngineRequest(f"m{i}", "x", PARAMS, 1)) for i in range(3)]
+
+    for future in futures:
+        future.result(timeout=10)
+    assert {"suspect"} in engine.batches
+    assert all(batch == {"suspect"} for batch in engine.batches if "suspect" in batch)
+
+
+def test_abort_before_admission_resolves_without_output(loop_factory):
+    engine = PoisonedEchoEngine(poison_id="none")
+    loop = EngineLoop(engine)  # not started: nothing is admitted yet
+    future = loop.submit(EngineRequest("r", "x", PARAMS, 1))
+
+    loop.abort("r")
+
+    with pytest.raises(RequestAborted):
+        future.result(timeout=1)
+    assert loop.in_flight() == []
