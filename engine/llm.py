@@ -1,4 +1,4 @@
-"""LLM: offline batch generation, ``LLM(model).generate(prompts, SamplingParams(...))`` as in vLLM."""
+"""LLM: offline batch generation, ``LLM(model).generate(prompts, SamplingParams())``, as vLLM."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"params has {len(params)} entries for {len(prompts)} prompts")
         request_ids = [f"generate-{id(self)}-{i}" for i in range(len(prompts))]
-        for request_id, prompt, request_params in zip(request_ids, prompts, params):
+        for request_id, prompt, request_params in zip(request_ids, prompts, params, strict=True):
             self.engine.add_request(request_id, prompt, request_params)
         results: dict[str, RequestOutput] = {}
         with tqdm(total=len(prompts), disable=not use_tqdm, desc="generate") as progress:

@@ -134,7 +134,7 @@ class LLMEngine:
             for seq, num_tokens in scheduled:
                 seq.num_computed_tokens += num_tokens
                 self.block_manager.cache_full_blocks(seq)
-            for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
+            for seq, token_id, logprob in zip(seqs, token_ids, logprobs, strict=True):
                 if self._append_token(seq, token_id, logprob):
                     finished.append(seq)
         return [self._finish_output(seq) for seq in finished]

@@ -99,13 +99,13 @@ class Sampler:
         if logprobs is None:
             return [None] * len(token_ids)
         result: list[dict[int, float] | None] = []
-        for row, (token, p) in enumerate(zip(token_ids, params)):
+        for row, (token, p) in enumerate(zip(token_ids, params, strict=True)):
             if p.logprobs is None:
                 result.append(None)
                 continue
             entry = {token: logprobs[row, token].item()}
             if p.logprobs:
                 values, ids = logprobs[row].topk(p.logprobs)
-                entry.update(zip(ids.tolist(), values.tolist()))
+                entry.update(zip(ids.tolist(), values.tolist(), strict=True))
             result.append(entry)
         return result

@@ -23,7 +23,7 @@ from genq.models import Job, Outbox, utcnow
 from genq.settings import Settings
 from genq.states import JobStatus
 from genq.webhook_events import DEFAULT_EVENTS
-from producer.breakers import broker_breaker, require
+from producer.breakers import broker_breaker
 from producer.publisher import publish_job
 from producer.schemas import JobRequest
 from producer.webhooks import check_job_webhook
@@ -52,8 +52,6 @@ def submit_job(
         if existing is not None:
             return SubmitResult(existing, created=False)
 
-    # While the broker is known to be down, answer 503 at once rather than queue behind it.
-    require(broker_breaker(settings))
     prompt_tokens = count_prompt_tokens(settings, model, request)
     _check_context_length(settings, request, prompt_tokens)
     check_job_webhook(settings, tenant_id, request)
@@ -93,7 +91,10 @@ def submit_job(
             raise
         return SubmitResult(existing, created=False)
 
-    publish_outbox_row(settings, outbox)
+    # While the broker is known to be down, do not wait on it: the job and its outbox row are
+    # committed, and the outbox relay publishes it when the broker is back.
+    if broker_breaker(settings).allow():
+        publish_outbox_row(settings, outbox)
     return SubmitResult(job, created=True)
 
 

@@ -20,6 +20,7 @@ from results_api import (
     health,
     jobs,
     metrics,
+    models_api,
     webhooks,
 )
 from results_api.errors import register_error_handlers
@@ -41,6 +42,7 @@ def create_app(config: dict | None = None) -> Flask:
     metrics.init_app(app)  # first: its after_request hook sees every response
     breakers.init_app(app)
     app.register_blueprint(dashboard.bp)
+    app.register_blueprint(models_api.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(docs.bp)

@@ -94,7 +94,7 @@ def read_content(file_id: str) -> Response:
     chunks = (iter_stored_content(settings, file) if file.path
               else iter_generated_file(settings, file.id))
     return Response(chunks, mimetype="application/jsonl",
-                    headers={"Content-Disposition": f'attachment; filename="{file.filename}"'})
+                    headers={"Content-Disposition": f'attachment; filename="{file.id}.jsonl"'})
 
 
 @bp.delete("/files/<file_id>")

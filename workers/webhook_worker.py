@@ -26,7 +26,7 @@ from genq import db
 from genq.models import WebhookDelivery, utcnow
 from genq.settings import Settings, get_settings
 from genq.webhook_events import DeliveryStatus
-from workers.webhook_delivery import deliver
+from workers.webhook_delivery import deliver, retry_delays
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,8 @@ def run_webhook_worker(settings: Settings, concurrency: int | None = None,
                        hostname: str | None = None) -> None:
     """Run the dispatcher thread and the Celery consumer of `genq.webhooks` (blocks)."""
     db.ensure_schema_current(settings.database_url_resolved)
+    if not retry_delays(settings):  # a malformed schedule fails here, not at the first retry
+        raise ValueError("GENQ_WEBHOOK_RETRY_SCHEDULE needs at least one delay")
     stop = threading.Event()
     threading.Thread(target=run_dispatcher, args=(settings, stop), daemon=True,
                      name="genq-webhook-dispatcher").start()

@@ -162,7 +162,7 @@ class LlamaForCausalLM:
         # One gather buffer per decode group, reused by every layer.
         buffers = [x.new_empty(group.gather_index.numel(), self.head_dim)
                    for group in step.decode_groups]
-        for layer, pool in zip(self.layers, kv_cache):
+        for layer, pool in zip(self.layers, kv_cache, strict=True):
             h = rms_norm(x, layer["input_norm"], self.eps)
             h = self._attention(h, layer, pool, step, buffers)
             x = x + layer["o"](h)
@@ -174,7 +174,8 @@ class LlamaForCausalLM:
 
     def _attention(self, h: torch.Tensor, layer: dict, pool: torch.Tensor, step: StepInputs,
                    buffers: list[torch.Tensor]) -> torch.Tensor:
-        num_tokens, heads, kv_heads, dim = h.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        num_tokens, heads, dim = h.shape[0], self.num_heads, self.head_dim
+        kv_heads = self.num_kv_heads
         qkv = layer["qkv"](h)
         q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
         q, k, v = (t.view(num_tokens, -1, dim) for t in (q, k, v))
@@ -185,7 +186,7 @@ class LlamaForCausalLM:
         k = apply_rope(k, step.cos, step.sin)
         pool.index_copy_(0, step.write_index, torch.stack((k, v)).transpose(1, 2).reshape(-1, dim))
         out = q.new_empty(num_tokens, heads, dim)
-        for group, buffer in zip(step.decode_groups, buffers):
+        for group, buffer in zip(step.decode_groups, buffers, strict=True):
             rows = slice(group.start, group.start + group.num_rows)
             out[rows] = self._decode_attention(q[rows], pool, group, buffer)
         for piece in step.prefills:

@@ -69,6 +69,7 @@ EXPECTED_ERRORS = [
 
 def test_malformed_lines_go_to_the_error_file_and_the_good_lines_run(
         stack_factory, sqlite_url, redis_url, tmp_path):
+    """Through the openai client, in strict mode, and through the `genq batch` CLI."""
     # given a file with 3 good and 7 malformed lines
     stack = stack_factory(sqlite_url, batch_redis(redis_url))
     client = openai_client(stack)
@@ -97,63 +98,57 @@ def test_malformed_lines_go_to_the_error_file_and_the_good_lines_run(
         (line, "invalid_request") for line, _, _ in EXPECTED_ERRORS]
     assert strict.request_counts.total == 0
 
-
-def test_genq_batch_cli_submits_waits_and_downloads(stack_factory, sqlite_url, redis_url,
-                                                    tmp_path):
-    # given a stack and the messy file
-    stack = stack_factory(sqlite_url, batch_redis(redis_url))
-    path = messy_file(tmp_path / "messy.jsonl")
+    # and `genq batch` does the same from the shell: submit --wait, download, status
     env = {**os.environ, "GENQ_API_URL": stack.api_url, "GENQ_API_KEY": stack.key,
            "COLUMNS": "200"}
 
-    # when the CLI submits it, follows it to the end and downloads the results
     submitted = subprocess.run([sys.executable, "-m", "genq.cli", "batch", "submit", str(path),
                                 "--wait"], env=env, capture_output=True, text=True, timeout=120)
     assert submitted.returncode == 0, submitted.stderr
-    batch = json.loads(submitted.stdout)
+    cli_batch = json.loads(submitted.stdout)
     downloaded = subprocess.run([sys.executable, "-m", "genq.cli", "batch", "download",
-                                 batch["id"], "-o", str(tmp_path / "out")],
+                                 cli_batch["id"], "-o", str(tmp_path / "out")],
                                 env=env, capture_output=True, text=True, timeout=60)
-    status = subprocess.run([sys.executable, "-m", "genq.cli", "batch", "status", batch["id"]],
+    status = subprocess.run([sys.executable, "-m", "genq.cli", "batch", "status", cli_batch["id"]],
                             env=env, capture_output=True, text=True, timeout=60)
 
-    # then it printed the finished batch and saved both files
-    assert batch["status"] == "completed"
-    assert batch["request_counts"] == {"total": 10, "completed": 3, "failed": 7}
+    assert cli_batch["status"] == "completed"
+    assert cli_batch["request_counts"] == {"total": 10, "completed": 3, "failed": 7}
     assert "done 3 / failed 7 / total 10" in submitted.stderr
     assert downloaded.returncode == 0, downloaded.stderr
-    output = (tmp_path / "out" / f"{batch['id']}_output.jsonl").read_text().splitlines()
-    errors = (tmp_path / "out" / f"{batch['id']}_error.jsonl").read_text().splitlines()
-    assert [json.loads(line)["custom_id"] for line in output] == ["a", "b", "c"]
-    assert [json.loads(line)["error"]["line"] for line in errors] == [4, 5, 6, 7, 8, 9, 10]
-    assert json.loads(status.stdout)["id"] == batch["id"]
+    saved = tmp_path / "out" / cli_batch["id"]
+    cli_output = [json.loads(line) for line in open(f"{saved}_output.jsonl")]
+    cli_errors = [json.loads(line) for line in open(f"{saved}_error.jsonl")]
+    assert [line["custom_id"] for line in cli_output] == ["a", "b", "c"]
+    assert [line["error"]["line"] for line in cli_errors] == [4, 5, 6, 7, 8, 9, 10]
+    assert json.loads(status.stdout)["id"] == cli_batch["id"]
 
 
 def test_expiry_keeps_results_and_retry_reruns_only_unfinished_lines(
         stack_factory, sqlite_url, redis_url, monkeypatch, tmp_path):
-    # given one slow engine slot, a window of one job and a 3-second completion window
+    # given one slow engine slot, a window of one job and a 2-second completion window
     monkeypatch.setenv("GENQ_BATCH_WINDOW_JOBS", "1")
     stack = stack_factory(sqlite_url, batch_redis(redis_url), concurrency=1)
     client = openai_client(stack)
-    lines = [chat_line(f"r{i}", "Count to a hundred", max_tokens=200) for i in range(12)]
+    lines = [chat_line(f"r{i}", "Count to a hundred", max_tokens=150) for i in range(10)]
     path = write_jsonl(tmp_path / "slow.jsonl", lines)
     with path.open("a") as handle:
         handle.write("not json\n")  # a malformed line: never retried, it has no request
 
     # when the window ends before the lines do
-    expired = wait_for_batch(client, submit_batch(client, path, window="3s").id)
+    expired = wait_for_batch(client, submit_batch(client, path, window="2s").id)
 
     # then the finished lines are kept, the others are expired in the error file
     assert expired.status == "expired", expired
     counts = expired.request_counts
-    assert counts.total == 13 and counts.completed + counts.failed == 13
-    assert counts.completed < 12
+    assert counts.total == 11 and counts.completed + counts.failed == 11
+    assert counts.completed < 10
     output, errors = jsonl(client, expired.output_file_id), jsonl(client, expired.error_file_id)
     done = {line["custom_id"] for line in output}
     expired_ids = {e["custom_id"] for e in errors if e["error"]["code"] == "batch_expired"}
     assert len(done) == counts.completed
-    assert done | expired_ids == {f"r{i}" for i in range(12)} and not done & expired_ids
-    assert [e["error"]["line"] for e in errors if e["error"]["code"] == "invalid_request"] == [13]
+    assert done | expired_ids == {f"r{i}" for i in range(10)} and not done & expired_ids
+    assert [e["error"]["line"] for e in errors if e["error"]["code"] == "invalid_request"] == [11]
 
     # and a retry runs exactly the expired lines, under their original line numbers
     response = requests.post(f"{stack.api_url}/v1/batches/{expired.id}/retry",

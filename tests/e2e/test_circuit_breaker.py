@@ -1,5 +1,10 @@
-"""Broker down → the API answers 503 in well under a second (no hanging on timeouts) and
-/readyz says so; broker back → the API recovers on its own."""
+"""The API's circuit breakers, against real outages.
+
+Broker stopped: submits do not hang on it (each answers within a second, the job waits in the
+outbox for the relay), /readyz answers 503 at once, and both recover when it returns.
+Database gone: requests answer 503 with Retry-After at once instead of waiting on connects,
+and the API recovers when the database is back.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,17 @@ import subprocess
 import time
 
 import pytest
+import redis
 import requests
+from sqlalchemy import select, text
 
-from tests.conftest import free_port
+from genq import db
+from genq.models import Outbox
+from tests.conftest import POSTGRES_URL, free_port
+from tests.e2e.conftest import redis_db
 from tests.processes import wait_for
+
+BREAKER_REDIS_DB = 9
 
 
 def _start_redis(port: int, directory) -> subprocess.Popen:
@@ -24,8 +36,6 @@ def _start_redis(port: int, directory) -> subprocess.Popen:
 
 
 def _redis_answers(port: int) -> bool:
-    import redis
-
     try:
         return redis.Redis(port=port, socket_connect_timeout=0.5).ping()
     except redis.RedisError:
@@ -51,36 +61,73 @@ def _timed(call) -> tuple[requests.Response, float]:
     return response, time.monotonic() - started
 
 
-def test_broker_down_gives_fast_503_and_recovers(stack_factory, sqlite_url, own_redis,
-                                                 tmp_path, monkeypatch):
+class Api:
+    def __init__(self, stack) -> None:
+        self.stack = stack
+
+    def submit(self) -> requests.Response:
+        return requests.post(f"{self.stack.api_url}/v1/jobs", timeout=30,
+                             json={"prompt": "hi", "max_tokens": 2},
+                             headers={"Authorization": f"Bearer {self.stack.key}"})
+
+    def ready(self) -> requests.Response:
+        return requests.get(f"{self.stack.api_url}/readyz", timeout=30)
+
+
+def _outbox_sent(database_url: str, job_id: str) -> bool:
+    with db.session_factory(database_url)() as session:
+        return session.scalar(select(Outbox.sent_at).where(Outbox.job_id == job_id)) is not None
+
+
+def test_broker_down_never_hangs_the_api_and_it_recovers(
+    stack_factory, sqlite_url, own_redis, tmp_path, monkeypatch
+):
     port, servers = own_redis
     monkeypatch.setenv("GENQ_BREAKER_RESET_SECONDS", "1")
-    stack = stack_factory(sqlite_url, f"redis://127.0.0.1:{port}/0", worker=False)
-    headers = {"Authorization": f"Bearer {stack.key}"}
-
-    def submit() -> requests.Response:
-        return requests.post(f"{stack.api_url}/v1/jobs", json={"prompt": "hi", "max_tokens": 2},
-                             headers=headers, timeout=30)
-
-    def ready() -> requests.Response:
-        return requests.get(f"{stack.api_url}/readyz", timeout=30)
-
-    assert submit().status_code == 202
+    api = Api(stack_factory(sqlite_url, f"redis://127.0.0.1:{port}/0", worker=False))
+    assert api.submit().status_code == 202
     servers[0].terminate()
     servers[0].wait(10)
-    # The first call to notice the outage pays one bounded timeout and trips the breaker.
-    assert ready().status_code == 503
+    # The first call to notice the outage pays one bounded timeout and opens the breaker.
+    assert api.ready().status_code == 503
 
-    refused, seconds = _timed(submit)
-    not_ready, ready_seconds = _timed(ready)
+    accepted, submit_seconds = _timed(api.submit)
+    not_ready, ready_seconds = _timed(api.ready)
 
-    assert refused.status_code == 503, refused.text
-    assert refused.json()["error"]["code"] == "service_unavailable"
-    assert int(refused.headers["Retry-After"]) >= 1
-    assert seconds < 1.0
+    assert accepted.status_code == 202 and submit_seconds < 1.0
+    assert not _outbox_sent(sqlite_url, accepted.json()["id"])  # waiting for the relay
     assert not_ready.status_code == 503 and ready_seconds < 1.0
-    assert not_ready.json()["checks"]["broker"].startswith(("circuit open", "error"))
+    assert not_ready.json()["checks"]["broker"].startswith("circuit open")
 
     servers.append(_start_redis(port, tmp_path))
-    wait_for(lambda: submit().status_code == 202, 15, "the API to recover")
-    assert ready().status_code == 200
+    wait_for(lambda: api.ready().status_code == 200, 15, "/readyz to recover")
+    assert _outbox_sent(sqlite_url, api.submit().json()["id"])
+
+
+def test_database_down_gives_fast_503_and_recovers(stack_factory, postgres_url, redis_url,
+                                                   monkeypatch):
+    monkeypatch.setenv("GENQ_BREAKER_RESET_SECONDS", "1")
+    api = Api(stack_factory(postgres_url, redis_db(redis_url, BREAKER_REDIS_DB), worker=False))
+    assert api.submit().status_code == 202
+    name = postgres_url.rsplit("/", 1)[1]
+    admin = db.make_engine(POSTGRES_URL).execution_options(isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    db.get_engine(postgres_url).dispose()
+    assert api.submit().status_code == 503  # notices the outage, opens the breaker
+
+    refused, seconds = _timed(api.submit)
+    not_ready, ready_seconds = _timed(api.ready)
+
+    assert refused.status_code == 503 and seconds < 1.0
+    assert refused.json()["error"]["code"] == "service_unavailable"
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert not_ready.status_code == 503 and ready_seconds < 1.0
+
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    db.upgrade(postgres_url)
+    # The database came back empty: the key is gone, so recovery shows as 401, not 503.
+    wait_for(lambda: api.submit().status_code == 401, 15, "the API to recover")
+    assert api.ready().status_code == 200

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.engine_throughput import main
 
 
+@pytest.mark.slow  # eight spawned processes, ~1 min: each imports torch and transformers
 def test_benchmark_writes_the_documented_json(tmp_path):
     path = tmp_path / "bench.json"
     main(["--model", "dummy:tiny-llama", "--num-requests", "4", "--dtype", "float32",

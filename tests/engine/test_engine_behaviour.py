@@ -153,7 +153,8 @@ def test_penalties_and_logprobs_are_applied(tiny_engine_factory, reference):
                               ignore_eos=True, repetition_penalty=1e6, logprobs=2)
     assert len(set(output.token_ids)) == len(output.token_ids)
     assert len(output.logprobs) == 20
-    assert all(token in entry for token, entry in zip(output.token_ids, output.logprobs))
+    pairs = zip(output.token_ids, output.logprobs, strict=True)
+    assert all(token in entry for token, entry in pairs)
 
 
 @pytest.mark.parametrize("field, value", [

@@ -32,11 +32,11 @@ def llm_fp32():
 
 def test_greedy_matches_transformers_on_16_mixed_prompts_in_one_batch(llm_fp32):
     num_tokens = 20
-    params = SamplingParams(temperature=0, max_tokens=num_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=num_tokens, min_tokens=num_tokens)
     outputs = llm_fp32.generate(PROMPTS, params, use_tqdm=False)
     hf = AutoModelForCausalLM.from_pretrained(os.path.join(default_cache_dir(), BUNDLED_MODEL),
                                               dtype=torch.float32).eval()
-    for prompt, output in zip(PROMPTS, outputs):
+    for prompt, output in zip(PROMPTS, outputs, strict=True):
         ids = torch.tensor([output.prompt_token_ids])
         with torch.no_grad():
             expected = hf.generate(ids, max_new_tokens=num_tokens, min_new_tokens=num_tokens,

@@ -22,7 +22,16 @@ LINE = json.dumps({"custom_id": "x", "method": "POST", "url": "/v1/completions",
 
 
 @pytest.fixture
-def api(database_url, tmp_path):
+def api(sqlite_url, tmp_path):
+    return make_api(sqlite_url, tmp_path)
+
+
+@pytest.fixture
+def api_on_both_databases(database_url, tmp_path):
+    return make_api(database_url, tmp_path)
+
+
+def make_api(database_url: str, tmp_path):
     settings = Settings(database_url=database_url, data_dir=tmp_path / "data", model=TINY_MODEL,
                         broker_url="redis://127.0.0.1:1/0", max_file_lines=5,
                         max_file_bytes=4096)
@@ -86,7 +95,8 @@ def test_bad_uploads_get_openai_errors(api):
     assert not_multipart.status_code == 415
 
 
-def test_batch_lifecycle_rules(api):
+def test_batch_lifecycle_rules(api_on_both_databases):
+    api = api_on_both_databases
     file_id = upload(api, LINE.encode()).get_json()["id"]
     batch = create_batch(api, file_id, completion_window="30m", metadata={"k": "v"}).get_json()
 
@@ -119,7 +129,8 @@ def test_invalid_batch_requests(api, fields, param):
     assert response.get_json()["error"]["param"] == param
 
 
-def test_batches_list_newest_first_with_a_cursor(api):
+def test_batches_list_newest_first_with_a_cursor(api_on_both_databases):
+    api = api_on_both_databases
     file_id = upload(api, LINE.encode()).get_json()["id"]
     ids = [create_batch(api, file_id).get_json()["id"] for _ in range(3)]
 

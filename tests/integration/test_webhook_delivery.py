@@ -31,7 +31,7 @@ WORKER_ENV = {
     "GENQ_WEBHOOK_ALLOW_PRIVATE": "true",
     "GENQ_WEBHOOK_RETRY_SCHEDULE": ",".join(["0"] + [str(RETRY_GAP)] * 5),
     "GENQ_WEBHOOK_RETRY_JITTER": "0",
-    "GENQ_WEBHOOK_TIMEOUT_SECONDS": "2",
+    "GENQ_WEBHOOK_TIMEOUT_SECONDS": "5",
     "GENQ_WEBHOOK_POLL_SECONDS": "0.1",
     "GENQ_WEBHOOK_CONCURRENCY": "8",
 }
@@ -104,7 +104,7 @@ class Tenant:
             deliveries = self.deliveries(job_id)
             return len(deliveries) == count and all(d["status"] != "pending"
                                                     for d in deliveries)
-        wait_for(done, 20, f"{count} settled deliveries of {job_id}")
+        wait_for(done, 45, f"{count} settled deliveries of {job_id}")
         return self.deliveries(job_id)
 
 
@@ -195,7 +195,7 @@ def test_429_with_retry_after_is_honored(tenant):
 
 
 def test_a_hanging_receiver_does_not_delay_deliveries_to_others(tenant):
-    with receiving([Reply(hang_seconds=10)]) as hanging, receiving() as healthy:
+    with receiving([Reply(hang_seconds=30)]) as hanging, receiving() as healthy:
         stuck = tenant.endpoint(hanging.url)
         tenant.endpoint(healthy.url)
         jobs = [tenant.job() for _ in range(3)]
@@ -205,7 +205,7 @@ def test_a_hanging_receiver_does_not_delay_deliveries_to_others(tenant):
             tenant.move(job_id, JobStatus.FAILED)
         wait_for(lambda: len(healthy.requests) == 3, 10, "the healthy receiver's events")
 
-        assert time.monotonic() - started < 2.0  # the hanging one times out only after 2 s
+        assert time.monotonic() - started < 4.0  # the hanging one times out only after 5 s
         assert hanging.requests  # it was being called meanwhile
         tenant.client.patch(f"/v1/webhook-endpoints/{stuck['id']}", json={"enabled": False},
                             headers=tenant.auth)
