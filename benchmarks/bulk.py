@@ -2,7 +2,7 @@
 end-to-end time against the engine alone.
 
     python -m benchmarks.bulk [--ingest-lines 50000] [--e2e-lines 5000] [--concurrency 32]
-        [--broker-url redis://…/14] [--real-model smollm2-135m --real-lines 64
+        [--broker-url redis://…/6] [--real-model smollm2-135m --real-lines 64
         --real-max-tokens 32] [--json PATH]
 
 - ingest: a JSONL file of chat lines turned into job rows by the batch feeder's ingest,
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--e2e-lines", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--window", type=int, default=256)
-    parser.add_argument("--broker-url", default="redis://127.0.0.1:6379/14")
+    parser.add_argument("--broker-url", default="redis://127.0.0.1:6379/6")
     parser.add_argument("--model-cache-dir", default=str(REPO / ".genq" / "models"))
     parser.add_argument("--real-model", default="")
     parser.add_argument("--real-lines", type=int, default=64)

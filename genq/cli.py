@@ -109,9 +109,8 @@ def _api_env(settings: Settings, env: dict[str, str]) -> dict[str, str]:
 @click.option("--hostname", default=None, help="Celery node name.")
 def worker(concurrency: int | None, hostname: str | None) -> None:
     """Run a worker: one engine fed by a Celery threads pool, plus the outbox relay."""
-    from producer.outbox import run_relay
-
     from genq.queues import job_queues
+    from producer.outbox import run_relay
 
     settings = get_settings()
     if not settings.broker_url:

@@ -13,7 +13,7 @@ from tests.conftest import TINY_MODEL
 from tests.e2e.conftest import redis_db
 
 # Not the shared e2e database (13): these tests run beside other suites on one Redis.
-BATCH_REDIS_DB = 11
+BATCH_REDIS_DB = 7
 FINISHED = ("completed", "failed", "expired", "cancelled")
 
 

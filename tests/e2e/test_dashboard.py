@@ -60,7 +60,9 @@ def test_dashboard_shows_a_new_job_with_no_console_errors(
     assert problems == []
 
 
-def test_dashboard_needs_a_key(stack_factory, sqlite_url, redis_url):
+def test_dashboard_needs_a_key_and_models_tell_when_no_worker_is_live(
+    stack_factory, sqlite_url, redis_url
+):
     stack = stack_factory(sqlite_url, redis_db(redis_url, DASHBOARD_REDIS_DB), worker=False)
 
     anonymous = requests.get(f"{stack.api_url}/dashboard", timeout=10)
@@ -70,3 +72,6 @@ def test_dashboard_needs_a_key(stack_factory, sqlite_url, redis_url):
     assert anonymous.status_code == 200 and 'name="key"' in anonymous.text
     assert "Your recent jobs" not in anonymous.text
     assert wrong.status_code == 401 and "invalid" in wrong.text
+    models = requests.get(f"{stack.api_url}/v1/models", timeout=10,
+                          headers={"Authorization": f"Bearer {stack.key}"}).json()["data"]
+    assert [(m["live_workers"], m["status"]) for m in models] == [(0, "no_live_worker")]

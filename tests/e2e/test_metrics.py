@@ -78,6 +78,11 @@ def test_metrics_parse_and_move_as_jobs_run(stack_factory, postgres_url, redis_u
     assert 0 <= _value(worker, "genq_engine_kv_cache_usage_ratio") <= 1
     assert "genq_engine_running_requests" in worker
     _assert_grafana_uses_only_exported_metrics(after, worker)
+    models = requests.get(f"{stack.api_url}/v1/models", timeout=10,
+                          headers={"Authorization": f"Bearer {stack.key}"}).json()
+    assert models["object"] == "list"
+    assert [(m["id"], m["live_workers"], m["status"]) for m in models["data"]] == [
+        ("dummy:tiny-llama", 1, "available")]
 
 
 def _assert_grafana_uses_only_exported_metrics(*scrapes: dict) -> None:

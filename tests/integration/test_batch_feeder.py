@@ -22,7 +22,7 @@ from tests.conftest import TINY_MODEL, make_key
 
 pytestmark = pytest.mark.integration
 
-FEEDER_REDIS_DB = 10
+FEEDER_REDIS_DB = 8
 LINES, WINDOW = 600, 100
 
 

@@ -11,7 +11,7 @@ COMPOSE = yaml.safe_load((Path(__file__).parents[2] / "docker-compose.yml").read
 
 def test_compose_has_the_services_users_need():
     services = COMPOSE["services"]
-    assert {"redis", "postgres", "rabbitmq", "api", "worker"} <= set(services)
+    assert {"redis", "postgres", "rabbitmq", "api", "worker", "webhook-worker"} <= set(services)
     assert services["rabbitmq"]["profiles"] == ["rabbitmq"]
 
 
@@ -22,7 +22,7 @@ def test_worker_reserves_a_gpu():
 
 def test_compose_env_vars_are_real_settings():
     known = {f"GENQ_{name.upper()}" for name in Settings.model_fields}
-    for name in ("api", "worker"):
+    for name in ("api", "worker", "webhook-worker"):
         env = COMPOSE["services"][name]["environment"]
         genq_vars = {key for key in env if key.startswith("GENQ_")}
         assert genq_vars, name
