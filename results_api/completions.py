@@ -20,9 +20,8 @@ from producer.openai_compat import CHAT_COMPLETIONS, COMPLETIONS, completion_obj
 from producer.schemas import JobRequest
 from producer.submit import submit_job
 from results_api.context import authenticate, current_settings, current_tenant_id
+from results_api.jobs import WAIT_POLL_SECONDS
 from results_api.openai_errors import register_openai_errors
-
-POLL_SECONDS = 0.05
 
 bp = Blueprint("completions", __name__, url_prefix="/v1")
 register_openai_errors(bp)
@@ -62,7 +61,7 @@ def _complete(job_request: JobRequest) -> Response:
             raise GenqError(ErrorCode.SERVICE_UNAVAILABLE,
                             f"the completion did not finish within "
                             f"{settings.completion_timeout_seconds:g} s; retry later")
-        time.sleep(POLL_SECONDS)
+        time.sleep(WAIT_POLL_SECONDS)
         job = get_job(settings, tenant_id, job.id)
     if job.status != JobStatus.SUCCEEDED.value:
         raise _job_error(job)
