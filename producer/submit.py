@@ -6,9 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,6 @@ from producer.schemas import JobRequest
 from producer.webhooks import check_job_webhook
 
 log = logging.getLogger(__name__)
-
-_tokenizer_lock = threading.Lock()
-_tokenizers: dict[tuple[str, Path], Any] = {}
 
 
 @dataclass(frozen=True)
@@ -137,14 +134,13 @@ def count_prompt_tokens(settings: Settings, model: str, request: JobRequest) -> 
     return len(tokenizer.encode(request.prompt))
 
 
+@cache
 def load_tokenizer_cached(model: str, cache_dir: Path) -> Any:
-    """One tokenizer per model and process; concurrent first requests load it once."""
-    with _tokenizer_lock:
-        if (model, cache_dir) not in _tokenizers:
-            from engine import load_tokenizer
+    """One tokenizer per model, cache dir and process. No lock: two first requests racing may
+    both load it (harmless, the cache write is atomic); a lock would serialize every model."""
+    from engine import load_tokenizer
 
-            _tokenizers[model, cache_dir] = load_tokenizer(model, cache_dir=cache_dir)
-        return _tokenizers[model, cache_dir]
+    return load_tokenizer(model, cache_dir=cache_dir)
 
 
 def _resolve_model(settings: Settings, request: JobRequest) -> str:

@@ -26,11 +26,12 @@ def _submit(client: GenqClient, count: int, max_tokens: int, label: str) -> list
 
 
 def test_killed_worker_loses_no_job(broker, postgres_url, stack_factory):
-    # Given a worker in the middle of a batch of 64 jobs
-    stack = stack_factory(postgres_url, broker.url, name="worker-1", concurrency=16,
-                          env=worker_env())
+    # Given a worker in the middle of a batch of 64 jobs (queued before it starts, so the
+    # batch does not trickle in at the pace of HTTP submits)
+    stack = stack_factory(postgres_url, broker.url, worker=False)
     client = GenqClient(stack.api_url, stack.key)
     job_ids = _submit(client, 64, max_tokens=64, label="Story")
+    stack.start_worker(name="worker-1", concurrency=16, env=worker_env())
     wait_for(lambda: _mid_batch(count_by_status(postgres_url, job_ids)), 60,
              "some jobs succeeded and some running")
     # When it is killed with -9 (no drain, no ack) and a new worker starts
@@ -63,9 +64,10 @@ def test_sigterm_with_jobs_in_flight_loses_none(broker, sqlite_url, stack_factor
     # the drain (not the reaper) can bring the unfinished jobs back in time
     drain_seconds = 2
     env = worker_env(GENQ_WORKER_DRAIN_SECONDS=str(drain_seconds), GENQ_JOB_LEASE_SECONDS="300")
-    stack = stack_factory(sqlite_url, broker.url, name="worker-1", concurrency=8, env=env)
+    stack = stack_factory(sqlite_url, broker.url, worker=False)
     client = GenqClient(stack.api_url, stack.key)
     job_ids = _submit(client, 16, max_tokens=192, label="Essay")
+    stack.start_worker(name="worker-1", concurrency=8, env=env)
     wait_for(lambda: count_by_status(sqlite_url, job_ids).get("running", 0) >= 8, 60,
              "8 jobs running")
 
