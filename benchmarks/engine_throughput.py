@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hf-sequential-requests", type=int, default=8,
                         help="hf_sequential runs only this many requests (tokens/s counts)")
     parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     args = parser.parse_args(argv)
     baselines = [] if args.baselines == "none" else args.baselines.split(",")
     unknown = set(baselines) - set(ALL_BASELINES)

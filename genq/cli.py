@@ -55,11 +55,12 @@ def up(host: str | None, port: int | None) -> None:
         console.print(f"[green]embedded Redis[/] on {broker.url}")
     db.upgrade(settings.database_url_resolved)
     console.print(f"[green]database[/] {settings.database_url_resolved} is up to date")
-    children = [
-        subprocess.Popen(_api_command(settings, host, port), env=_api_env(settings, env)),
-        subprocess.Popen([sys.executable, "-m", "genq.cli", "worker"], env=env),
-        subprocess.Popen([sys.executable, "-m", "genq.cli", "webhook-worker"], env=env),
+    commands = [
+        (_api_command(settings, host, port), _api_env(settings, env)),
+        ([sys.executable, "-m", "genq.cli", "worker"], env),
+        ([sys.executable, "-m", "genq.cli", "webhook-worker"], env),
     ]
+    children = [subprocess.Popen(argv, env=child_env) for argv, child_env in commands]
     console.print(
         f"[bold green]genq is starting[/]: API on http://{host}:{port} (the worker loads the "
         f"model first). Create a key with `genq keys create NAME`. Ctrl-C stops everything."
@@ -67,8 +68,14 @@ def up(host: str | None, port: int | None) -> None:
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
-    while not stopping.is_set() and all(child.poll() is None for child in children):
-        stopping.wait(0.5)
+    while not stopping.wait(1.0):
+        # A child that died (e.g. a worker after an unrecoverable broker error) is restarted,
+        # as systemd or a container restart policy would; its jobs come back through leases.
+        for index, child in enumerate(children):
+            if child.poll() is not None:
+                console.print(f"[red]{commands[index][0][-1]} exited ({child.returncode}); "
+                              "restarting it[/]")
+                children[index] = subprocess.Popen(commands[index][0], env=commands[index][1])
     console.print("[yellow]stopping genq…[/]")
     for child in children:
         if child.poll() is None:
@@ -81,9 +88,6 @@ def up(host: str | None, port: int | None) -> None:
             child.wait()
     if broker is not None:
         broker.stop()
-    failed = [c.args[-1] for c in children if c.returncode not in (0, -signal.SIGTERM)]
-    if failed and not stopping.is_set():
-        raise SystemExit(f"genq up: a child process exited unexpectedly: {failed}")
 
 
 @main.command()

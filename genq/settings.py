@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     # Comma-separated `module:object` paths of worker middleware (hooks: before_job(job)).
     worker_middleware: str = ""
     reaper_interval_seconds: float = Field(5.0, gt=0)
+    # A queued job whose run message was published this long ago, while the broker holds no
+    # message for its class, lost its message (e.g. a Redis restart without persistence): the
+    # reaper publishes it again.
+    job_republish_after_seconds: float = Field(60.0, gt=0)
     job_max_attempts: int = 3
     # A running job's lease; the worker renews it every third of this. A job whose lease ran
     # out (its worker died) may be claimed again by the next delivery of its message.

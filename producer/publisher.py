@@ -11,7 +11,7 @@ from functools import lru_cache
 from celery import Celery
 from kombu import Connection
 
-from genq.queues import RUN_JOB_TASK, route
+from genq.queues import RUN_JOB_TASK, is_amqp, route
 
 CONNECT_TIMEOUT_SECONDS = 1.0
 SOCKET_TIMEOUT_SECONDS = 2.0
@@ -36,7 +36,9 @@ def producer_app(broker_url: str) -> Celery:
     app.conf.update(
         broker_connection_timeout=CONNECT_TIMEOUT_SECONDS,
         broker_connection_retry=False,
-        broker_transport_options=TRANSPORT_OPTIONS,
+        # RabbitMQ: publisher confirms, so a message lost with a dropping connection raises
+        # (the outbox row stays unsent and the relay retries) instead of counting as sent.
+        broker_transport_options={**TRANSPORT_OPTIONS, "confirm_publish": is_amqp(broker_url)},
         task_ignore_result=True,
     )
     return app

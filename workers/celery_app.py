@@ -38,6 +38,9 @@ def make_celery(settings: Settings) -> Celery:
             "queue_order_strategy": "priority",
         },
         worker_hijack_root_logger=False,
+        # After a RabbitMQ connection drop Celery 5 lowers the prefetch count while tasks run
+        # and can stay stuck there, consuming nothing (celery#9512); keep the window fixed.
+        worker_enable_prefetch_count_reduction=False,
     )
     return app
 

@@ -16,7 +16,11 @@ from workers import heartbeat
 from workers.engine_loop import EngineLoop, EngineRequest
 from workers.job_runner import JobRunner
 from workers.metrics import JobTimingMiddleware, start_metrics_server
-from workers.reaper import expire_overdue_queued, reap_expired_leases
+from workers.reaper import (
+    expire_overdue_queued,
+    reap_expired_leases,
+    republish_orphaned_queued,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +63,26 @@ class WorkerRuntime:
     def _housekeep(self, settings: Settings) -> None:
         """Abort canceled jobs every tick; renew leases and reap dead workers' jobs less often."""
         chores = [
+            (0.0, self.runner.abort_canceled),
             (settings.job_lease_seconds / 3, self.runner.renew_leases),
             (settings.reaper_interval_seconds, lambda: reap_expired_leases(settings)),
             (settings.reaper_interval_seconds, lambda: expire_overdue_queued(settings)),
+            (settings.reaper_interval_seconds, lambda: republish_orphaned_queued(settings)),
             (settings.worker_heartbeat_seconds, lambda: heartbeat.beat(
                 settings, self.runner.worker_id, len(self.loop.in_flight()))),
         ]
         last_run = [0.0] * len(chores)
         while not self._stop.wait(settings.cancel_poll_seconds):
-            try:
-                self.runner.abort_canceled()
-                for index, (interval, chore) in enumerate(chores):
-                    if time.monotonic() - last_run[index] >= interval:
-                        chore()
-                        last_run[index] = time.monotonic()
-            except Exception:  # a DB hiccup must not kill the thread; next tick retries
-                log.exception("housekeeping tick failed")
+            for index, (interval, chore) in enumerate(chores):
+                if time.monotonic() - last_run[index] < interval:
+                    continue
+                # A failed chore (DB or broker hiccup) waits its interval like a successful one,
+                # and never keeps the others, lease renewal above all, from running.
+                last_run[index] = time.monotonic()
+                try:
+                    chore()
+                except Exception:
+                    log.exception("housekeeping chore %s failed", getattr(chore, "__name__", chore))
 
     def close(self) -> None:
         self._stop.set()

@@ -30,13 +30,15 @@ from genq import db
 from genq.models import Job, Outbox, Tenant
 from tests.conftest import RABBITMQ_URL, free_port, require_service
 from tests.e2e.conftest import pytest_runtest_makereport, stack_factory  # noqa: F401
-from tests.processes import wait_for
+from tests.processes import start_worker, wait_for
 
 CHAOS_ENV = {
     # A dead worker's jobs come back within seconds instead of a minute.
     "GENQ_JOB_LEASE_SECONDS": "3",
     "GENQ_REAPER_INTERVAL_SECONDS": "1",
     "GENQ_JOB_MAX_ATTEMPTS": "3",
+    # A message the broker lost (restart without persistence) is republished within seconds.
+    "GENQ_JOB_REPUBLISH_AFTER_SECONDS": "3",
 }
 
 
@@ -255,10 +257,47 @@ def wait_until_all_finished(database_url: str, job_ids: list[str], timeout: floa
         wait_for(finished, timeout, f"{len(job_ids)} jobs to finish")
     except AssertionError as exc:
         counts = count_by_status(database_url, job_ids)
-        raise AssertionError(f"{exc}; status counts: {counts}") from None
+        jobs = jobs_by_id(database_url)
+        stuck = [(job_id, jobs[job_id].status, jobs[job_id].attempts, jobs[job_id].worker_id,
+                  jobs[job_id].lease_expires_at) for job_id in job_ids
+                 if jobs[job_id].status not in terminal][:5]
+        raise AssertionError(f"{exc}; status counts: {counts}; unfinished "
+                             f"(id, status, attempts, worker, lease): {stuck}") from None
     return jobs_by_id(database_url)
 
 
 def worker_env(**extra: str) -> dict[str, str]:
     """Worker environment on top of the stack's: CHAOS_ENV plus the test's own settings."""
     return {**CHAOS_ENV, **extra}
+
+
+class WorkerSupervisor:
+    """Restarts the worker whenever it died, like systemd or Kubernetes would."""
+
+    def __init__(self, stack, env: dict[str, str], concurrency: int) -> None:
+        self.stack = stack
+        self.env = env
+        self.concurrency = concurrency
+        self.deaths = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=120)
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(0.2):
+            if self.stack.group.processes[-1].popen.poll() is None:
+                continue
+            self.deaths += 1
+            try:
+                start_worker(self.stack.group, name=f"worker-{self.deaths + 1}",
+                             concurrency=self.concurrency, env=self.env)
+            except AssertionError as exc:  # the test fails on it instead of waiting in vain
+                self.errors.append(str(exc))
+                return

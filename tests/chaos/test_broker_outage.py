@@ -8,6 +8,7 @@ import time
 
 from producer.client import GenqClient
 from tests.chaos.conftest import (
+    WorkerSupervisor,
     count_by_status,
     outbox_rows,
     wait_until_all_finished,
@@ -36,11 +37,14 @@ def _warm_up(client: GenqClient) -> None:
 
 
 def test_broker_restart_during_submission_loses_no_job(broker, sqlite_url, stack_factory):
-    # Given a running stack
+    # Given a running stack whose worker is restarted if it dies (as a container restart
+    # policy or `genq up` does: Celery/kombu may exit on a broker connection lost mid-ack)
     stack = stack_factory(sqlite_url, broker.url, name="worker-1", concurrency=16,
                           env=worker_env())
     client = GenqClient(stack.api_url, stack.key)
     _warm_up(client)
+    supervisor = WorkerSupervisor(stack, worker_env(), concurrency=16)
+    supervisor.start()
     answers: list[tuple[int, str | None]] = []
 
     def restart_broker_mid_submission() -> None:
@@ -60,7 +64,11 @@ def test_broker_restart_during_submission_loses_no_job(broker, sqlite_url, stack
 
     # Then every job that was accepted finishes
     job_ids = [job_id for status, job_id in answers if status == 202]
-    jobs = wait_until_all_finished(sqlite_url, job_ids, timeout=180)
+    try:
+        jobs = wait_until_all_finished(sqlite_url, job_ids, timeout=120,
+                                       abort=lambda: supervisor.errors)
+    finally:
+        supervisor.stop()
     assert count_by_status(sqlite_url, job_ids) == {"succeeded": len(job_ids)}
     assert all(jobs[i].completion_tokens == 16 for i in job_ids)
     # And every submit was accepted

@@ -4,18 +4,18 @@ still ends with exactly one result, from the DB lease, the reaper, the outbox an
 from __future__ import annotations
 
 import signal
-import threading
 import time
 
 from producer.client import GenqClient
 from tests.chaos.conftest import (
+    WorkerSupervisor,
     count_by_status,
     jobs_by_id,
     wait_until_all_finished,
     worker_env,
 )
 from tests.chaos.poison import POISON_PROMPT
-from tests.processes import start_worker, wait_for
+from tests.processes import wait_for
 
 MAX_ATTEMPTS = 3
 
@@ -89,38 +89,6 @@ def test_sigterm_with_jobs_in_flight_loses_none(broker, sqlite_url, stack_factor
     assert all(jobs[i].completion_tokens == 192 and jobs[i].finish_reason == "length"
                for i in job_ids)
     assert all(jobs[i].attempts <= 2 for i in job_ids)
-
-
-class WorkerSupervisor:
-    """Restarts the worker whenever it died, like systemd or Kubernetes would."""
-
-    def __init__(self, stack, env: dict[str, str], concurrency: int) -> None:
-        self.stack = stack
-        self.env = env
-        self.concurrency = concurrency
-        self.deaths = 0
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._supervise, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=120)
-
-    def _supervise(self) -> None:
-        while not self._stop.wait(0.2):
-            if self.stack.group.processes[-1].popen.poll() is None:
-                continue
-            self.deaths += 1
-            try:
-                start_worker(self.stack.group, name=f"worker-{self.deaths + 1}",
-                             concurrency=self.concurrency, env=self.env)
-            except AssertionError as exc:  # the test fails on it instead of waiting in vain
-                self.errors.append(str(exc))
-                return
 
 
 def test_poison_job_fails_after_max_attempts_and_its_batch_neighbours_succeed(
