@@ -93,11 +93,8 @@ class JobRunner:
             priority=Priority(job.priority).rank,
             isolated=isolated,
         )
-        stop_reason: StopReason | None = None
         try:
             output, stop_reason = self._wait(job, self.loop.submit(request))
-        except RequestAborted:
-            output = None
         except ValueError as exc:  # refused by the engine: the request itself is bad
             self.fail(job.id, ErrorCode.INVALID_REQUEST, str(exc))
             return
@@ -120,6 +117,8 @@ class JobRunner:
         while True:
             try:
                 return future.result(timeout=WAIT_TICK_SECONDS), reason
+            except RequestAborted:  # aborted (cancel, deadline, drain) before it ever ran
+                return None, reason
             except FutureTimeout:
                 pass
             if reason is not None:
