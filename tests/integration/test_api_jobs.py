@@ -17,8 +17,8 @@ from sqlalchemy import func, select
 from genq import db
 from genq.job_store import transition
 from genq.models import Job, Outbox, utcnow
-from genq.settings import Settings
 from genq.queues import AMQP_MAX_PRIORITY, AMQP_MESSAGE_PRIORITY, job_queues, queue_for
+from genq.settings import Settings
 from genq.states import JobStatus, Priority
 from producer.outbox import relay_pending
 from producer.publisher import publish_job
