@@ -17,7 +17,7 @@ AMQP_MAX_PRIORITY = 9
 AMQP_MESSAGE_PRIORITY = {Priority.INTERACTIVE: 9, Priority.DEFAULT: 5, Priority.BATCH: 1}
 
 
-def queue_for(priority: Priority, model: str | None = None) -> str:
+def queue_for(priority: Priority) -> str:
     """The class's logical queue, stored on outbox rows; `route` maps it onto the broker."""
     return f"genq.{priority.value}"
 

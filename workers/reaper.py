@@ -71,22 +71,23 @@ def republish_orphaned_queued(settings: Settings, limit: int = 500) -> int:
     worker reserved but has not started yet may still exist; the duplicate is harmless, claims
     are conditional.) Jobs never published (a batch's rows outside its window) are not touched.
     """
-    empty_classes = [p for p in Priority if p in _empty_priority_classes(settings.broker_url)]
-    if not empty_classes:
-        return 0
     cutoff = utcnow() - timedelta(seconds=settings.job_republish_after_seconds)
     published = exists().where(Outbox.job_id == Job.id, Outbox.sent_at.is_not(None))
     recent = exists().where(Outbox.job_id == Job.id,
                             Outbox.sent_at.is_(None) | (Outbox.sent_at > cutoff))
     with db.transaction(settings.database_url_resolved) as session:
-        orphans = session.execute(
+        candidates = session.execute(
             select(Job.id, Job.priority)
-            .where(Job.status == JobStatus.QUEUED.value,
-                   Job.priority.in_([p.value for p in empty_classes]), published, ~recent)
+            .where(Job.status == JobStatus.QUEUED.value, published, ~recent)
             .limit(limit)
         ).all()
+        if not candidates:  # the usual case: no broker round trip at all
+            return 0
+        empty_classes = _empty_priority_classes(settings.broker_url)
+        orphans = [(job_id, Priority(p)) for job_id, p in candidates
+                   if Priority(p) in empty_classes]
         for job_id, priority in orphans:
-            enqueue_run_message(session, job_id, Priority(priority))
+            enqueue_run_message(session, job_id, priority)
     if orphans:
         log.warning("reaper: %d queued job(s) had lost their broker message; republishing",
                     len(orphans))
