@@ -202,8 +202,9 @@ class JobRunner:
             else:
                 moved = session.scalar(select(Job.status).where(Job.id == job_id)) == "queued"
             if moved:
-                priority = session.scalar(select(Job.priority).where(Job.id == job_id))
-                enqueue_run_message(session, job_id, Priority(priority))
+                model, priority = session.execute(
+                    select(Job.model, Job.priority).where(Job.id == job_id)).one()
+                enqueue_run_message(session, job_id, model, Priority(priority))
 
     def abort_canceled(self) -> None:
         """Abort in the engine every in-flight job that was canceled through the API."""
