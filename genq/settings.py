@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -100,6 +101,11 @@ class Settings(BaseSettings):
     # Circuit breakers on the broker and the DB in the API: after this many failures in a row
     # requests fail fast with 503 for `breaker_reset_seconds`, then one quick probe decides.
     breaker_failure_threshold: int = Field(1, ge=1)
+    # Broker down at submit: "accept" (default) commits the job and its outbox row and answers
+    # 202, the relay publishes it when the broker is back (nothing lost, only delayed);
+    # "reject" answers 503 with Retry-After and writes nothing, for producers that would rather
+    # hold their own backlog than grow the database's.
+    submit_when_broker_down: Literal["accept", "reject"] = "accept"
     breaker_reset_seconds: float = Field(5.0, gt=0)
     breaker_probe_timeout_seconds: float = Field(0.5, gt=0)
 

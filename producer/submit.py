@@ -25,7 +25,7 @@ from genq.models import Job, Outbox, utcnow
 from genq.settings import Settings
 from genq.states import JobStatus
 from genq.webhook_events import DEFAULT_EVENTS
-from producer.breakers import broker_breaker
+from producer.breakers import broker_breaker, require
 from producer.publisher import publish_job
 from producer.schemas import JobRequest
 from producer.webhooks import check_job_webhook
@@ -44,6 +44,8 @@ def submit_job(
 ) -> SubmitResult:
     """Persist and publish a job. With an idempotency key, a replay returns the first job."""
     model = _resolve_model(settings, request)
+    if settings.submit_when_broker_down == "reject":
+        require(broker_breaker(settings))  # 503 with Retry-After while the broker is down
     request_hash = _request_hash(request, model)
     url = settings.database_url_resolved
     if idempotency_key is not None:

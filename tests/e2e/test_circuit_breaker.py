@@ -1,7 +1,8 @@
 """The API's circuit breakers, against real outages.
 
 Broker stopped: submits do not hang on it (each answers within a second, the job waits in the
-outbox for the relay), /readyz answers 503 at once, and both recover when it returns.
+outbox for the relay; or, with GENQ_SUBMIT_WHEN_BROKER_DOWN=reject, a 503 that writes nothing),
+/readyz answers 503 at once, and both recover when it returns.
 Database gone: requests answer 503 with Retry-After at once instead of waiting on connects,
 and the API recovers when the database is back.
 """
@@ -15,10 +16,10 @@ import time
 import pytest
 import redis
 import requests
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 
 from genq import db
-from genq.models import Outbox
+from genq.models import Job, Outbox
 from tests.conftest import POSTGRES_URL, free_port
 from tests.e2e.conftest import redis_db
 from tests.processes import wait_for
@@ -102,6 +103,34 @@ def test_broker_down_never_hangs_the_api_and_it_recovers(
     servers.append(_start_redis(port, tmp_path))
     wait_for(lambda: api.ready().status_code == 200, 15, "/readyz to recover")
     assert _outbox_sent(sqlite_url, api.submit().json()["id"])
+
+
+def test_broker_down_with_reject_mode_answers_503_fast_and_writes_nothing(
+    stack_factory, sqlite_url, own_redis, tmp_path, monkeypatch
+):
+    port, servers = own_redis
+    monkeypatch.setenv("GENQ_BREAKER_RESET_SECONDS", "1")
+    monkeypatch.setenv("GENQ_SUBMIT_WHEN_BROKER_DOWN", "reject")
+    api = Api(stack_factory(sqlite_url, f"redis://127.0.0.1:{port}/0", worker=False))
+    assert api.submit().status_code == 202
+    servers[0].terminate()
+    servers[0].wait(10)
+    assert api.ready().status_code == 503  # notices the outage, opens the breaker
+    jobs_before = _job_count(sqlite_url)
+
+    refused, seconds = _timed(api.submit)
+
+    assert refused.status_code == 503 and seconds < 1.0
+    assert refused.json()["error"]["code"] == "service_unavailable"
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert _job_count(sqlite_url) == jobs_before
+    servers.append(_start_redis(port, tmp_path))
+    wait_for(lambda: api.submit().status_code == 202, 15, "submits to be accepted again")
+
+
+def _job_count(database_url: str) -> int:
+    with db.session_factory(database_url)() as session:
+        return session.scalar(select(func.count()).select_from(Job))
 
 
 def test_database_down_gives_fast_503_and_recovers(stack_factory, postgres_url, redis_url,
