@@ -26,6 +26,7 @@ from genq.webhook_events import DEFAULT_EVENTS
 from producer.breakers import broker_breaker
 from producer.publisher import publish_job
 from producer.schemas import JobRequest
+from producer.sent_marks import sent_marker
 from producer.webhooks import check_job_webhook
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ def submit_job(
 
 
 def publish_outbox_row(settings: Settings, outbox: Outbox) -> bool:
-    """Publish one outbox row and mark it sent; False (logged) when the broker refused it."""
+    """Publish one outbox row and mark it sent (within `sent_marks.FLUSH_SECONDS`); False
+    (logged) when the broker refused it."""
     breaker = broker_breaker(settings)
     try:
         publish_job(settings.broker_url, outbox.job_id, outbox.queue)
@@ -111,13 +113,7 @@ def publish_outbox_row(settings: Settings, outbox: Outbox) -> bool:
             )
         return False
     breaker.record_success()
-    with db.transaction(settings.database_url_resolved) as session:
-        # Conditional: two relays racing on one row mark it once (a double publish is harmless,
-        # workers skip jobs that are no longer queued).
-        session.execute(
-            update(Outbox).where(Outbox.id == outbox.id, Outbox.sent_at.is_(None))
-            .values(sent_at=utcnow(), publish_attempts=Outbox.publish_attempts + 1)
-        )
+    sent_marker(settings.database_url_resolved).mark_sent(outbox.id)
     return True
 
 
