@@ -109,10 +109,14 @@ def _api_env(settings: Settings, env: dict[str, str]) -> dict[str, str]:
 
 
 @main.command()
+@click.option("--model", default=None,
+              help="The model this worker serves (default GENQ_MODEL); it consumes only that "
+                   "model's queues.")
 @click.option("--concurrency", default=None, type=int, help="Jobs in flight (engine batch).")
 @click.option("--hostname", default=None, help="Celery node name.")
-def worker(concurrency: int | None, hostname: str | None) -> None:
-    """Run a worker: one engine fed by a Celery threads pool, plus the outbox relay."""
+def worker(model: str | None, concurrency: int | None, hostname: str | None) -> None:
+    """Run a worker: one engine for one model fed by a Celery threads pool, plus the outbox
+    relay and the batch feeder."""
     from genq.queues import job_queues
     from producer.outbox import run_relay
 
@@ -120,6 +124,14 @@ def worker(concurrency: int | None, hostname: str | None) -> None:
     if not settings.broker_url:
         raise click.UsageError("set GENQ_BROKER_URL (or use `genq up`, which embeds Redis)")
     db.ensure_schema_current(settings.database_url_resolved)
+    # The relay and the batch feeder serve the whole deployment: they keep GENQ_MODEL as the
+    # default model of batch lines. Everything else in this process (Celery app, engine,
+    # heartbeat) reads get_settings() and must see the served model, so it goes into the
+    # environment before any of it loads.
+    if model:
+        os.environ["GENQ_MODEL"] = model
+        get_settings.cache_clear()
+    served = get_settings()
     stop_relay = threading.Event()
     threading.Thread(target=run_relay, args=(settings, stop_relay), daemon=True,
                      name="genq-outbox-relay").start()
@@ -131,8 +143,8 @@ def worker(concurrency: int | None, hostname: str | None) -> None:
 
     argv = [
         "worker", "--pool", "threads",
-        "--concurrency", str(concurrency or settings.worker_concurrency),
-        "--queues", ",".join(q.name for q in job_queues(settings.broker_url)),
+        "--concurrency", str(concurrency or served.worker_concurrency),
+        "--queues", ",".join(q.name for q in job_queues(served.broker_url, served.model)),
         "--loglevel", "INFO",
         "--without-gossip", "--without-mingle",
     ]
@@ -234,12 +246,15 @@ def _client():
 @click.option("--max-tokens", default=128, type=int)
 @click.option("--temperature", default=0.0, type=float)
 @click.option("--priority", default="default", type=click.Choice([p.value for p in Priority]))
+@click.option("--model", default=None, help="The model (default: the API's GENQ_MODEL).")
 @click.option("--wait/--no-wait", default=False, help="Wait for the job to finish.")
 def submit(prompt: str, chat: bool, max_tokens: int, temperature: float, priority: str,
-           wait: bool) -> None:
+           model: str | None, wait: bool) -> None:
     """Submit a job and print it as JSON."""
     client = _client()
     body = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+    if model:
+        body["model"] = model
     job = client.submit(**body, max_tokens=max_tokens, temperature=temperature, priority=priority)
     if wait:
         with console.status(f"waiting for {job['id']}…"):

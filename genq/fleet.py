@@ -59,6 +59,12 @@ def live_workers(session: Session, live_seconds: float) -> list[Worker]:
         select(Worker).where(Worker.last_heartbeat_at >= since).order_by(Worker.id)))
 
 
+def live_worker_models(session: Session, live_seconds: float) -> set[str]:
+    since = utcnow() - timedelta(seconds=live_seconds)
+    return set(session.scalars(
+        select(Worker.model).where(Worker.last_heartbeat_at >= since).distinct()))
+
+
 def recent_jobs(session: Session, tenant_id: str, limit: int = 20) -> list[Job]:
     return list(session.scalars(
         select(Job).where(Job.tenant_id == tenant_id).order_by(Job.id.desc()).limit(limit)))

@@ -55,8 +55,9 @@ def transition(
     return True
 
 
-def enqueue_run_message(session: Session, job_id: str, priority: Priority) -> Outbox:
+def enqueue_run_message(session: Session, job_id: str, model: str, priority: Priority
+                        ) -> Outbox:
     """Add the outbox row that (re)publishes a job's run message, in the caller's transaction."""
-    outbox = Outbox(kind=RUN_JOB_OUTBOX_KIND, job_id=job_id, queue=queue_for(priority))
+    outbox = Outbox(kind=RUN_JOB_OUTBOX_KIND, job_id=job_id, queue=queue_for(model, priority))
     session.add(outbox)
     return outbox

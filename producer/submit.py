@@ -19,6 +19,7 @@ from genq import db
 from genq.errors import ErrorCode, GenqError
 from genq.job_store import enqueue_run_message
 from genq.limits import admit
+from genq.model_catalog import resolve_model
 from genq.models import Job, Outbox, utcnow
 from genq.settings import Settings
 from genq.states import JobStatus
@@ -79,7 +80,7 @@ def submit_job(
             admit(session, tenant_id, job.admitted_tokens, request.max_tokens)
             session.add(job)
             session.flush()
-            outbox = enqueue_run_message(session, job.id, request.priority)
+            outbox = enqueue_run_message(session, job.id, model, request.priority)
     except IntegrityError:
         if idempotency_key is None:
             raise
@@ -140,14 +141,7 @@ def load_tokenizer_cached(model: str, cache_dir: Path) -> Any:
 
 
 def _resolve_model(settings: Settings, request: JobRequest) -> str:
-    model = request.model or settings.model
-    if model != settings.model:
-        raise GenqError(
-            ErrorCode.INVALID_REQUEST,
-            f"model {model!r} is not served here; available models: {settings.model!r}",
-            param="model",
-        )
-    return model
+    return resolve_model(settings, request.model)
 
 
 def _check_context_length(settings: Settings, request: JobRequest, prompt_tokens: int) -> None:

@@ -1,6 +1,7 @@
 """`GET /dashboard`: a read-only, server-rendered page for operators and tenants: queues per
-priority class and live workers (all tenants, counts only), the signed-in tenant's recent jobs
-and batches, and throughput and latency charts of the last hour (Chart.js, vendored in static/).
+priority class and per model, and live workers (all tenants, counts only), the signed-in
+tenant's recent jobs and batches, and throughput and latency charts of the last hour (Chart.js,
+vendored in static/).
 
 A browser cannot send a Bearer header, so the page also takes the API key from an HttpOnly,
 SameSite=Strict cookie set by its sign-in form.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, redirect, render_template, request, url_for
 
-from genq import db, fleet
+from genq import db, fleet, model_catalog
 from genq.api_keys import tenant_id_for_key
 from genq.states import JobStatus, Priority
 from results_api.context import current_settings
@@ -30,12 +31,14 @@ def dashboard() -> str | tuple[str, int]:
     settings = current_settings()
     with db.session_factory(settings.database_url_resolved)() as session:
         counts = fleet.job_counts(session)
+        catalog = model_catalog.list_models(session, settings)
         workers = fleet.live_workers(session, settings.worker_live_seconds)
         jobs = fleet.recent_jobs(session, tenant_id)
         batches = fleet.recent_batches(session, tenant_id)
         series = fleet.minute_series(session)
     return render_template(
-        "dashboard.html", queues=_queues(counts), workers=workers, jobs=jobs, batches=batches,
+        "dashboard.html", queues=_queues(counts), models=_models(catalog, counts),
+        workers=workers, jobs=jobs, batches=batches,
         chart_data={
             "labels": [point.minute.strftime("%H:%M") for point in series],
             "jobs_finished": [point.jobs_finished for point in series],
@@ -77,4 +80,18 @@ def _queues(counts: list[fleet.JobCount]) -> list[dict]:
     for count in counts:
         if count.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
             rows[count.priority][count.status] += count.count
+    return list(rows.values())
+
+
+def _models(catalog: list[model_catalog.CatalogModel], counts: list[fleet.JobCount]
+            ) -> list[dict]:
+    """Known models, plus any other model that still has queued or running jobs (say one
+    dropped from GENQ_MODELS): its jobs wait for a worker that may never come."""
+    rows = {m.id: {"model": m.id, "live_workers": m.live_workers, "queued": 0, "running": 0}
+            for m in catalog}
+    for count in counts:
+        if count.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+            row = rows.setdefault(count.model, {"model": count.model, "live_workers": 0,
+                                                "queued": 0, "running": 0})
+            row[count.status] += count.count
     return list(rows.values())

@@ -130,7 +130,7 @@ def _paths() -> dict[str, Any]:
                                           "503": {"description": "A dependency is down"}}}},
         "/metrics": {"get": {"summary": "Prometheus metrics (text format)", "security": [],
                              "responses": {"200": {"description": "Metrics"}}}},
-        "/v1/models": {"get": {"summary": "The served model and its live workers (OpenAI shape)",
+        "/v1/models": {"get": {"summary": "Known models and their live workers (OpenAI shape)",
                                "responses": {"200": {"description": "A list of models"},
                                              **_errors(401)}}},
     }

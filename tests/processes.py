@@ -92,10 +92,12 @@ def start_api(group: ProcessGroup, port: int) -> Process:
 
 
 def start_worker(group: ProcessGroup, name: str = "worker", concurrency: int = 8,
-                 env: dict[str, str] | None = None, ready_timeout: float = 240) -> Process:
+                 env: dict[str, str] | None = None, ready_timeout: float = 240,
+                 model: str | None = None) -> Process:
+    """A `genq worker` serving `model` (default: the group's GENQ_MODEL), once it is ready."""
     process = group.start(name, [
         sys.executable, "-m", "genq.cli", "worker", "--concurrency", str(concurrency),
-        "--hostname", f"{name}-{os.getpid()}@%h",
+        "--hostname", f"{name}-{os.getpid()}@%h", *(["--model", model] if model else []),
     ], env)
     wait_for(lambda: " ready." in process.log(), ready_timeout, f"{name} to be ready", process)
     return process

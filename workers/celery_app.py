@@ -9,9 +9,10 @@ Delivery settings, and why:
   the micro-batch window. A larger window only parks messages that the worker cannot start.
 - Redis `visibility_timeout`: an unacked message is redelivered after this long. It must exceed
   the longest job (default 1 h); the jobs table's lease/attempts keep a redelivery harmless.
-- Redis `queue_order_strategy="priority"`: the worker polls `genq.interactive`, then
-  `genq.default`, then `genq.batch`, strictly in that order. RabbitMQ: one `genq.jobs` queue
-  with x-max-priority (genq.queues).
+- `task_queues`: only the queues of the model this worker serves (`settings.model`; `genq
+  worker --model` sets it). Redis `queue_order_strategy="priority"`: the worker polls
+  `genq.<model>.interactive`, then `.default`, then `.batch`, strictly in that order.
+  RabbitMQ: one `genq.jobs.<model>` queue with x-max-priority (genq.queues).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=settings.worker_prefetch_multiplier,
         task_ignore_result=True,
-        task_queues=job_queues(settings.broker_url),
+        task_queues=job_queues(settings.broker_url, settings.model),
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": REDIS_VISIBILITY_TIMEOUT_SECONDS,

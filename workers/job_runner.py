@@ -212,8 +212,9 @@ class JobRunner:
             else:
                 moved = session.scalar(select(Job.status).where(Job.id == job_id)) == "queued"
             if moved:
-                priority = session.scalar(select(Job.priority).where(Job.id == job_id))
-                enqueue_run_message(session, job_id, Priority(priority))
+                model, priority = session.execute(
+                    select(Job.model, Job.priority).where(Job.id == job_id)).one()
+                enqueue_run_message(session, job_id, model, Priority(priority))
 
         self.writes.write(requeue)
 

@@ -8,14 +8,14 @@ import logging
 from datetime import timedelta
 
 from amqp.exceptions import ChannelError
-from kombu import Connection
+from kombu import Connection, Queue
 from sqlalchemy import exists, select
 
 from genq import db
 from genq.errors import ErrorCode
 from genq.job_store import enqueue_run_message, transition
 from genq.models import Job, Outbox, utcnow
-from genq.queues import job_queues, queue_for
+from genq.queues import queue_for, route
 from genq.settings import Settings
 from genq.states import JobStatus, Priority
 
@@ -29,11 +29,11 @@ def reap_expired_leases(settings: Settings, limit: int = 200) -> int:
     reaped = 0
     with db.transaction(settings.database_url_resolved) as session:
         stale = session.execute(
-            select(Job.id, Job.attempts, Job.priority)
+            select(Job.id, Job.attempts, Job.model, Job.priority)
             .where(Job.status == JobStatus.RUNNING.value, *expired)
             .limit(limit)
         ).all()
-        for job_id, attempts, priority in stale:
+        for job_id, attempts, model, priority in stale:
             if attempts >= settings.job_max_attempts:
                 moved = transition(
                     session, job_id, JobStatus.FAILED, only_from={JobStatus.RUNNING},
@@ -44,7 +44,7 @@ def reap_expired_leases(settings: Settings, limit: int = 200) -> int:
                 moved = transition(session, job_id, JobStatus.QUEUED, extra_where=expired,
                                    worker_id=None, lease_expires_at=None)
                 if moved:
-                    enqueue_run_message(session, job_id, Priority(priority))
+                    enqueue_run_message(session, job_id, model, Priority(priority))
             reaped += moved
     if reaped:
         log.warning("reaper: %d job(s) with an expired lease requeued or failed", reaped)
@@ -67,9 +67,10 @@ def republish_orphaned_queued(settings: Settings, limit: int = 500) -> int:
     """Publish again the queued jobs whose message is gone.
 
     A job counts as orphaned when its last publish is older than `job_republish_after_seconds`
-    and its class's broker queue is empty: then no message can be waiting for it. (A message a
-    worker reserved but has not started yet may still exist; the duplicate is harmless, claims
-    are conditional.) Jobs never published (a batch's rows outside its window) are not touched.
+    and the broker queue of its model and class is empty: then no message can be waiting for
+    it. (A message a worker reserved but has not started yet may still exist; the duplicate is
+    harmless, claims are conditional.) Jobs never published (a batch's rows outside its
+    window) are not touched.
     """
     cutoff = utcnow() - timedelta(seconds=settings.job_republish_after_seconds)
     published = exists().where(Outbox.job_id == Job.id, Outbox.sent_at.is_not(None))
@@ -77,34 +78,40 @@ def republish_orphaned_queued(settings: Settings, limit: int = 500) -> int:
                             Outbox.sent_at.is_(None) | (Outbox.sent_at > cutoff))
     with db.transaction(settings.database_url_resolved) as session:
         candidates = session.execute(
-            select(Job.id, Job.priority)
+            select(Job.id, Job.model, Job.priority)
             .where(Job.status == JobStatus.QUEUED.value, published, ~recent)
             .limit(limit)
         ).all()
         if not candidates:  # the usual case: no broker round trip at all
             return 0
-        empty_classes = _empty_priority_classes(settings.broker_url)
-        orphans = [(job_id, Priority(p)) for job_id, p in candidates
-                   if Priority(p) in empty_classes]
-        for job_id, priority in orphans:
-            enqueue_run_message(session, job_id, priority)
+        empty = _empty_queues(settings.broker_url, {model for _, model, _ in candidates})
+        orphans = [(job_id, model, Priority(p)) for job_id, model, p in candidates
+                   if (model, Priority(p)) in empty]
+        for job_id, model, priority in orphans:
+            enqueue_run_message(session, job_id, model, priority)
     if orphans:
         log.warning("reaper: %d queued job(s) had lost their broker message; republishing",
                     len(orphans))
     return len(orphans)
 
 
-def _empty_priority_classes(broker_url: str) -> set[Priority]:
-    """The priority classes with no message waiting on the broker (all of them when RabbitMQ's
-    single priority queue is empty)."""
-    sizes = {}
+def _empty_queues(broker_url: str, models: set[str]) -> set[tuple[str, Priority]]:
+    """The (model, class) pairs with no message waiting on the broker. On RabbitMQ a model's
+    classes share one priority queue, so they are all empty or none is."""
+    empty, sizes = set(), {}
     with Connection(broker_url, connect_timeout=2) as connection:
-        for queue in job_queues(broker_url):
-            try:
-                sizes[queue.name] = queue(connection.channel()).queue_declare(
-                    passive=True).message_count
-            except ChannelError:  # not declared (yet, or since a broker restart): no message
-                sizes[queue.name] = 0
-    if len(sizes) == 1:
-        return set(Priority) if not next(iter(sizes.values())) else set()
-    return {p for p in Priority if not sizes.get(queue_for(p))}
+        for model in models:
+            for priority in Priority:
+                queue, _ = route(queue_for(model, priority), broker_url)
+                if queue.name not in sizes:
+                    sizes[queue.name] = _message_count(connection, queue)
+                if not sizes[queue.name]:
+                    empty.add((model, priority))
+    return empty
+
+
+def _message_count(connection: Connection, queue: Queue) -> int:
+    try:
+        return queue(connection.channel()).queue_declare(passive=True).message_count
+    except ChannelError:  # not declared (yet, or since a broker restart): no message
+        return 0

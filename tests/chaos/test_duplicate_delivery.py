@@ -8,10 +8,11 @@ from genq.states import Priority
 from producer.client import GenqClient
 from producer.publisher import publish_job
 from tests.chaos.conftest import jobs_by_id, worker_env
+from tests.conftest import TINY_MODEL
 
 
 def _publish_duplicate(broker_url: str, job_id: str) -> None:
-    publish_job(broker_url, job_id, queue_for(Priority.DEFAULT))
+    publish_job(broker_url, job_id, queue_for(TINY_MODEL, Priority.DEFAULT))
 
 
 def _wait_behind(client: GenqClient) -> None:

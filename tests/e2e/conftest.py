@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -30,13 +30,14 @@ class Stack:
         return start_worker(self.group, **kwargs)
 
 
-def purge_broker(broker_url: str) -> None:
+def purge_broker(broker_url: str, models: Iterable[str]) -> None:
+    """Empty the job queues of `models` (on Redis, the whole test database)."""
     if broker_url.startswith("redis"):
         redis.Redis.from_url(broker_url).flushdb()
         return
     with Connection(broker_url, connect_timeout=5) as conn:
         channel = conn.channel()
-        for queue in job_queues(broker_url):
+        for queue in (queue for model in models for queue in job_queues(broker_url, model)):
             try:
                 channel.queue_purge(queue.name)
             except Exception:  # not declared yet: nothing to purge
@@ -44,8 +45,10 @@ def purge_broker(broker_url: str) -> None:
 
 
 def build_stack(tmp_path, database_url: str, broker_url: str, model: str,
-                worker: bool = True, **worker_kwargs) -> Stack:
-    purge_broker(broker_url)
+                worker: bool = True, extra_env: dict[str, str] | None = None,
+                **worker_kwargs) -> Stack:
+    """API (+ a worker): `extra_env` reaches every process of the stack."""
+    purge_broker(broker_url, [model])
     env = {
         **os.environ,
         "GENQ_DATABASE_URL": database_url,
@@ -57,6 +60,7 @@ def build_stack(tmp_path, database_url: str, broker_url: str, model: str,
         "GENQ_OUTBOX_RELAY_INTERVAL_SECONDS": "0.5",
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
     }
     group = ProcessGroup(tmp_path, env)
     port = free_port()

@@ -29,6 +29,7 @@ from tests.conftest import MODEL_CACHE_DIR, TINY_MODEL, free_port, make_key
 pytestmark = pytest.mark.integration
 
 TEST_REDIS_DB = 11  # keeps our unconsumed messages away from workers of other test runs
+DEFAULT_QUEUE = queue_for(TINY_MODEL, Priority.DEFAULT)
 
 
 @pytest.fixture(scope="session")
@@ -116,8 +117,8 @@ def test_submit_queues_a_job_and_publishes_it(client, auth, settings, broker_url
         outbox = session.scalar(select(Outbox).where(Outbox.job_id == job["id"]))
     assert set(row.sampling_params) == {"max_tokens", "temperature", "top_p", "top_k", "seed",
                                         "stop"}
-    assert outbox.sent_at is not None and outbox.queue == "genq.default"
-    messages = redis.Redis.from_url(broker_url).lrange("genq.default", 0, -1)
+    assert outbox.sent_at is not None and outbox.queue == DEFAULT_QUEUE
+    messages = redis.Redis.from_url(broker_url).lrange(DEFAULT_QUEUE, 0, -1)
     assert len(messages) == 1 and job["id"].encode() in messages[0]
 
 
@@ -289,7 +290,7 @@ def test_submit_with_the_broker_down_keeps_the_job_and_the_relay_publishes_it(
 
     with db.session_factory(database_url)() as session:
         assert session.get(Outbox, outbox.id).sent_at is not None
-    messages = redis.Redis.from_url(broker_url).lrange("genq.default", 0, -1)
+    messages = redis.Redis.from_url(broker_url).lrange(DEFAULT_QUEUE, 0, -1)
     assert len(messages) == 1 and job_id.encode() in messages[0]
 
 
@@ -306,10 +307,10 @@ def test_relay_leaves_fresh_rows_to_the_submitting_process(
 
 def test_publisher_delivers_to_the_rabbitmq_priority_queue(rabbitmq_url):
     job_id = f"job_probe_{uuid.uuid4().hex[:8]}"
-    publish_job(rabbitmq_url, job_id, queue_for(Priority.INTERACTIVE))
+    publish_job(rabbitmq_url, job_id, queue_for(TINY_MODEL, Priority.INTERACTIVE))
 
     with kombu.Connection(rabbitmq_url) as connection:
-        queue = job_queues(rabbitmq_url)[0](connection.channel())
+        queue = job_queues(rabbitmq_url, TINY_MODEL)[0](connection.channel())
         assert queue.queue_arguments == {"x-max-priority": AMQP_MAX_PRIORITY}
         for _ in range(10_000):
             message = queue.get(no_ack=True)
@@ -324,7 +325,7 @@ def test_publisher_delivers_to_the_rabbitmq_priority_queue(rabbitmq_url):
 def test_publisher_fails_fast_when_the_broker_is_down(broker):
     started = time.monotonic()
     with pytest.raises(kombu.exceptions.OperationalError):
-        publish_job(broker.format(port=free_port()), "job_probe", "genq.default")
+        publish_job(broker.format(port=free_port()), "job_probe", DEFAULT_QUEUE)
     assert time.monotonic() - started < 2.5
 
 

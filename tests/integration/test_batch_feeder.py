@@ -14,8 +14,9 @@ from sqlalchemy import func, select
 from genq import db
 from genq.job_store import transition
 from genq.models import Job, Outbox
+from genq.queues import queue_for
 from genq.settings import Settings
-from genq.states import JobStatus
+from genq.states import JobStatus, Priority
 from producer.batch_feeder import feed_batches
 from results_api.app import create_app
 from tests.conftest import TINY_MODEL, make_key
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.integration
 
 FEEDER_REDIS_DB = 8
 LINES, WINDOW = 600, 100
+BATCH_QUEUE = queue_for(TINY_MODEL, Priority.BATCH)
 
 
 @pytest.fixture
@@ -64,7 +66,7 @@ def test_feeder_enqueues_in_windows_and_finalizes_a_cancelled_batch(database_url
     in_batch = (Job.batch_id == batch_id,)
     assert count(database_url, *in_batch) == LINES
     assert count(database_url, *in_batch, Job.priority == "batch") == LINES
-    assert redis_client.llen("genq.batch") == WINDOW
+    assert redis_client.llen(BATCH_QUEUE) == WINDOW
     with db.session_factory(database_url)() as session:
         assert session.scalar(select(func.count()).select_from(Outbox)) == WINDOW
 
@@ -78,7 +80,7 @@ def test_feeder_enqueues_in_windows_and_finalizes_a_cancelled_batch(database_url
             assert transition(session, job_id, JobStatus.SUCCEEDED, output_text="ok",
                               finish_reason="stop", prompt_tokens=2, completion_tokens=1)
     feed_batches(settings)
-    assert redis_client.llen("genq.batch") == WINDOW + 30
+    assert redis_client.llen(BATCH_QUEUE) == WINDOW + 30
 
     # when the batch is cancelled: the rest is cancelled, the finished lines are kept
     assert api.post(f"/v1/batches/{batch_id}/cancel").get_json()["status"] == "cancelling"
