@@ -30,6 +30,20 @@ def transition(
     `only_from` narrows the allowed sources (it may not widen them); `extra_where` adds
     conditions such as "this worker still holds the lease".
     """
+    return transition_returning(session, job_id, target, only_from=only_from,
+                                extra_where=extra_where, **values) is not None
+
+
+def transition_returning(
+    session: Session,
+    job_id: str,
+    target: JobStatus,
+    *,
+    only_from: set[JobStatus] | None = None,
+    extra_where: tuple = (),
+    **values: Any,
+) -> Job | None:
+    """`transition`, returning the job as the UPDATE left it (one statement, no re-read)."""
     sources = ALLOWED_SOURCES[target]
     if only_from is not None:
         if not only_from <= sources:
@@ -42,17 +56,18 @@ def transition(
         update(Job)
         .where(Job.id == job_id, Job.status.in_([s.value for s in sources]), *extra_where)
         .values(status=target.value, **values)
-        .returning(Job.tenant_id, Job.webhook_url, Job.webhook_events)
-        .execution_options(synchronize_session=False)
+        .returning(Job)
+        .execution_options(synchronize_session=False, populate_existing=True)
     )
-    moved = session.execute(statement).first()
-    if moved is None:
-        return False
+    job = session.scalars(statement).first()
+    if job is None:
+        return None
     # Webhook events commit or roll back with the state change they announce (issue 6). A
     # re-claim (RUNNING only from RUNNING) changes no state, so it announces nothing.
     if sources != {target}:
-        record_job_event(session, job_id, target, Listeners(*moved))
-    return True
+        record_job_event(session, job_id, target,
+                         Listeners(job.tenant_id, job.webhook_url, job.webhook_events))
+    return job
 
 
 def enqueue_run_message(session: Session, job_id: str, model: str, priority: Priority

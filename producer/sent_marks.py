@@ -26,6 +26,18 @@ FLUSH_SECONDS = 0.05
 MAX_IDS_PER_UPDATE = 500
 
 
+def mark_outbox_sent(database_url: str, outbox_ids: list[int]) -> None:
+    """Mark published rows sent now, MAX_IDS_PER_UPDATE per statement."""
+    for start in range(0, len(outbox_ids), MAX_IDS_PER_UPDATE):
+        chunk = outbox_ids[start:start + MAX_IDS_PER_UPDATE]
+        with db.transaction(database_url) as session:
+            # Conditional: a relay that published the row too has marked it already.
+            session.execute(
+                update(Outbox).where(Outbox.id.in_(chunk), Outbox.sent_at.is_(None))
+                .values(sent_at=utcnow(), publish_attempts=Outbox.publish_attempts + 1)
+            )
+
+
 class SentMarker:
     def __init__(self, database_url: str) -> None:
         self.url = database_url
@@ -44,14 +56,7 @@ class SentMarker:
     def flush(self) -> None:
         with self._lock:
             ids, self._published = self._published, []
-        for start in range(0, len(ids), MAX_IDS_PER_UPDATE):
-            chunk = ids[start:start + MAX_IDS_PER_UPDATE]
-            with db.transaction(self.url) as session:
-                # Conditional: a relay that published the row too has marked it already.
-                session.execute(
-                    update(Outbox).where(Outbox.id.in_(chunk), Outbox.sent_at.is_(None))
-                    .values(sent_at=utcnow(), publish_attempts=Outbox.publish_attempts + 1)
-                )
+        mark_outbox_sent(self.url, ids)
 
     def _run(self) -> None:
         while True:

@@ -92,14 +92,14 @@ def submit_job(
 
     # While the broker is known to be down, do not wait on it: the job and its outbox row are
     # committed, and the outbox relay publishes it when the broker is back.
-    if broker_breaker(settings).allow():
-        publish_outbox_row(settings, outbox)
+    if broker_breaker(settings).allow() and publish_outbox_row(settings, outbox):
+        sent_marker(settings.database_url_resolved).mark_sent(outbox.id)
     return SubmitResult(job, created=True)
 
 
 def publish_outbox_row(settings: Settings, outbox: Outbox) -> bool:
-    """Publish one outbox row and mark it sent (within `sent_marks.FLUSH_SECONDS`); False
-    (logged) when the broker refused it."""
+    """Publish one outbox row; False (logged, attempt counted) when the broker refused it.
+    The caller marks the row sent (producer.sent_marks)."""
     breaker = broker_breaker(settings)
     try:
         publish_job(settings.broker_url, outbox.job_id, outbox.queue)
@@ -114,7 +114,6 @@ def publish_outbox_row(settings: Settings, outbox: Outbox) -> bool:
             )
         return False
     breaker.record_success()
-    sent_marker(settings.database_url_resolved).mark_sent(outbox.id)
     return True
 
 

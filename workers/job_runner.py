@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from engine import RequestOutput, SamplingParams
 from genq import db
 from genq.errors import ErrorCode
-from genq.job_store import enqueue_run_message, transition
+from genq.job_store import enqueue_run_message, transition, transition_returning
 from genq.models import Job, utcnow
 from genq.settings import Settings
 from genq.states import JobStatus, Priority
@@ -147,19 +147,20 @@ class JobRunner:
             "started_at": func.coalesce(Job.started_at, now),
         }
 
+        ours = (Job.model == self.settings.model,)  # a stray message of another model
+
         def take(session: Session) -> Job | None:
-            claimed = transition(
+            return transition_returning(
                 session, job_id, JobStatus.RUNNING, only_from={JobStatus.QUEUED},
-                extra_where=(Job.attempts == 0,) if first_delivery else (), **lease
-            ) or not first_delivery and transition(
+                extra_where=(*ours, Job.attempts == 0) if first_delivery else ours, **lease
+            ) or (None if first_delivery else transition_returning(
                 session,
                 job_id,
                 JobStatus.RUNNING,
                 only_from={JobStatus.RUNNING},
-                extra_where=(Job.lease_expires_at < now,),
+                extra_where=(*ours, Job.lease_expires_at < now),
                 **lease,
-            )
-            return session.get(Job, job_id) if claimed else None
+            ))
 
         job = self.writes.write(take)
         if job is None:
