@@ -92,9 +92,11 @@ def _announce(session: Session, job_id: str, target: JobStatus,
         record_job_event(session, job_id, target, listeners)
 
 
-def enqueue_run_message(session: Session, job_id: str, model: str, priority: Priority
-                        ) -> Outbox:
-    """Add the outbox row that (re)publishes a job's run message, in the caller's transaction."""
-    outbox = Outbox(kind=RUN_JOB_OUTBOX_KIND, job_id=job_id, queue=queue_for(model, priority))
+def enqueue_run_message(session: Session, job_id: str, model: str, priority: Priority,
+                        share_level: int = 0) -> Outbox:
+    """Add the outbox row that (re)publishes a job's run message, in the caller's transaction.
+    `share_level`: the job's fair-share level in its class (genq.fair_share)."""
+    outbox = Outbox(kind=RUN_JOB_OUTBOX_KIND, job_id=job_id, queue=queue_for(model, priority),
+                    share_level=share_level)
     session.add(outbox)
     return outbox

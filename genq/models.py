@@ -81,7 +81,9 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
-        Index("ix_jobs_tenant_status", "tenant_id", "status"),
+        # Also serves the fair-share backlog count (genq.fair_share) from the index alone.
+        Index("ix_jobs_tenant_status_model_priority", "tenant_id", "status", "model", "priority",
+              "created_at"),
         Index("ix_jobs_batch_line", "batch_id", "batch_line"),
         Index("ix_jobs_batch_status", "batch_id", "status"),
         Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
@@ -149,6 +151,9 @@ class Outbox(Base):
     kind: Mapped[str] = mapped_column(String(32))  # e.g. "run_job"
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
     queue: Mapped[str] = mapped_column(String(100))
+    # The job's fair-share level in its class (genq.fair_share); every publish of this row
+    # sends it, so a relay or a retry does not change the job's place.
+    share_level: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(default=None)
     publish_attempts: Mapped[int] = mapped_column(Integer, default=0)

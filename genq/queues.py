@@ -1,10 +1,11 @@
 """Broker names and routing shared by the submit side (producer) and the consume side (workers).
 
 Queues are per model, so a worker (one engine, one model) consumes only its model's jobs.
-Redis has no per-message priority, so each model has one list per class (`genq.<model>.<class>`)
-and workers poll them in strict order. RabbitMQ has real priority queues: one
-`genq.jobs.<model>` queue per model with x-max-priority, and the class becomes the message
-priority. `<model>` is `model_slug(model)`.
+Redis: one queue per model and class (`genq.<model>.<class>`), polled in strict order. RabbitMQ:
+one `genq.jobs.<model>` priority queue per model. `<model>` is `model_slug(model)`.
+
+Inside a class, a message also carries its job's fair-share level (genq.fair_share). Class and
+level make one serving rank (`serving_rank`), encoded as the message priority of each broker.
 """
 
 from __future__ import annotations
@@ -14,12 +15,21 @@ import re
 
 from kombu import Queue
 
+from genq.fair_share import NUM_SHARE_LEVELS
 from genq.states import Priority
 
 RUN_JOB_TASK = "genq.run_job"
 AMQP_JOBS_QUEUE_PREFIX = "genq.jobs"
 AMQP_MAX_PRIORITY = 9
-AMQP_MESSAGE_PRIORITY = {Priority.INTERACTIVE: 9, Priority.DEFAULT: 5, Priority.BATCH: 1}
+# Every genq connection to Redis (publisher, worker, reaper) uses these. kombu's Redis transport
+# keeps a queue's messages in one list per priority step (`<queue>\x06\x16<step>`, step 0 as
+# `<queue>` itself) and has only the steps 0, 3, 6, 9 by default, rounding other priorities
+# down into them: the levels of a class would merge, and counting a queue would miss lists.
+# A consumer's BRPOP lists every queue's step 0 first, then every queue's step 1, and so on
+# (`queue_order_strategy` orders the queues within one step only), so the classes' ranks must
+# not share a step for the class order to stay strict; `serving_rank` keeps them apart.
+REDIS_TRANSPORT_OPTIONS = {"priority_steps": list(range(AMQP_MAX_PRIORITY + 1)),
+                           "queue_order_strategy": "priority"}
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
@@ -68,9 +78,18 @@ def job_queues(broker_url: str, model: str) -> list[Queue]:
     return [Queue(queue_for(model, p)) for p in Priority]  # highest priority first
 
 
-def route(queue: str, broker_url: str) -> tuple[Queue, int | None]:
-    """(broker queue, message priority) for a logical queue name."""
-    if is_amqp(broker_url):
-        slug, priority = _parse_queue(queue)
-        return _amqp_jobs_queue(slug), AMQP_MESSAGE_PRIORITY[priority]
-    return Queue(queue), None
+def serving_rank(priority: Priority, share_level: int) -> int:
+    """0 is served first. Each class owns NUM_SHARE_LEVELS consecutive ranks (interactive 0-2,
+    default 3-5, batch 6-8), so levels reorder jobs within a class and never across classes."""
+    # Clamped: an outbox row written under other thresholds must still publish.
+    level = min(max(share_level, 0), NUM_SHARE_LEVELS - 1)
+    return priority.rank * NUM_SHARE_LEVELS + level
+
+
+def route(queue: str, broker_url: str, share_level: int = 0) -> tuple[Queue, int]:
+    """(broker queue, message priority) for a logical queue name and a job's share level."""
+    slug, priority = _parse_queue(queue)
+    rank = serving_rank(priority, share_level)
+    if is_amqp(broker_url):  # RabbitMQ delivers the highest priority first
+        return _amqp_jobs_queue(slug), AMQP_MAX_PRIORITY - rank
+    return Queue(queue), rank  # kombu's Redis transport pops the lowest step first

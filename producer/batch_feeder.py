@@ -162,6 +162,8 @@ def top_up_window(settings: Settings, batch: Batch) -> int:
         ).rowcount == 1
         if not moved:
             return 0
+        # Share level 0 (the default) for every line: the window already shares the batch
+        # class among batches, since each has at most `batch_window_jobs` messages waiting.
         messages = [(job_id, queue_for(model, Priority.BATCH)) for job_id, _, model in lines]
         session.execute(insert(Outbox), [
             {"kind": RUN_JOB_OUTBOX_KIND, "job_id": job_id, "queue": queue,

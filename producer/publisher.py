@@ -11,7 +11,7 @@ from functools import lru_cache
 from celery import Celery
 from kombu import Connection
 
-from genq.queues import RUN_JOB_TASK, is_amqp, route
+from genq.queues import REDIS_TRANSPORT_OPTIONS, RUN_JOB_TASK, is_amqp, route
 
 CONNECT_TIMEOUT_SECONDS = 1.0
 SOCKET_TIMEOUT_SECONDS = 2.0
@@ -38,15 +38,17 @@ def producer_app(broker_url: str) -> Celery:
         broker_connection_retry=False,
         # RabbitMQ: publisher confirms, so a message lost with a dropping connection raises
         # (the outbox row stays unsent and the relay retries) instead of counting as sent.
-        broker_transport_options={**TRANSPORT_OPTIONS, "confirm_publish": is_amqp(broker_url)},
+        broker_transport_options={**TRANSPORT_OPTIONS, **REDIS_TRANSPORT_OPTIONS,
+                                  "confirm_publish": is_amqp(broker_url)},
         task_ignore_result=True,
     )
     return app
 
 
-def publish_job(broker_url: str, job_id: str, queue: str) -> None:
-    """Send the job's message to `queue`; raises (quickly) when the broker cannot take it."""
-    broker_queue, priority = route(queue, broker_url)
+def publish_job(broker_url: str, job_id: str, queue: str, share_level: int = 0) -> None:
+    """Send the job's message to `queue` at its fair-share level; raises (quickly) when the
+    broker cannot take it."""
+    broker_queue, priority = route(queue, broker_url, share_level)
     producer_app(broker_url).send_task(
         RUN_JOB_TASK,
         args=[job_id],

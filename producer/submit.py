@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 
 from genq import db
 from genq.errors import ErrorCode, GenqError
+from genq.fair_share import share_level
 from genq.job_store import enqueue_run_message
 from genq.limits import admit
 from genq.model_catalog import resolve_model
@@ -78,9 +79,11 @@ def submit_job(
         with db.transaction(url) as session:
             # Tenant limits: raises (rolling back, nothing written) when over one.
             admit(session, tenant_id, job.admitted_tokens, request.max_tokens)
+            # Measured after `admit` locked the tenant row: one tenant's submits count in turn.
+            level = share_level(session, tenant_id, model, request.priority)
             session.add(job)
             session.flush()
-            outbox = enqueue_run_message(session, job.id, model, request.priority)
+            outbox = enqueue_run_message(session, job.id, model, request.priority, level)
     except IntegrityError:
         if idempotency_key is None:
             raise
@@ -102,7 +105,7 @@ def publish_outbox_row(settings: Settings, outbox: Outbox) -> bool:
     The caller marks the row sent (producer.sent_marks)."""
     breaker = broker_breaker(settings)
     try:
-        publish_job(settings.broker_url, outbox.job_id, outbox.queue)
+        publish_job(settings.broker_url, outbox.job_id, outbox.queue, outbox.share_level)
     except Exception as exc:  # any broker failure: the relay retries this row later
         breaker.record_failure(exc)
         log.warning("publishing job %s failed, the outbox relay will retry: %s",

@@ -104,3 +104,22 @@ def make_key(database_url: str, tenant: str = "acme") -> str:
 
     with db.transaction(database_url) as session:
         return create_api_key(session, tenant)
+
+
+def redis_queue_keys(queue: str) -> list[str]:
+    """The Redis lists of a job queue: kombu keeps one per message priority step, the queue's
+    own name for step 0 and `<queue><sep><step>` for the others (genq.queues)."""
+    from kombu.transport.redis import Channel
+
+    from genq.queues import REDIS_TRANSPORT_OPTIONS
+
+    steps = REDIS_TRANSPORT_OPTIONS["priority_steps"]
+    return [queue] + [f"{queue}{Channel.sep}{step}" for step in steps if step]
+
+
+def redis_queue_messages(broker_url: str, queue: str) -> list[bytes]:
+    """Every message waiting in a Redis job queue, whatever its share level."""
+    import redis
+
+    client = redis.Redis.from_url(broker_url)
+    return [message for key in redis_queue_keys(queue) for message in client.lrange(key, 0, -1)]

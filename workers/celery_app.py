@@ -10,16 +10,17 @@ Delivery settings, and why:
 - Redis `visibility_timeout`: an unacked message is redelivered after this long. It must exceed
   the longest job (default 1 h); the jobs table's lease/attempts keep a redelivery harmless.
 - `task_queues`: only the queues of the model this worker serves (`settings.model`; `genq
-  worker --model` sets it). Redis `queue_order_strategy="priority"`: the worker polls
-  `genq.<model>.interactive`, then `.default`, then `.batch`, strictly in that order.
-  RabbitMQ: one `genq.jobs.<model>` queue with x-max-priority (genq.queues).
+  worker --model` sets it). Redis: the worker polls `genq.<model>.interactive`, then
+  `.default`, then `.batch`, and each one's fair-share levels, strictly in that order
+  (genq.queues.REDIS_TRANSPORT_OPTIONS says how). RabbitMQ: one `genq.jobs.<model>` queue with
+  x-max-priority (genq.queues).
 """
 
 from __future__ import annotations
 
 from celery import Celery
 
-from genq.queues import job_queues
+from genq.queues import REDIS_TRANSPORT_OPTIONS, job_queues
 from genq.settings import Settings, get_settings
 
 REDIS_VISIBILITY_TIMEOUT_SECONDS = 3600
@@ -36,7 +37,7 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": REDIS_VISIBILITY_TIMEOUT_SECONDS,
-            "queue_order_strategy": "priority",
+            **REDIS_TRANSPORT_OPTIONS,
         },
         worker_hijack_root_logger=False,
         # After a RabbitMQ connection drop Celery 5 lowers the prefetch count while tasks run

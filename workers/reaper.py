@@ -15,7 +15,7 @@ from genq import db
 from genq.errors import ErrorCode
 from genq.job_store import enqueue_run_message, transition
 from genq.models import Job, Outbox, utcnow
-from genq.queues import queue_for, route
+from genq.queues import REDIS_TRANSPORT_OPTIONS, queue_for, route
 from genq.settings import Settings
 from genq.states import JobStatus, Priority
 
@@ -43,7 +43,7 @@ def reap_expired_leases(settings: Settings, limit: int = 200) -> int:
             else:
                 moved = transition(session, job_id, JobStatus.QUEUED, extra_where=expired,
                                    worker_id=None, lease_expires_at=None)
-                if moved:
+                if moved:  # share level 0: the job had already waited its turn once
                     enqueue_run_message(session, job_id, model, Priority(priority))
             reaped += moved
     if reaped:
@@ -70,25 +70,28 @@ def republish_orphaned_queued(settings: Settings, limit: int = 500) -> int:
     and the broker queue of its model and class is empty: then no message can be waiting for
     it. (A message a worker reserved but has not started yet may still exist; the duplicate is
     harmless, claims are conditional.) Jobs never published (a batch's rows outside its
-    window) are not touched.
+    window) are not touched. A job goes back at the share level of its last message, so a
+    broker that lost every message does not hand a noisy tenant's backlog the front of the line.
     """
     cutoff = utcnow() - timedelta(seconds=settings.job_republish_after_seconds)
     published = exists().where(Outbox.job_id == Job.id, Outbox.sent_at.is_not(None))
     recent = exists().where(Outbox.job_id == Job.id,
                             Outbox.sent_at.is_(None) | (Outbox.sent_at > cutoff))
+    last_level = (select(Outbox.share_level).where(Outbox.job_id == Job.id)
+                  .order_by(Outbox.id.desc()).limit(1).scalar_subquery())
     with db.transaction(settings.database_url_resolved) as session:
         candidates = session.execute(
-            select(Job.id, Job.model, Job.priority)
+            select(Job.id, Job.model, Job.priority, last_level)
             .where(Job.status == JobStatus.QUEUED.value, published, ~recent)
             .limit(limit)
         ).all()
         if not candidates:  # the usual case: no broker round trip at all
             return 0
-        empty = _empty_queues(settings.broker_url, {model for _, model, _ in candidates})
-        orphans = [(job_id, model, Priority(p)) for job_id, model, p in candidates
+        empty = _empty_queues(settings.broker_url, {model for _, model, _, _ in candidates})
+        orphans = [(job_id, model, Priority(p), level) for job_id, model, p, level in candidates
                    if (model, Priority(p)) in empty]
-        for job_id, model, priority in orphans:
-            enqueue_run_message(session, job_id, model, priority)
+        for job_id, model, priority, level in orphans:
+            enqueue_run_message(session, job_id, model, priority, level)
     if orphans:
         log.warning("reaper: %d queued job(s) had lost their broker message; republishing",
                     len(orphans))
@@ -97,9 +100,11 @@ def republish_orphaned_queued(settings: Settings, limit: int = 500) -> int:
 
 def _empty_queues(broker_url: str, models: set[str]) -> set[tuple[str, Priority]]:
     """The (model, class) pairs with no message waiting on the broker. On RabbitMQ a model's
-    classes share one priority queue, so they are all empty or none is."""
+    classes share one priority queue, so they are all empty or none is. On Redis a class's
+    messages sit in one list per level; kombu counts them all with the transport's steps."""
     empty, sizes = set(), {}
-    with Connection(broker_url, connect_timeout=2) as connection:
+    with Connection(broker_url, connect_timeout=2,
+                    transport_options=REDIS_TRANSPORT_OPTIONS) as connection:
         for model in models:
             for priority in Priority:
                 queue, _ = route(queue_for(model, priority), broker_url)

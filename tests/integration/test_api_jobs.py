@@ -17,14 +17,20 @@ from sqlalchemy import func, select
 from genq import db
 from genq.job_store import transition
 from genq.models import Job, Outbox, utcnow
-from genq.queues import AMQP_MAX_PRIORITY, AMQP_MESSAGE_PRIORITY, job_queues, queue_for
+from genq.queues import AMQP_MAX_PRIORITY, job_queues, queue_for, route
 from genq.settings import Settings
 from genq.states import JobStatus, Priority
 from producer.outbox import relay_pending
 from producer.publisher import publish_job
 from producer.submit import load_tokenizer_cached
 from results_api.app import create_app
-from tests.conftest import MODEL_CACHE_DIR, TINY_MODEL, free_port, make_key
+from tests.conftest import (
+    MODEL_CACHE_DIR,
+    TINY_MODEL,
+    free_port,
+    make_key,
+    redis_queue_messages,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -119,7 +125,7 @@ def test_submit_queues_a_job_and_publishes_it(client, auth, settings, broker_url
     # The outbox row is marked sent off the request path, within sent_marks.FLUSH_SECONDS.
     outbox = _outbox_row_once_marked(settings.database_url, job["id"])
     assert outbox.sent_at is not None and outbox.queue == DEFAULT_QUEUE
-    messages = redis.Redis.from_url(broker_url).lrange(DEFAULT_QUEUE, 0, -1)
+    messages = redis_queue_messages(broker_url, DEFAULT_QUEUE)
     assert len(messages) == 1 and job["id"].encode() in messages[0]
 
 
@@ -301,7 +307,7 @@ def test_submit_with_the_broker_down_keeps_the_job_and_the_relay_publishes_it(
 
     with db.session_factory(database_url)() as session:
         assert session.get(Outbox, outbox.id).sent_at is not None
-    messages = redis.Redis.from_url(broker_url).lrange(DEFAULT_QUEUE, 0, -1)
+    messages = redis_queue_messages(broker_url, DEFAULT_QUEUE)
     assert len(messages) == 1 and job_id.encode() in messages[0]
 
 
@@ -328,7 +334,8 @@ def test_publisher_delivers_to_the_rabbitmq_priority_queue(rabbitmq_url):
             assert message is not None, "the published message never arrived"
             if message.headers.get("argsrepr") == repr([job_id]):
                 break
-        assert message.properties["priority"] == AMQP_MESSAGE_PRIORITY[Priority.INTERACTIVE]
+        assert message.properties["priority"] == route(
+            queue_for(TINY_MODEL, Priority.INTERACTIVE), rabbitmq_url)[1]
 
 
 @pytest.mark.parametrize("broker", ["redis://127.0.0.1:{port}/0",

@@ -19,7 +19,7 @@ from genq.settings import Settings
 from genq.states import JobStatus, Priority
 from producer.batch_feeder import feed_batches
 from results_api.app import create_app
-from tests.conftest import TINY_MODEL, make_key
+from tests.conftest import TINY_MODEL, make_key, redis_queue_messages
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,7 @@ def broker(redis_url):
     url = redis_url.rsplit("/", 1)[0] + f"/{FEEDER_REDIS_DB}"
     client = redis.Redis.from_url(url)
     client.flushdb()
-    yield url, client
+    yield url
     client.flushdb()
 
 
@@ -45,7 +45,7 @@ def count(database_url: str, *where) -> int:
 def test_feeder_enqueues_in_windows_and_finalizes_a_cancelled_batch(database_url, broker,
                                                                      tmp_path):
     # given a 600-line batch and a window of 100
-    broker_url, redis_client = broker
+    broker_url = broker
     settings = Settings(database_url=database_url, broker_url=broker_url, model=TINY_MODEL,
                         data_dir=tmp_path, batch_window_jobs=WINDOW)
     api = create_app({"GENQ_SETTINGS": settings}).test_client()
@@ -66,7 +66,7 @@ def test_feeder_enqueues_in_windows_and_finalizes_a_cancelled_batch(database_url
     in_batch = (Job.batch_id == batch_id,)
     assert count(database_url, *in_batch) == LINES
     assert count(database_url, *in_batch, Job.priority == "batch") == LINES
-    assert redis_client.llen(BATCH_QUEUE) == WINDOW
+    assert len(redis_queue_messages(broker_url, BATCH_QUEUE)) == WINDOW
     with db.session_factory(database_url)() as session:
         assert session.scalar(select(func.count()).select_from(Outbox)) == WINDOW
 
@@ -80,7 +80,7 @@ def test_feeder_enqueues_in_windows_and_finalizes_a_cancelled_batch(database_url
             assert transition(session, job_id, JobStatus.SUCCEEDED, output_text="ok",
                               finish_reason="stop", prompt_tokens=2, completion_tokens=1)
     feed_batches(settings)
-    assert redis_client.llen(BATCH_QUEUE) == WINDOW + 30
+    assert len(redis_queue_messages(broker_url, BATCH_QUEUE)) == WINDOW + 30
 
     # when the batch is cancelled: the rest is cancelled, the finished lines are kept
     assert api.post(f"/v1/batches/{batch_id}/cancel").get_json()["status"] == "cancelling"

@@ -21,7 +21,7 @@ from genq.settings import Settings
 from genq.states import Priority
 from producer.submit import load_tokenizer_cached
 from results_api.app import create_app
-from tests.conftest import MODEL_CACHE_DIR, TINY_MODEL, make_key
+from tests.conftest import MODEL_CACHE_DIR, TINY_MODEL, make_key, redis_queue_messages
 from workers import heartbeat
 
 pytestmark = pytest.mark.integration
@@ -91,10 +91,9 @@ def test_a_configured_model_is_accepted_into_its_own_queue(api, settings, broker
     with db.session_factory(settings.database_url)() as session:
         outbox = session.scalar(select(Outbox).where(Outbox.job_id == job["id"]))
     assert outbox.queue == queue_for(job["model"], Priority.DEFAULT)
-    broker = redis.Redis.from_url(broker_url)
-    assert broker.llen(outbox.queue) == 1
+    assert len(redis_queue_messages(broker_url, outbox.queue)) == 1
     other = CONFIGURED_MODEL if job["model"] == TINY_MODEL else TINY_MODEL
-    assert broker.llen(queue_for(other, Priority.DEFAULT)) == 0
+    assert redis_queue_messages(broker_url, queue_for(other, Priority.DEFAULT)) == []
 
 
 def test_a_live_workers_model_is_accepted_and_a_gone_workers_is_not(api, settings):
