@@ -4,7 +4,6 @@ that renews job leases and aborts canceled jobs. Built once, warmed up before ta
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from functools import lru_cache
@@ -26,17 +25,9 @@ from workers.reaper import (
 log = logging.getLogger(__name__)
 
 
-# The worker's threads hand work to each other all the time (Celery's consumer, the task
-# threads, the engine loop, the group commit); a thread that blocks briefly in C (a SQLite call,
-# a socket read) then waits up to the switch interval to get the GIL back. The default 5 ms
-# makes every DB write of a busy worker wait for it; 0.5 ms keeps the hand-offs short.
-GIL_SWITCH_INTERVAL_SECONDS = 0.0005
-
-
 class WorkerRuntime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
         db.ensure_schema_current(settings.database_url_resolved)
         started = time.monotonic()
         config = EngineConfig(
@@ -49,10 +40,12 @@ class WorkerRuntime:
             **({"kv_cache_tokens": settings.engine_kv_cache_tokens}
                if settings.engine_kv_cache_tokens else {}),
         )
-        engine = (EchoEngine(cache_dir=config.cache_dir) if settings.model == ECHO_MODEL
-                  else LLMEngine(config))
-        self.loop = EngineLoop(engine, settings.worker_batch_wait_ms / 1000)
+        self.loop = EngineLoop(
+            lambda: (EchoEngine(cache_dir=config.cache_dir) if settings.model == ECHO_MODEL
+                     else LLMEngine(config)),
+            settings.worker_batch_wait_ms / 1000)
         self.loop.start()
+        engine = self.loop.engine
         self.runner = JobRunner(settings, self.loop)
         self.runner.middleware.append(JobTimingMiddleware())
         if settings.worker_metrics_port:

@@ -34,7 +34,7 @@ def test_deadline_passing_before_the_engine_admits_the_job_expires_it(sqlite_url
     from workers.job_runner import JobRunner
 
     job_id = _queued_job(sqlite_url, deadline_at=utcnow() + timedelta(seconds=1))
-    loop = EngineLoop(EchoEngine(cache_dir=MODEL_CACHE_DIR))  # never started: nothing runs
+    loop = EngineLoop(lambda: EchoEngine(cache_dir=MODEL_CACHE_DIR))  # never started: nothing runs
     runner = JobRunner(_echo_settings(sqlite_url), loop)
 
     runner.run(job_id)
@@ -51,7 +51,7 @@ def test_a_job_runs_once_and_a_second_delivery_is_a_no_op(sqlite_url):
     from workers.job_runner import JobRunner
 
     job_id = _queued_job(sqlite_url)
-    loop = EngineLoop(EchoEngine(cache_dir=MODEL_CACHE_DIR))
+    loop = EngineLoop(lambda: EchoEngine(cache_dir=MODEL_CACHE_DIR))
     loop.start()
     runner = JobRunner(_echo_settings(sqlite_url), loop)
     try:
