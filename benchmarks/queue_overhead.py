@@ -62,6 +62,11 @@ def _count_finished(url: str) -> int:
             Job.status.in_([s.value for s in TERMINAL_STATES])))
 
 
+def _completion_tokens(url: str) -> int:
+    with db.session_factory(url)() as session:
+        return session.scalar(select(func.coalesce(func.sum(Job.completion_tokens), 0)))
+
+
 def _wait_finished(url: str, total: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while _count_finished(url) < total:
@@ -72,7 +77,7 @@ def _wait_finished(url: str, total: int, timeout: float) -> None:
 
 def run_genq(settings: Settings, tenant_id: str, prompts: list[str], max_tokens: int) -> dict:
     url = settings.database_url_resolved
-    before = _count_finished(url)
+    before, tokens_before = _count_finished(url), _completion_tokens(url)
     started = time.perf_counter()
     for prompt in prompts:
         submit_job(settings, tenant_id, JobRequest(prompt=prompt, max_tokens=max_tokens,
@@ -81,7 +86,8 @@ def run_genq(settings: Settings, tenant_id: str, prompts: list[str], max_tokens:
     _wait_finished(url, before + len(prompts), timeout=3600)
     seconds = time.perf_counter() - started
     return {"jobs": len(prompts), "seconds": seconds, "jobs_per_s": len(prompts) / seconds,
-            "enqueued_per_s": len(prompts) / enqueued}
+            "enqueued_per_s": len(prompts) / enqueued,
+            "output_tokens": _completion_tokens(url) - tokens_before}
 
 
 def idle_latency(settings: Settings, tenant_id: str, samples: int) -> dict:
@@ -133,11 +139,16 @@ def run_plain_celery(broker_url: str, num_tasks: int, log_path: Path) -> dict:
             "enqueued_per_s": num_tasks / enqueued}
 
 
-def engine_offline(model: str, prompts: list[str], max_tokens: int, cache_dir: str) -> dict:
+def engine_offline(settings: Settings, prompts: list[str], max_tokens: int) -> dict:
+    """The engine alone, configured as the worker configures it, with the jobs' own sampling
+    parameters (so both stop at the same tokens)."""
     from engine import LLM, SamplingParams
 
-    llm = LLM(model, cache_dir=cache_dir)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    llm = LLM(settings.model, cache_dir=str(settings.model_cache_dir_resolved),
+              max_num_seqs=settings.worker_concurrency,
+              max_num_batched_tokens=settings.engine_max_num_batched_tokens)
+    params = SamplingParams(**JobRequest(prompt="-", max_tokens=max_tokens,
+                                         temperature=0).sampling_params())
     llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up, as the worker does
     started = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -150,7 +161,7 @@ def make_settings(args, workdir: Path, model: str) -> Settings:
     url = args.database_url or f"sqlite:///{workdir / 'bench.db'}"
     return Settings(database_url=url, broker_url=args.broker_url, model=model,
                     data_dir=workdir, model_cache_dir=Path(args.model_cache_dir),
-                    outbox_stale_seconds=5)
+                    outbox_stale_seconds=5, worker_concurrency=args.concurrency)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -198,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
                 worker.wait(60)
         if args.engine_model:
             results["engine_offline"] = engine_offline(
-                args.engine_model, prompts, args.engine_max_tokens, args.model_cache_dir)
+                make_settings(args, workdir, args.engine_model), prompts, args.engine_max_tokens)
 
     ratios = {"genq_echo_vs_plain_celery":
               results["genq_echo"]["jobs_per_s"] / results["plain_celery"]["jobs_per_s"]}
@@ -229,8 +240,10 @@ def _print_table(report: dict) -> None:
     latency = report["results"]["idle_submit_to_start"]
     print(f"idle submit->start: p50 {latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms")
     if "engine_offline" in report["results"]:
-        print(f"engine offline LLM.generate: {report['results']['engine_offline']['seconds']:.2f}"
-              " s on the same prompts")
+        offline, system = report["results"]["engine_offline"], report["results"]["genq_engine"]
+        print(f"engine offline LLM.generate: {offline['seconds']:.2f} s, "
+              f"{offline['output_tokens']} tokens; through genq: {system['seconds']:.2f} s, "
+              f"{system['output_tokens']} tokens")
     for name, value in report["ratios"].items():
         print(f"{name}: {value:.2f}x")
 

@@ -130,7 +130,9 @@ def worker(model: str | None, concurrency: int | None, hostname: str | None) -> 
     # environment before any of it loads.
     if model:
         os.environ["GENQ_MODEL"] = model
-        get_settings.cache_clear()
+    if concurrency:  # the engine's batch (runtime) and Celery's threads must agree
+        os.environ["GENQ_WORKER_CONCURRENCY"] = str(concurrency)
+    get_settings.cache_clear()
     served = get_settings()
     stop_relay = threading.Event()
     threading.Thread(target=run_relay, args=(settings, stop_relay), daemon=True,
@@ -143,7 +145,7 @@ def worker(model: str | None, concurrency: int | None, hostname: str | None) -> 
 
     argv = [
         "worker", "--pool", "threads",
-        "--concurrency", str(concurrency or served.worker_concurrency),
+        "--concurrency", str(served.worker_concurrency + served.worker_standby_jobs),
         "--queues", ",".join(q.name for q in job_queues(served.broker_url, served.model)),
         "--loglevel", "INFO",
         "--without-gossip", "--without-mingle",

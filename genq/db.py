@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -11,11 +13,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+WRITE_OPTION = "genq_write"  # execution option of write transactions (BEGIN IMMEDIATE on SQLite)
 
 
 class SchemaOutOfDate(RuntimeError):
@@ -29,9 +32,7 @@ def make_engine(url: str) -> Engine:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", _sqlite_pragmas)
-        # pysqlite's own BEGIN handling defers locking; BEGIN IMMEDIATE makes writers queue
-        # on busy_timeout instead of failing with "database is locked" at commit.
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
@@ -49,19 +50,52 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+def _sqlite_begin(conn: Connection) -> None:
+    """Readers BEGIN (deferred): in WAL mode they never wait for a writer. Writers BEGIN
+    IMMEDIATE, so they queue for the write lock here instead of failing with "database is
+    locked" at commit, and they retry every fraction of a millisecond: SQLite's own busy
+    handler sleeps 1, 2, 5, 10 … ms between tries, which costs every writer milliseconds
+    whenever two of them meet (a worker's commits and an API's submits meet all the time)."""
+    raw = conn.connection.dbapi_connection
+    if not conn.get_execution_options().get(WRITE_OPTION):
+        raw.execute("BEGIN")
+        return
+    raw.execute("PRAGMA busy_timeout=0")
+    deadline, pause = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000, 0.0001
+    try:
+        while True:
+            try:
+                raw.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.002)
+    finally:
+        raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+
+
 @lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
     return make_engine(url)
 
 
 def session_factory(url: str) -> sessionmaker[Session]:
+    """Sessions for reading. Write through `transaction`."""
     return sessionmaker(get_engine(url), expire_on_commit=False)
+
+
+@lru_cache(maxsize=8)
+def _write_sessions(url: str) -> sessionmaker[Session]:
+    return sessionmaker(get_engine(url).execution_options(**{WRITE_OPTION: True}),
+                        expire_on_commit=False)
 
 
 @contextmanager
 def transaction(url: str) -> Iterator[Session]:
     """One unit of work: commit on success, roll back on any exception."""
-    with session_factory(url)() as session, session.begin():
+    with _write_sessions(url)() as session, session.begin():
         yield session
 
 

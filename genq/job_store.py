@@ -30,29 +30,66 @@ def transition(
     `only_from` narrows the allowed sources (it may not widen them); `extra_where` adds
     conditions such as "this worker still holds the lease".
     """
-    sources = ALLOWED_SOURCES[target]
-    if only_from is not None:
-        if not only_from <= sources:
-            raise ValueError(f"{sorted(only_from - sources)} -> {target.value} is not allowed")
-        sources = frozenset(only_from)
+    statement = _conditional_update(job_id, target, only_from, extra_where, values)
+    moved = session.execute(
+        statement.returning(Job.tenant_id, Job.webhook_url, Job.webhook_events)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if moved is not None:
+        _announce(session, job_id, target, only_from, Listeners(*moved))
+    return moved is not None
+
+
+def transition_returning(
+    session: Session,
+    job_id: str,
+    target: JobStatus,
+    *,
+    only_from: set[JobStatus] | None = None,
+    extra_where: tuple = (),
+    **values: Any,
+) -> Job | None:
+    """`transition`, returning the job as the UPDATE left it (a claim needs the row: one
+    statement instead of an UPDATE and a SELECT)."""
+    statement = _conditional_update(job_id, target, only_from, extra_where, values)
+    job = session.scalars(
+        statement.returning(Job)
+        .execution_options(synchronize_session=False, populate_existing=True)
+    ).first()
+    if job is not None:
+        _announce(session, job_id, target, only_from,
+                  Listeners(job.tenant_id, job.webhook_url, job.webhook_events))
+    return job
+
+
+def _conditional_update(job_id: str, target: JobStatus, only_from: set[JobStatus] | None,
+                        extra_where: tuple, values: dict[str, Any]):
     if target in TERMINAL_STATES:
         values.setdefault("finished_at", utcnow())
         values.setdefault("lease_expires_at", None)
-    statement = (
+    return (
         update(Job)
-        .where(Job.id == job_id, Job.status.in_([s.value for s in sources]), *extra_where)
+        .where(Job.id == job_id,
+               Job.status.in_([s.value for s in _sources(target, only_from)]), *extra_where)
         .values(status=target.value, **values)
-        .returning(Job.tenant_id, Job.webhook_url, Job.webhook_events)
-        .execution_options(synchronize_session=False)
     )
-    moved = session.execute(statement).first()
-    if moved is None:
-        return False
+
+
+def _sources(target: JobStatus, only_from: set[JobStatus] | None) -> frozenset[JobStatus]:
+    sources = ALLOWED_SOURCES[target]
+    if only_from is None:
+        return sources
+    if not only_from <= sources:
+        raise ValueError(f"{sorted(only_from - sources)} -> {target.value} is not allowed")
+    return frozenset(only_from)
+
+
+def _announce(session: Session, job_id: str, target: JobStatus,
+              only_from: set[JobStatus] | None, listeners: Listeners) -> None:
     # Webhook events commit or roll back with the state change they announce (issue 6). A
     # re-claim (RUNNING only from RUNNING) changes no state, so it announces nothing.
-    if sources != {target}:
-        record_job_event(session, job_id, target, Listeners(*moved))
-    return True
+    if _sources(target, only_from) != {target}:
+        record_job_event(session, job_id, target, listeners)
 
 
 def enqueue_run_message(session: Session, job_id: str, model: str, priority: Priority,

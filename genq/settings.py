@@ -42,12 +42,17 @@ class Settings(BaseSettings):
 
     # Worker and engine
     worker_concurrency: int = 32  # jobs in flight per worker process (engine max_num_seqs)
+    # Jobs a worker claims beyond its engine batch; they wait in the engine's own queue, so a
+    # sequence that finishes is replaced at the next step instead of after an ack, a broker
+    # round trip and a claim (which left batch slots empty for steps at a time).
+    worker_standby_jobs: int = Field(16, ge=0)
     engine_device: str = "auto"
     engine_dtype: str = "auto"
     engine_max_num_batched_tokens: int = 2048
     engine_kv_cache_tokens: int = 0  # 0: the engine's default
-    # Micro-batching: a worker reserves `worker_concurrency * worker_prefetch_multiplier`
-    # messages, and after an idle spell waits this long for more before the first engine step.
+    # Micro-batching: a worker reserves `(worker_concurrency + worker_standby_jobs) *
+    # worker_prefetch_multiplier` messages, and after an idle spell waits
+    # `worker_batch_wait_ms` for more before the first engine step.
     worker_prefetch_multiplier: int = Field(1, ge=1)
     worker_batch_wait_ms: float = Field(10.0, ge=0)
     # SIGTERM: stop taking messages, let in-flight jobs finish for this long, requeue the rest.

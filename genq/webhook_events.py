@@ -53,10 +53,7 @@ def record_job_event(session: Session, job_id: str, state: JobStatus,
     targets: list[tuple[str, str | None]] = []  # (url, endpoint id)
     if listeners.webhook_url and state.value in (listeners.webhook_events or DEFAULT_EVENTS):
         targets.append((listeners.webhook_url, None))
-    endpoints = session.execute(
-        select(WebhookEndpoint.id, WebhookEndpoint.url, WebhookEndpoint.events)
-        .where(WebhookEndpoint.tenant_id == listeners.tenant_id, WebhookEndpoint.enabled)
-    ).all()
+    endpoints = _enabled_endpoints(session, listeners.tenant_id)
     targets += [(url, endpoint_id) for endpoint_id, url, events in endpoints
                 if state.value in events]
     if not targets:
@@ -82,3 +79,15 @@ def record_job_event(session: Session, job_id: str, state: JobStatus,
         for url, endpoint_id in targets
     )
     return event
+
+
+def _enabled_endpoints(session: Session, tenant_id: str) -> list:
+    """The tenant's enabled endpoints, read once per transaction: a worker's group commit
+    (workers/group_commit.py) records events for many jobs of one tenant in one transaction."""
+    cache = session.info.setdefault("genq_webhook_endpoints", {})
+    if tenant_id not in cache:
+        cache[tenant_id] = session.execute(
+            select(WebhookEndpoint.id, WebhookEndpoint.url, WebhookEndpoint.events)
+            .where(WebhookEndpoint.tenant_id == tenant_id, WebhookEndpoint.enabled)
+        ).all()
+    return cache[tenant_id]

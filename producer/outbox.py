@@ -13,6 +13,7 @@ from genq import db
 from genq.job_store import RUN_JOB_OUTBOX_KIND
 from genq.models import Outbox, utcnow
 from genq.settings import Settings
+from producer.sent_marks import mark_outbox_sent
 from producer.submit import publish_outbox_row
 
 log = logging.getLogger(__name__)
@@ -33,14 +34,15 @@ def relay_pending(settings: Settings, limit: int = 500) -> int:
             .order_by(Outbox.id)
             .limit(limit)
         ))
-    published = 0
+    published = []
     for row in pending:
         if not publish_outbox_row(settings, row):
             break
-        published += 1
+        published.append(row.id)
     if published:
-        log.info("outbox relay published %d job message(s)", published)
-    return published
+        mark_outbox_sent(settings.database_url_resolved, published)
+        log.info("outbox relay published %d job message(s)", len(published))
+    return len(published)
 
 
 def run_relay(settings: Settings, stop: threading.Event) -> None:

@@ -28,6 +28,7 @@ from genq.webhook_events import DEFAULT_EVENTS
 from producer.breakers import broker_breaker, require
 from producer.publisher import publish_job
 from producer.schemas import JobRequest
+from producer.sent_marks import sent_marker
 from producer.webhooks import check_job_webhook
 
 log = logging.getLogger(__name__)
@@ -96,13 +97,14 @@ def submit_job(
 
     # While the broker is known to be down, do not wait on it: the job and its outbox row are
     # committed, and the outbox relay publishes it when the broker is back.
-    if broker_breaker(settings).allow():
-        publish_outbox_row(settings, outbox)
+    if broker_breaker(settings).allow() and publish_outbox_row(settings, outbox):
+        sent_marker(settings.database_url_resolved).mark_sent(outbox.id)
     return SubmitResult(job, created=True)
 
 
 def publish_outbox_row(settings: Settings, outbox: Outbox) -> bool:
-    """Publish one outbox row and mark it sent; False (logged) when the broker refused it."""
+    """Publish one outbox row; False (logged, attempt counted) when the broker refused it.
+    The caller marks the row sent (producer.sent_marks)."""
     breaker = broker_breaker(settings)
     try:
         publish_job(settings.broker_url, outbox.job_id, outbox.queue, outbox.share_level)
@@ -117,13 +119,6 @@ def publish_outbox_row(settings: Settings, outbox: Outbox) -> bool:
             )
         return False
     breaker.record_success()
-    with db.transaction(settings.database_url_resolved) as session:
-        # Conditional: two relays racing on one row mark it once (a double publish is harmless,
-        # workers skip jobs that are no longer queued).
-        session.execute(
-            update(Outbox).where(Outbox.id == outbox.id, Outbox.sent_at.is_(None))
-            .values(sent_at=utcnow(), publish_attempts=Outbox.publish_attempts + 1)
-        )
     return True
 
 

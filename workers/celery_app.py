@@ -5,8 +5,9 @@ Delivery settings, and why:
   returned, and the task returns only after the job's result is committed. A worker killed
   mid-job leaves its messages unacked, so the broker delivers them again.
 - `worker_prefetch_multiplier` (default 1): with the threads pool, Celery then reserves one
-  message per thread, i.e. as many jobs as the engine holds in flight (`worker_concurrency`):
-  the micro-batch window. A larger window only parks messages that the worker cannot start.
+  message per thread. There are `worker_concurrency + worker_standby_jobs` threads: the engine's
+  batch plus a few claimed jobs waiting in the engine's queue to refill it at the next step.
+  That is the micro-batch window; a larger one only parks messages the worker cannot start.
 - Redis `visibility_timeout`: an unacked message is redelivered after this long. It must exceed
   the longest job (default 1 h); the jobs table's lease/attempts keep a redelivery harmless.
 - `task_queues`: only the queues of the model this worker serves (`settings.model`; `genq

@@ -19,15 +19,17 @@ from datetime import timedelta
 from enum import Enum
 
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from engine import RequestOutput, SamplingParams
 from genq import db
 from genq.errors import ErrorCode
-from genq.job_store import enqueue_run_message, transition
+from genq.job_store import enqueue_run_message, transition, transition_returning
 from genq.models import Job, utcnow
 from genq.settings import Settings
 from genq.states import JobStatus, Priority
 from workers.engine_loop import EngineLoop, EngineRequest, RequestAborted
+from workers.group_commit import GroupCommitter
 from workers.middleware import load_middleware, run_hook
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class JobRunner:
         self.loop = loop
         self.worker_id = worker_id
         self.url = settings.database_url_resolved
+        self.writes = GroupCommitter(self.url)
         self.middleware = load_middleware(settings.worker_middleware)
         # Jobs that were delivered before (their worker died) run one at a time per process,
         # so a job that kills its process cannot take the same neighbours down twice.
@@ -143,19 +146,23 @@ class JobRunner:
             "attempts": Job.attempts + 1,
             "started_at": func.coalesce(Job.started_at, now),
         }
-        with db.transaction(self.url) as session:
-            claimed = transition(
+
+        ours = (Job.model == self.settings.model,)  # a stray message of another model
+
+        def take(session: Session) -> Job | None:
+            return transition_returning(
                 session, job_id, JobStatus.RUNNING, only_from={JobStatus.QUEUED},
-                extra_where=(Job.attempts == 0,) if first_delivery else (), **lease
-            ) or not first_delivery and transition(
+                extra_where=(*ours, Job.attempts == 0) if first_delivery else ours, **lease
+            ) or (None if first_delivery else transition_returning(
                 session,
                 job_id,
                 JobStatus.RUNNING,
                 only_from={JobStatus.RUNNING},
-                extra_where=(Job.lease_expires_at < now,),
+                extra_where=(*ours, Job.lease_expires_at < now),
                 **lease,
-            )
-            job = session.get(Job, job_id) if claimed else None
+            ))
+
+        job = self.writes.write(take)
         if job is None:
             if not first_delivery:
                 log.info("job %s not claimed: finished, canceled, unknown or running elsewhere",
@@ -169,7 +176,8 @@ class JobRunner:
 
     def record_output(self, job_id: str, output: RequestOutput) -> None:
         result = _result_values(output)
-        with db.transaction(self.url) as session:
+
+        def store(session: Session) -> None:
             if result["finish_reason"] != "abort" and transition(
                 session, job_id, JobStatus.SUCCEEDED, extra_where=self._ours(), **result
             ):
@@ -182,20 +190,23 @@ class JobRunner:
                 .values(**result)
             )
 
+        self.writes.write(store)
+
     def _finish(self, job_id: str, status: JobStatus, output: RequestOutput | None = None
                 ) -> None:
         values = _result_values(output) if output is not None else {}
-        with db.transaction(self.url) as session:
-            transition(session, job_id, status, extra_where=self._ours(), **values)
+        self.writes.write(lambda session: transition(
+            session, job_id, status, extra_where=self._ours(), **values))
 
     def fail(self, job_id: str, code: ErrorCode, message: str) -> None:
-        with db.transaction(self.url) as session:
-            transition(session, job_id, JobStatus.FAILED, extra_where=self._ours(),
-                       error_code=code.value, error_message=message[:2000])
+        self.writes.write(lambda session: transition(
+            session, job_id, JobStatus.FAILED, extra_where=self._ours(),
+            error_code=code.value, error_message=message[:2000]))
 
     def hand_back(self, job_id: str, claimed: bool) -> None:
         """Put the job back in its queue through the outbox (this worker will not run it)."""
-        with db.transaction(self.url) as session:
+
+        def requeue(session: Session) -> None:
             if claimed:
                 moved = transition(session, job_id, JobStatus.QUEUED, extra_where=self._ours(),
                                    worker_id=None, lease_expires_at=None)
@@ -205,6 +216,8 @@ class JobRunner:
                 model, priority = session.execute(
                     select(Job.model, Job.priority).where(Job.id == job_id)).one()
                 enqueue_run_message(session, job_id, model, Priority(priority))
+
+        self.writes.write(requeue)
 
     def abort_canceled(self) -> None:
         """Abort in the engine every in-flight job that was canceled through the API."""

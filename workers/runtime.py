@@ -40,10 +40,12 @@ class WorkerRuntime:
             **({"kv_cache_tokens": settings.engine_kv_cache_tokens}
                if settings.engine_kv_cache_tokens else {}),
         )
-        engine = (EchoEngine(cache_dir=config.cache_dir) if settings.model == ECHO_MODEL
-                  else LLMEngine(config))
-        self.loop = EngineLoop(engine, settings.worker_batch_wait_ms / 1000)
+        self.loop = EngineLoop(
+            lambda: (EchoEngine(cache_dir=config.cache_dir) if settings.model == ECHO_MODEL
+                     else LLMEngine(config)),
+            settings.worker_batch_wait_ms / 1000)
         self.loop.start()
+        engine = self.loop.engine
         self.runner = JobRunner(settings, self.loop)
         self.runner.middleware.append(JobTimingMiddleware())
         if settings.worker_metrics_port:

@@ -120,12 +120,23 @@ def test_submit_queues_a_job_and_publishes_it(client, auth, settings, broker_url
     assert job["metadata"] == {"run": "1"} and isinstance(job["created_at"], int)
     with db.session_factory(settings.database_url)() as session:
         row = session.get(Job, job["id"])
-        outbox = session.scalar(select(Outbox).where(Outbox.job_id == job["id"]))
     assert set(row.sampling_params) == {"max_tokens", "temperature", "top_p", "top_k", "seed",
                                         "stop"}
+    # The outbox row is marked sent off the request path, within sent_marks.FLUSH_SECONDS.
+    outbox = _outbox_row_once_marked(settings.database_url, job["id"])
     assert outbox.sent_at is not None and outbox.queue == DEFAULT_QUEUE
     messages = redis_queue_messages(broker_url, DEFAULT_QUEUE)
     assert len(messages) == 1 and job["id"].encode() in messages[0]
+
+
+def _outbox_row_once_marked(database_url: str, job_id: str, timeout: float = 5) -> Outbox:
+    deadline = time.monotonic() + timeout
+    while True:
+        with db.session_factory(database_url)() as session:
+            outbox = session.scalar(select(Outbox).where(Outbox.job_id == job_id))
+        if outbox.sent_at is not None or time.monotonic() > deadline:
+            return outbox
+        time.sleep(0.02)
 
 
 def test_get_returns_the_finished_job_with_output_and_usage(client, auth, settings):

@@ -35,7 +35,7 @@ def loop_factory():
     loops: list[EngineLoop] = []
 
     def make(engine) -> EngineLoop:
-        loop = EngineLoop(engine, batch_wait_seconds=0.05)
+        loop = EngineLoop(lambda: engine, batch_wait_seconds=0.05)
         loop.start()
         loops.append(loop)
         return loop
@@ -83,7 +83,7 @@ def test_an_isolated_request_never_shares_a_step(loop_factory):
 
 def test_abort_before_admission_resolves_without_output(loop_factory):
     engine = PoisonedEchoEngine(poison_id="none")
-    loop = EngineLoop(engine)  # not started: nothing is admitted yet
+    loop = EngineLoop(lambda: engine)  # not started: nothing is admitted yet
     future = loop.submit(EngineRequest("r", "x", PARAMS, 1))
 
     loop.abort("r")

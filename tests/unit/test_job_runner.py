@@ -11,6 +11,10 @@ from genq.states import JobStatus
 from tests.conftest import MODEL_CACHE_DIR
 
 
+def _echo_settings(url: str) -> Settings:
+    return Settings(database_url=url, broker_url="redis://unused", model="echo")
+
+
 def _queued_job(url: str, **values) -> str:
     with db.transaction(url) as session:
         tenant = Tenant(name="t")
@@ -30,8 +34,8 @@ def test_deadline_passing_before_the_engine_admits_the_job_expires_it(sqlite_url
     from workers.job_runner import JobRunner
 
     job_id = _queued_job(sqlite_url, deadline_at=utcnow() + timedelta(seconds=1))
-    loop = EngineLoop(EchoEngine(cache_dir=MODEL_CACHE_DIR))  # never started: nothing runs
-    runner = JobRunner(Settings(database_url=sqlite_url, broker_url="redis://unused"), loop)
+    loop = EngineLoop(lambda: EchoEngine(cache_dir=MODEL_CACHE_DIR))  # never started: nothing runs
+    runner = JobRunner(_echo_settings(sqlite_url), loop)
 
     runner.run(job_id)
 
@@ -47,9 +51,9 @@ def test_a_job_runs_once_and_a_second_delivery_is_a_no_op(sqlite_url):
     from workers.job_runner import JobRunner
 
     job_id = _queued_job(sqlite_url)
-    loop = EngineLoop(EchoEngine(cache_dir=MODEL_CACHE_DIR))
+    loop = EngineLoop(lambda: EchoEngine(cache_dir=MODEL_CACHE_DIR))
     loop.start()
-    runner = JobRunner(Settings(database_url=sqlite_url, broker_url="redis://unused"), loop)
+    runner = JobRunner(_echo_settings(sqlite_url), loop)
     try:
         runner.run(job_id)
         runner.run(job_id)
