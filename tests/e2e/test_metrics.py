@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from genq import db
-from genq.models import Job
+from genq.models import Job, Worker
 from tests.conftest import free_port
 from tests.e2e.conftest import redis_db
 from tests.processes import wait_for
@@ -58,6 +58,11 @@ def test_metrics_parse_and_move_as_jobs_run(stack_factory, postgres_url, redis_u
         assert response.json()["status"] == "succeeded", response.text
     wait_for(lambda: _value(_scrape(api_metrics), "genq_workers_live") == 1, 15,
              "the worker's heartbeat")
+
+    # Regression: `genq worker --concurrency 8` sized Celery's threads but left the engine's
+    # batch at GENQ_WORKER_CONCURRENCY (32); the heartbeat reports the engine's batch size.
+    with db.session_factory(postgres_url)() as session:
+        assert session.scalar(select(Worker.max_batch_size)) == 8
 
     after = _scrape(api_metrics)
     succeeded = _db_count(postgres_url, "succeeded")

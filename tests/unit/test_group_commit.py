@@ -1,0 +1,131 @@
+"""Group commit and SQLite write transactions, on a real SQLite database file."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import func, select
+
+from genq import db
+from genq.models import Tenant
+from workers.group_commit import GroupCommitter
+
+
+def _tenant_count(url: str) -> int:
+    with db.session_factory(url)() as session:
+        return session.scalar(select(func.count()).select_from(Tenant))
+
+
+def test_writes_waiting_together_commit_together_and_a_bad_one_fails_alone(sqlite_url):
+    committer = GroupCommitter(sqlite_url)
+    gate = threading.Event()
+    results: dict[str, object] = {}
+
+    def blocked(session):  # holds the writer so that the next writes queue up as one group
+        gate.wait(5)
+        session.add(Tenant(name="first"))
+        return "first"
+
+    def add(name: str):
+        def write(session):
+            if name == "bad":
+                raise ValueError("this write is broken")
+            session.add(Tenant(name=name))
+            return name
+        return write
+
+    def call(name, write):
+        try:
+            results[name] = committer.write(write)
+        except Exception as exc:
+            results[name] = exc
+
+    threads = [threading.Thread(target=call, args=("first", blocked))]
+    threads[0].start()
+    time.sleep(0.1)
+    threads += [threading.Thread(target=call, args=(n, add(n))) for n in ("a", "bad", "b")]
+    for thread in threads[1:]:
+        thread.start()
+    time.sleep(0.2)
+    gate.set()
+    for thread in threads:
+        thread.join(10)
+
+    assert results["first"] == "first" and results["a"] == "a" and results["b"] == "b"
+    assert isinstance(results["bad"], ValueError)
+    assert _tenant_count(sqlite_url) == 3
+
+
+def test_concurrent_sqlite_writers_queue_instead_of_failing_and_readers_do_not_wait(sqlite_url):
+    holding = threading.Event()
+
+    def hold_the_write_lock():
+        with db.transaction(sqlite_url) as session:
+            session.add(Tenant(name="holder"))
+            session.flush()
+            holding.set()
+            time.sleep(0.5)
+
+    holder = threading.Thread(target=hold_the_write_lock)
+    holder.start()
+    assert holding.wait(5)
+
+    started = time.monotonic()
+    assert _tenant_count(sqlite_url) == 0  # a reader sees the last commit, at once
+    read_seconds = time.monotonic() - started
+    errors: list[Exception] = []
+
+    def write(index: int):
+        try:
+            with db.transaction(sqlite_url) as session:
+                session.add(Tenant(name=f"writer-{index}"))
+        except Exception as exc:
+            errors.append(exc)
+
+    writers = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for writer in writers:
+        writer.start()
+    for thread in [holder, *writers]:
+        thread.join(30)
+
+    assert read_seconds < 0.25
+    assert errors == []
+    assert _tenant_count(sqlite_url) == 9
+
+
+@pytest.mark.parametrize("count", [1, 600])
+def test_published_outbox_rows_are_marked_sent_in_the_background(sqlite_url, count):
+    from genq.job_store import enqueue_run_message
+    from genq.models import Job, Outbox
+    from genq.states import Priority
+    from producer.sent_marks import sent_marker
+
+    with db.transaction(sqlite_url) as session:
+        tenant = Tenant(name="t")
+        session.add(tenant)
+        session.flush()
+        jobs = [Job(tenant_id=tenant.id, model="echo", prompt="x", sampling_params={})
+                for _ in range(count)]
+        session.add_all(jobs)
+        session.flush()
+        outbox_ids = []
+        for job in jobs:
+            row = enqueue_run_message(session, job.id, "echo", Priority.DEFAULT)
+            session.flush()
+            outbox_ids.append(row.id)
+
+    marker = sent_marker(sqlite_url)
+    for outbox_id in outbox_ids:
+        marker.mark_sent(outbox_id)
+
+    deadline = time.monotonic() + 5
+    while True:
+        with db.session_factory(sqlite_url)() as session:
+            unsent = session.scalar(select(func.count()).select_from(Outbox)
+                                    .where(Outbox.sent_at.is_(None)))
+        if unsent == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert unsent == 0
