@@ -46,7 +46,7 @@ class SentMarker:
         self._wakeup = threading.Event()
         self._thread = threading.Thread(target=self._run, name="genq-outbox-marks", daemon=True)
         self._thread.start()
-        atexit.register(self.flush)
+        atexit.register(self._flush_at_exit)
 
     def mark_sent(self, outbox_id: int) -> None:
         with self._lock:
@@ -57,6 +57,12 @@ class SentMarker:
         with self._lock:
             ids, self._published = self._published, []
         mark_outbox_sent(self.url, ids)
+
+    def _flush_at_exit(self) -> None:
+        try:
+            self.flush()
+        except Exception:  # the DB may be gone at exit; the relay republishes what is unmarked
+            log.warning("could not mark published outbox rows sent at exit", exc_info=True)
 
     def _run(self) -> None:
         while True:
