@@ -44,15 +44,15 @@ def submit_job(
     settings: Settings, tenant_id: str, request: JobRequest, idempotency_key: str | None = None
 ) -> SubmitResult:
     """Persist and publish a job. With an idempotency key, a replay returns the first job."""
-    model = _resolve_model(settings, request)
-    if settings.submit_when_broker_down == "reject":
-        require(broker_breaker(settings))  # 503 with Retry-After while the broker is down
+    model = resolve_model(settings, request.model)
     request_hash = _request_hash(request, model)
     url = settings.database_url_resolved
     if idempotency_key is not None:
         existing = _replayed_job(url, tenant_id, idempotency_key, request_hash)
-        if existing is not None:
+        if existing is not None:  # a replay needs no broker: answered even in reject mode
             return SubmitResult(existing, created=False)
+    if settings.submit_when_broker_down == "reject":
+        require(broker_breaker(settings))  # 503 with Retry-After while the broker is down
 
     prompt_tokens = count_prompt_tokens(settings, model, request)
     _check_context_length(settings, request, prompt_tokens)
@@ -142,10 +142,6 @@ def load_tokenizer_cached(model: str, cache_dir: Path) -> Any:
     from engine import load_tokenizer
 
     return load_tokenizer(model, cache_dir=cache_dir)
-
-
-def _resolve_model(settings: Settings, request: JobRequest) -> str:
-    return resolve_model(settings, request.model)
 
 
 def _check_context_length(settings: Settings, request: JobRequest, prompt_tokens: int) -> None:

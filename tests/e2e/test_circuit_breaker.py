@@ -66,10 +66,12 @@ class Api:
     def __init__(self, stack) -> None:
         self.stack = stack
 
-    def submit(self) -> requests.Response:
+    def submit(self, idempotency_key: str | None = None) -> requests.Response:
+        headers = {"Authorization": f"Bearer {self.stack.key}"}
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
         return requests.post(f"{self.stack.api_url}/v1/jobs", timeout=30,
-                             json={"prompt": "hi", "max_tokens": 2},
-                             headers={"Authorization": f"Bearer {self.stack.key}"})
+                             json={"prompt": "hi", "max_tokens": 2}, headers=headers)
 
     def ready(self) -> requests.Response:
         return requests.get(f"{self.stack.api_url}/readyz", timeout=30)
@@ -114,14 +116,18 @@ def test_broker_down_with_reject_mode_answers_503_fast_and_writes_nothing(
     monkeypatch.setenv("GENQ_BREAKER_RESET_SECONDS", "1")
     monkeypatch.setenv("GENQ_SUBMIT_WHEN_BROKER_DOWN", "reject")
     api = Api(stack_factory(sqlite_url, f"redis://127.0.0.1:{port}/0", worker=False))
-    assert api.submit().status_code == 202
+    first = api.submit(idempotency_key="before-the-outage")
+    assert first.status_code == 202
     servers[0].terminate()
     servers[0].wait(10)
     assert api.ready().status_code == 503  # notices the outage, opens the breaker
     jobs_before = _job_count(sqlite_url)
 
     refused, seconds = _timed(api.submit)
+    replay = api.submit(idempotency_key="before-the-outage")
 
+    # A replay needs no broker: it answers with the job it already made.
+    assert (replay.status_code, replay.json()["id"]) == (200, first.json()["id"])
     assert refused.status_code == 503 and seconds < 1.0
     assert refused.json()["error"]["code"] == "service_unavailable"
     assert int(refused.headers["Retry-After"]) >= 1
