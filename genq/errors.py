@@ -56,5 +56,11 @@ class GenqError(Exception):
     def http_status(self) -> int:
         return HTTP_STATUS.get(self.code, 500)
 
+    def about_item(self, name: str) -> GenqError:
+        """The same error about one item of a list in the request: `name` (`jobs.3`, as in
+        validation errors) goes before its param and message."""
+        param = name if self.param is None else f"{name}.{self.param}"
+        return GenqError(self.code, f"{name}: {self.message}", param, self.headers)
+
     def to_dict(self) -> dict:
         return {"error": {"code": self.code.value, "message": self.message, "param": self.param}}

@@ -7,7 +7,9 @@ so every (re)publish of that message carries the same level.
 
 from __future__ import annotations
 
-from sqlalchemy import func, literal_column, select
+from collections.abc import Sequence
+
+from sqlalchemy import bindparam, func, literal_column, select
 from sqlalchemy.orm import Session
 
 from genq.models import Job
@@ -29,15 +31,36 @@ def level_for_backlog(backlog: int) -> int:
     return sum(backlog >= threshold for threshold in BACKLOG_THRESHOLDS)
 
 
+# The ORDER BY is for PostgreSQL's planner: with a LIMIT and many matching rows it would rather
+# scan the table for the first 100, which finds the backlog, the newest rows, last. Ordered by
+# the last column of ix_jobs_tenant_status_model_priority, only that index gives the rows
+# without a sort, so the planner takes it (an index-only scan of 100 rows). Built once: it runs
+# on every submit, and on SQLite building it costs more than running it.
+_COUNT_BACKLOG = select(func.count()).select_from(
+    select(literal_column("1")).where(
+        Job.tenant_id == bindparam("tenant_id"), Job.status == JobStatus.QUEUED.value,
+        Job.model == bindparam("model"), Job.priority == bindparam("priority"),
+    ).order_by(Job.created_at.desc()).limit(BACKLOG_COUNT_LIMIT).subquery())
+
+
 def share_level(session: Session, tenant_id: str, model: str, priority: Priority) -> int:
     """The share level of a new job: from the tenant's queued jobs of the same model and class
     (batch lines included: they are that tenant's backlog in the batch class too)."""
-    # The ORDER BY is for PostgreSQL's planner: with a LIMIT and many matching rows it would
-    # rather scan the table for the first 100, which finds the backlog, the newest rows, last.
-    # Ordered by the last column of ix_jobs_tenant_status_model_priority, only that index
-    # gives the rows without a sort, so the planner takes it (an index-only scan of 100 rows).
-    backlog = select(literal_column("1")).where(
-        Job.tenant_id == tenant_id, Job.status == JobStatus.QUEUED.value, Job.model == model,
-        Job.priority == priority.value,
-    ).order_by(Job.created_at.desc()).limit(BACKLOG_COUNT_LIMIT).subquery()
-    return level_for_backlog(session.scalar(select(func.count()).select_from(backlog)))
+    return share_levels(session, tenant_id, [(model, priority)])[0]
+
+
+def share_levels(session: Session, tenant_id: str,
+                 new_jobs: Sequence[tuple[str, Priority]]) -> list[int]:
+    """The share levels of new jobs (model, class) submitted together, in order: each backlog
+    is counted once, and each job adds one to its backlog for the jobs after it."""
+    backlogs: dict[tuple[str, Priority], int] = {}
+    levels = []
+    for model, priority in new_jobs:
+        key = (model, priority)
+        if key not in backlogs:
+            backlogs[key] = session.connection().scalar(
+                _COUNT_BACKLOG,
+                {"tenant_id": tenant_id, "model": model, "priority": priority.value})
+        levels.append(level_for_backlog(backlogs[key]))
+        backlogs[key] += 1
+    return levels

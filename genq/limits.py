@@ -5,19 +5,21 @@ Why the database and not Redis: the broker may be RabbitMQ, the DB is always the
 table already records every admitted request with its time and tokens. `admit` locks the
 tenant's row (SELECT … FOR UPDATE on PostgreSQL; on SQLite every write transaction holds the
 database lock from BEGIN IMMEDIATE) and counts the tenant's jobs of the last minute; the caller
-inserts the new job in the same transaction. So one tenant's admissions are serialized across
+inserts the new jobs in the same transaction. So one tenant's admissions are serialized across
 all API processes and hosts, concurrent submits never exceed a limit, and a rejection rolls
-back with nothing written. The window slides: it holds the jobs created in the last 60 s.
+back with nothing written. A bulk submit is admitted as a whole: N requests, the sum of their
+tokens, N more queued jobs. The window slides: it holds the jobs created in the last 60 s.
 Jobs of batch lines (batch_id set) are paced by the batch feeder's window and not counted here.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from genq.errors import ErrorCode, GenqError
@@ -65,26 +67,47 @@ def set_limits(session: Session, tenant_name: str, limits: TenantLimits) -> Tena
     return tenant
 
 
-def admit(session: Session, tenant_id: str, admitted_tokens: int, max_tokens: int) -> None:
-    """Raise GenqError (429, or 422 for a request no wait can admit) if the job may not be
-    added now. Call in the transaction that then inserts the job."""
-    tenant = session.scalar(select(Tenant).where(Tenant.id == tenant_id).with_for_update())
-    if tenant is None:
+# Built once: it runs on every submit, and on SQLite building it costs more than running it.
+_LOCK_TENANT_LIMITS = select(
+    Tenant.requests_per_minute, Tenant.tokens_per_minute, Tenant.max_queued_jobs,
+    Tenant.max_tokens_per_job,
+).where(Tenant.id == bindparam("tenant_id")).with_for_update()
+_COUNT_QUEUED = select(func.count()).select_from(Job).where(
+    Job.tenant_id == bindparam("tenant_id"), Job.status == JobStatus.QUEUED.value,
+    Job.batch_id.is_(None))
+
+
+@dataclass(frozen=True)
+class JobCost:
+    """What one new job asks of its tenant's limits."""
+
+    admitted_tokens: int  # prompt tokens + max_tokens
+    max_tokens: int
+    name: str | None = None  # the job's place in a bulk request (`jobs.3`), for its errors
+
+
+def admit(session: Session, tenant_id: str, costs: Sequence[JobCost]) -> None:
+    """Raise GenqError (429, or 422 for a request no wait can admit) unless all the jobs of
+    `costs` may be added now: a bulk submit is admitted whole or not at all. Call in the
+    transaction that then inserts the jobs."""
+    row = session.connection().execute(_LOCK_TENANT_LIMITS, {"tenant_id": tenant_id}).first()
+    if row is None:
         return
-    limits = limits_of(tenant)
-    _check_request_size(limits, admitted_tokens, max_tokens)
+    limits = TenantLimits(*row)
+    for cost in costs:
+        try:
+            _check_request_size(limits, cost.admitted_tokens, cost.max_tokens)
+        except GenqError as error:
+            if cost.name is None:
+                raise
+            raise error.about_item(cost.name) from None
+    num_jobs, tokens = len(costs), sum(cost.admitted_tokens for cost in costs)
+    if num_jobs > 1:
+        _check_bulk_size(limits, num_jobs, tokens)
     if limits.requests_per_minute is not None or limits.tokens_per_minute is not None:
-        _check_window(session, tenant_id, limits, admitted_tokens, utcnow())
+        _check_window(session, tenant_id, limits, num_jobs, tokens, utcnow())
     if limits.max_queued_jobs is not None:
-        queued = session.scalar(select(func.count()).select_from(Job).where(
-            Job.tenant_id == tenant_id, Job.status == JobStatus.QUEUED.value,
-            Job.batch_id.is_(None)))
-        if queued >= limits.max_queued_jobs:
-            raise GenqError(
-                ErrorCode.RATE_LIMITED,
-                f"{queued} jobs are already queued for this tenant (limit "
-                f"{limits.max_queued_jobs}); retry when some have started",
-                headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_SECONDS)})
+        _check_queue(session, tenant_id, limits.max_queued_jobs, num_jobs)
 
 
 def _check_request_size(limits: TenantLimits, admitted_tokens: int, max_tokens: int) -> None:
@@ -100,8 +123,32 @@ def _check_request_size(limits: TenantLimits, admitted_tokens: int, max_tokens: 
                         param="max_tokens")
 
 
-def _check_window(session: Session, tenant_id: str, limits: TenantLimits, tokens: int,
-                  now: datetime) -> None:
+def _check_bulk_size(limits: TenantLimits, num_jobs: int, tokens: int) -> None:
+    # A bulk over a whole minute's allowance (or the whole queue) never fits: a 422 tells the
+    # client to send fewer jobs per call, where a 429 would have it retry forever.
+    allowances = [(num_jobs, limits.requests_per_minute, "requests per minute"),
+                  (tokens, limits.tokens_per_minute, "tokens per minute"),
+                  (num_jobs, limits.max_queued_jobs, "queued jobs")]
+    for amount, limit, name in allowances:
+        if limit is not None and amount > limit:
+            raise GenqError(ErrorCode.INVALID_REQUEST,
+                            f"these {num_jobs} jobs need {amount} {name} at once, over the "
+                            f"tenant's limit of {limit}; send fewer jobs per call", param="jobs")
+
+
+def _check_queue(session: Session, tenant_id: str, max_queued_jobs: int, num_jobs: int) -> None:
+    queued = session.connection().scalar(_COUNT_QUEUED, {"tenant_id": tenant_id})
+    if queued + num_jobs > max_queued_jobs:
+        more = "" if num_jobs == 1 else f" and {num_jobs} more do not fit"
+        raise GenqError(
+            ErrorCode.RATE_LIMITED,
+            f"{queued} jobs are already queued for this tenant (limit {max_queued_jobs})"
+            f"{more}; retry when some have started",
+            headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_SECONDS)})
+
+
+def _check_window(session: Session, tenant_id: str, limits: TenantLimits, num_jobs: int,
+                  tokens: int, now: datetime) -> None:
     recent = session.execute(
         select(Job.created_at, func.coalesce(Job.admitted_tokens, 0))
         .where(Job.tenant_id == tenant_id, Job.created_at > now - WINDOW,
@@ -111,7 +158,7 @@ def _check_window(session: Session, tenant_id: str, limits: TenantLimits, tokens
     checks = []
     if limits.requests_per_minute is not None:
         checks.append(_window_check("requests", limits.requests_per_minute,
-                                    [(created, 1) for created, _ in recent], 1, now))
+                                    [(created, 1) for created, _ in recent], num_jobs, now))
     if limits.tokens_per_minute is not None:
         checks.append(_window_check("tokens", limits.tokens_per_minute, recent, tokens, now))
     exceeded = [check for check in checks if check.exceeded]

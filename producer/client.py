@@ -51,6 +51,11 @@ class GenqClient:
         timeout = self.timeout + (wait or 0)
         return self._request("POST", "/v1/jobs", json=body, headers=headers, timeout=timeout)
 
+    def submit_many(self, jobs: list[dict[str, Any]]) -> list[dict]:
+        """Submit up to 1000 jobs in one call, all or none; each is a `POST /v1/jobs` body
+        (`prompt` or `messages`, plus params). Returns the queued jobs, in order."""
+        return self._request("POST", "/v1/jobs/bulk", json={"jobs": jobs})["data"]
+
     def get(self, job_id: str) -> dict:
         return self._request("GET", f"/v1/jobs/{job_id}")
 

@@ -13,8 +13,10 @@ from genq import db
 from genq.job_store import RUN_JOB_OUTBOX_KIND
 from genq.models import Outbox, utcnow
 from genq.settings import Settings
+from producer.job_rows import OutboxMessage
+from producer.publisher import RunMessage
 from producer.sent_marks import mark_outbox_sent
-from producer.submit import publish_outbox_row
+from producer.submit import publish_outbox_rows
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +29,21 @@ def relay_pending(settings: Settings, limit: int = 500) -> int:
     """
     cutoff = utcnow() - timedelta(seconds=settings.outbox_stale_seconds)
     with db.session_factory(settings.database_url_resolved)() as session:
-        pending = list(session.scalars(
-            select(Outbox)
-            .where(Outbox.kind == RUN_JOB_OUTBOX_KIND, Outbox.sent_at.is_(None),
-                   Outbox.created_at <= cutoff)
-            .order_by(Outbox.id)
-            .limit(limit)
-        ))
+        pending = [
+            OutboxMessage(outbox_id, RunMessage(job_id, queue, share_level))
+            for outbox_id, job_id, queue, share_level in session.execute(
+                select(Outbox.id, Outbox.job_id, Outbox.queue, Outbox.share_level)
+                .where(Outbox.kind == RUN_JOB_OUTBOX_KIND, Outbox.sent_at.is_(None),
+                       Outbox.created_at <= cutoff)
+                .order_by(Outbox.id)
+                .limit(limit)
+            )
+        ]
     published = []
     for row in pending:
-        if not publish_outbox_row(settings, row):
+        if not publish_outbox_rows(settings, [row]):
             break
-        published.append(row.id)
+        published.append(row.outbox_id)
     if published:
         mark_outbox_sent(settings.database_url_resolved, published)
         log.info("outbox relay published %d job message(s)", len(published))

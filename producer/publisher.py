@@ -6,10 +6,14 @@ outbox relay (producer.outbox) publishes the row later.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
+from typing import NamedTuple
 
 from celery import Celery
-from kombu import Connection
+from celery.utils.nodenames import anon_nodename
+from kombu import Connection, Producer
+from kombu.utils.uuid import uuid
 
 from genq.queues import REDIS_TRANSPORT_OPTIONS, RUN_JOB_TASK, is_amqp, route
 
@@ -19,6 +23,8 @@ SOCKET_TIMEOUT_SECONDS = 2.0
 # publish within about two seconds instead of blocking the HTTP request.
 PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2,
                         "interval_max": 0.2}
+# Redis commands per pipelined round trip of a bulk publish: a few hundred KB at most.
+PUBLISH_BATCH_SIZE = 500
 TRANSPORT_OPTIONS = {"socket_connect_timeout": CONNECT_TIMEOUT_SECONDS,
                      "socket_timeout": SOCKET_TIMEOUT_SECONDS}
 
@@ -45,18 +51,58 @@ def producer_app(broker_url: str) -> Celery:
     return app
 
 
+class RunMessage(NamedTuple):
+    """A job's "run" message: the job, its logical queue (genq.queues) and fair-share level."""
+
+    job_id: str
+    queue: str
+    share_level: int = 0
+
+
 def publish_job(broker_url: str, job_id: str, queue: str, share_level: int = 0) -> None:
     """Send the job's message to `queue` at its fair-share level; raises (quickly) when the
     broker cannot take it."""
-    broker_queue, priority = route(queue, broker_url, share_level)
-    producer_app(broker_url).send_task(
-        RUN_JOB_TASK,
-        args=[job_id],
-        queue=broker_queue,
-        priority=priority,
-        retry=True,
-        retry_policy=PUBLISH_RETRY_POLICY,
-    )
+    publish_jobs(broker_url, [RunMessage(job_id, queue, share_level)])
+
+
+def publish_jobs(broker_url: str, messages: Sequence[RunMessage]) -> None:
+    """Send the messages over one pooled connection; raises (quickly) when the broker cannot
+    take them, and then some of them may have been sent (their outbox rows stay unsent and the
+    relay sends them again: a duplicate message is harmless, claims are conditional).
+
+    On Redis they go out pipelined, PUBLISH_BATCH_SIZE commands per round trip (kombu's publish
+    batch; the pool reconnects a dropped connection, but a failed flush is not retried). On
+    RabbitMQ each is published and confirmed in turn, retried per PUBLISH_RETRY_POLICY."""
+    app = producer_app(broker_url)
+    routes = [_broker_route(message.queue, broker_url, message.share_level)
+              for message in messages]
+    origin = anon_nodename()  # the sender's host and pid, as Celery would name it
+    with app.producer_pool.acquire(block=True) as producer:
+        for broker_queue in {broker_queue for broker_queue, _ in routes}:
+            producer.maybe_declare(broker_queue, retry=True, **PUBLISH_RETRY_POLICY)
+        with producer.batch(PUBLISH_BATCH_SIZE):
+            for message, (broker_queue, priority) in zip(messages, routes, strict=True):
+                _publish_task(app, producer, origin, message.job_id, broker_queue.name,
+                              priority)
+
+
+def _publish_task(app: Celery, producer: Producer, origin: str, job_id: str,
+                  broker_queue: str, priority: int) -> None:
+    """Publish the task message Celery's `send_task` would, without its per-call routing,
+    signals and producer acquisition: the message is built by Celery's own protocol-2 builder
+    and published as `send_task` publishes it with Celery's defaults (JSON, persistent, to the
+    default exchange for a direct queue)."""
+    headers, properties, body, _ = app.amqp.as_task_v2(
+        uuid(), RUN_JOB_TASK, [job_id], ignore_result=True, origin=origin,
+        argsrepr=repr([job_id]), kwargsrepr="{}")
+    producer.publish(
+        body, exchange="", routing_key=broker_queue, priority=priority, headers=headers,
+        serializer="json", delivery_mode="persistent", retry=True,
+        retry_policy=PUBLISH_RETRY_POLICY, **properties)
+
+
+# Routes (and the kombu Queue objects in them) are the same for every job of a queue and level.
+_broker_route = lru_cache(maxsize=1024)(route)
 
 
 def check_broker(broker_url: str, timeout: float = 2.0) -> None:

@@ -21,6 +21,8 @@ from genq.states import JobStatus, Priority
 
 MAX_STOP_SEQUENCES = 4
 MAX_METADATA_KEYS = 16
+# Jobs per bulk submit: one transaction and one publish batch for all of them.
+MAX_JOBS_PER_BULK = 1000
 
 NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -100,6 +102,21 @@ class JobRequest(BaseModel):
         }
 
 
+class BulkJobRequest(BaseModel):
+    """Body of `POST /v1/jobs/bulk`: jobs submitted together, all or none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[JobRequest] = Field(
+        description=f"1 to {MAX_JOBS_PER_BULK} jobs (413 above), each as `POST /v1/jobs` "
+        "takes it. No `Idempotency-Key`: a retried call submits its jobs again.")
+
+    @classmethod
+    def from_json(cls, body: bytes | str) -> BulkJobRequest:
+        """Parse a request body, as strictly as `JobRequest.from_json`."""
+        return cls.model_validate_json(body, strict=True)
+
+
 class JobOutput(BaseModel):
     text: str
     finish_reason: str | None
@@ -156,6 +173,13 @@ class JobList(BaseModel):
     data: list[JobResponse]
     has_more: bool
     last_id: str | None
+
+
+class BulkJobResponse(BaseModel):
+    """The queued jobs of a bulk submit, in the order of the request."""
+
+    object: Literal["list"] = "list"
+    data: list[JobResponse]
 
 
 class ErrorDetail(BaseModel):

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 
 from sqlalchemy import update
 
@@ -49,8 +50,11 @@ class SentMarker:
         atexit.register(self._flush_at_exit)
 
     def mark_sent(self, outbox_id: int) -> None:
+        self.mark_all_sent([outbox_id])
+
+    def mark_all_sent(self, outbox_ids: Iterable[int]) -> None:
         with self._lock:
-            self._published.append(outbox_id)
+            self._published.extend(outbox_ids)
         self._wakeup.set()
 
     def flush(self) -> None:

@@ -1,13 +1,13 @@
-"""Submit a job: validate its length, write the job row and its outbox row in one transaction,
-then publish. A broker outage delays a job (the outbox relay publishes it) but never loses it."""
+"""Submit jobs: validate them, write their job rows and outbox rows in one transaction, then
+publish. A broker outage delays a job (the outbox relay publishes it) but never loses it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -17,17 +17,15 @@ from sqlalchemy.exc import IntegrityError
 
 from genq import db
 from genq.errors import ErrorCode, GenqError
-from genq.fair_share import share_level
-from genq.job_store import enqueue_run_message
+from genq.fair_share import share_levels
 from genq.limits import admit
 from genq.model_catalog import resolve_model
 from genq.models import Job, Outbox, utcnow
 from genq.settings import Settings
-from genq.states import JobStatus
-from genq.webhook_events import DEFAULT_EVENTS
 from producer.breakers import broker_breaker, require
-from producer.publisher import publish_job
-from producer.schemas import JobRequest
+from producer.job_rows import NewJob, OutboxMessage, WrittenJob, insert_jobs, new_job
+from producer.publisher import publish_jobs
+from producer.schemas import MAX_JOBS_PER_BULK, JobRequest
 from producer.sent_marks import sent_marker
 from producer.webhooks import check_job_webhook
 
@@ -45,47 +43,20 @@ def submit_job(
 ) -> SubmitResult:
     """Persist and publish a job. With an idempotency key, a replay returns the first job."""
     model = resolve_model(settings, request.model)
-    request_hash = _request_hash(request, model)
     url = settings.database_url_resolved
+    request_hash = None
     if idempotency_key is not None:
+        request_hash = _request_hash(request, model)
         existing = _replayed_job(url, tenant_id, idempotency_key, request_hash)
         if existing is not None:  # a replay needs no broker: answered even in reject mode
             return SubmitResult(existing, created=False)
     if settings.submit_when_broker_down == "reject":
         require(broker_breaker(settings))  # 503 with Retry-After while the broker is down
 
-    prompt_tokens = count_prompt_tokens(settings, model, request)
-    _check_context_length(settings, request, prompt_tokens)
-    check_job_webhook(settings, tenant_id, request)
-    job = Job(
-        tenant_id=tenant_id,
-        status=JobStatus.QUEUED.value,
-        priority=request.priority.value,
-        model=model,
-        prompt=request.prompt,
-        deadline_at=None if request.timeout_s is None
-        else utcnow() + timedelta(seconds=request.timeout_s),
-        messages=None if request.messages is None
-        else [message.model_dump() for message in request.messages],
-        sampling_params=request.sampling_params(),
-        metadata_=request.metadata,
-        prompt_tokens=prompt_tokens,
-        admitted_tokens=prompt_tokens + request.max_tokens,
-        idempotency_key=idempotency_key,
-        request_hash=request_hash,
-        webhook_url=request.webhook_url,
-        webhook_events=request.webhook_events
-        or (None if request.webhook_url is None else DEFAULT_EVENTS),
-    )
+    job = _validated_job(settings, tenant_id, request, model, idempotency_key=idempotency_key,
+                         request_hash=request_hash)
     try:
-        with db.transaction(url) as session:
-            # Tenant limits: raises (rolling back, nothing written) when over one.
-            admit(session, tenant_id, job.admitted_tokens, request.max_tokens)
-            # Measured after `admit` locked the tenant row: one tenant's submits count in turn.
-            level = share_level(session, tenant_id, model, request.priority)
-            session.add(job)
-            session.flush()
-            outbox = enqueue_run_message(session, job.id, model, request.priority, level)
+        written = _write_jobs(url, tenant_id, [job])
     except IntegrityError:
         if idempotency_key is None:
             raise
@@ -94,27 +65,82 @@ def submit_job(
         if existing is None:
             raise
         return SubmitResult(existing, created=False)
-
-    # While the broker is known to be down, do not wait on it: the job and its outbox row are
-    # committed, and the outbox relay publishes it when the broker is back.
-    if broker_breaker(settings).allow() and publish_outbox_row(settings, outbox):
-        sent_marker(settings.database_url_resolved).mark_sent(outbox.id)
-    return SubmitResult(job, created=True)
+    _publish_after_commit(settings, written)
+    return SubmitResult(written[0].job, created=True)
 
 
-def publish_outbox_row(settings: Settings, outbox: Outbox) -> bool:
-    """Publish one outbox row; False (logged, attempt counted) when the broker refused it.
-    The caller marks the row sent (producer.sent_marks)."""
+def submit_jobs(settings: Settings, tenant_id: str,
+                requests: Sequence[JobRequest]) -> list[SubmitResult]:
+    """Persist and publish up to MAX_JOBS_PER_BULK jobs of one tenant, all or none, in order:
+    one transaction for all their rows, one broker connection for all their messages.
+
+    Every request is validated before anything is written; a bad one raises GenqError with a
+    param naming it (`jobs.3.prompt`). The tenant's limits admit the whole list or refuse it.
+    No idempotency keys: a retried call submits its jobs again (a client that must not
+    duplicate jobs on a retry submits them one by one, each with its key).
+    """
+    if not requests:
+        raise GenqError(ErrorCode.INVALID_REQUEST, "submit at least one job", param="jobs")
+    if len(requests) > MAX_JOBS_PER_BULK:
+        raise GenqError(ErrorCode.PAYLOAD_TOO_LARGE, f"{len(requests)} jobs in one call; submit "
+                        f"at most {MAX_JOBS_PER_BULK} per call", param="jobs")
+    if settings.submit_when_broker_down == "reject":
+        require(broker_breaker(settings))
+    jobs = []
+    for index, request in enumerate(requests):
+        name = f"jobs.{index}"
+        try:
+            model = resolve_model(settings, request.model)
+            jobs.append(_validated_job(settings, tenant_id, request, model, name=name))
+        except GenqError as error:
+            raise error.about_item(name) from None
+    written = _write_jobs(settings.database_url_resolved, tenant_id, jobs)
+    _publish_after_commit(settings, written)
+    return [SubmitResult(written_job.job, created=True) for written_job in written]
+
+
+def _validated_job(settings: Settings, tenant_id: str, request: JobRequest, model: str, *,
+                   name: str | None = None, idempotency_key: str | None = None,
+                   request_hash: str | None = None) -> NewJob:
+    prompt_tokens = count_prompt_tokens(settings, model, request)
+    _check_context_length(settings, request, prompt_tokens)
+    check_job_webhook(settings, tenant_id, request)
+    return new_job(tenant_id, request, model, prompt_tokens, utcnow(), name=name,
+                   idempotency_key=idempotency_key, request_hash=request_hash)
+
+
+def _write_jobs(url: str, tenant_id: str, jobs: Sequence[NewJob]) -> list[WrittenJob]:
+    with db.transaction(url) as session:
+        # Tenant limits: raises (rolling back, nothing written) when over one.
+        admit(session, tenant_id, [job.cost for job in jobs])
+        # Measured after `admit` locked the tenant row: one tenant's submits count in turn.
+        levels = share_levels(session, tenant_id, [(job.model, job.priority) for job in jobs])
+        return insert_jobs(session, jobs, levels)
+
+
+def _publish_after_commit(settings: Settings, written: Sequence[WrittenJob]) -> None:
+    # While the broker is known to be down, do not wait on it: the jobs and their outbox rows
+    # are committed, and the outbox relay publishes them when the broker is back.
+    outbox = [written_job.outbox for written_job in written]
+    if broker_breaker(settings).allow() and publish_outbox_rows(settings, outbox):
+        sent_marker(settings.database_url_resolved).mark_all_sent(
+            row.outbox_id for row in outbox)
+
+
+def publish_outbox_rows(settings: Settings, rows: Sequence[OutboxMessage]) -> bool:
+    """Publish outbox rows' messages over one broker connection; False (logged, attempt
+    counted) when the broker refused them. The caller marks the rows sent
+    (producer.sent_marks)."""
     breaker = broker_breaker(settings)
     try:
-        publish_job(settings.broker_url, outbox.job_id, outbox.queue, outbox.share_level)
-    except Exception as exc:  # any broker failure: the relay retries this row later
+        publish_jobs(settings.broker_url, [row.message for row in rows])
+    except Exception as exc:  # any broker failure: the relay retries these rows later
         breaker.record_failure(exc)
-        log.warning("publishing job %s failed, the outbox relay will retry: %s",
-                    outbox.job_id, exc)
+        log.warning("publishing %d job message(s) (job %s first) failed, the outbox relay "
+                    "will retry: %s", len(rows), rows[0].message.job_id, exc)
         with db.transaction(settings.database_url_resolved) as session:
             session.execute(
-                update(Outbox).where(Outbox.id == outbox.id)
+                update(Outbox).where(Outbox.id.in_([row.outbox_id for row in rows]))
                 .values(publish_attempts=Outbox.publish_attempts + 1)
             )
         return False

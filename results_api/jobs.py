@@ -1,8 +1,10 @@
-"""The /v1/jobs routes: submit (with idempotency and `Prefer: wait`), get, list, cancel."""
+"""The /v1/jobs routes: submit (with idempotency and `Prefer: wait`), bulk submit, get, list,
+cancel."""
 
 from __future__ import annotations
 
 import time
+from typing import TypeVar
 
 from flask import Blueprint, Response, jsonify, request
 from pydantic import ValidationError
@@ -11,12 +13,14 @@ from genq.errors import ErrorCode, GenqError
 from genq.models import Job
 from genq.states import JobStatus
 from producer.jobs import DEFAULT_LIST_LIMIT, cancel_job, get_job, list_jobs
-from producer.schemas import JobList, JobRequest, JobResponse
-from producer.submit import submit_job
+from producer.schemas import BulkJobRequest, BulkJobResponse, JobList, JobRequest, JobResponse
+from producer.submit import submit_job, submit_jobs
 from results_api.context import authenticate, current_settings, current_tenant_id
 
 WAIT_POLL_SECONDS = 0.1
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
+
+Body = TypeVar("Body", JobRequest, BulkJobRequest)
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1")
 
@@ -37,7 +41,7 @@ def _check_request() -> None:
 @bp.post("/jobs")
 def create_job() -> tuple[Response, int, dict[str, str]]:
     settings = current_settings()
-    job_request = _job_request()
+    job_request = _parsed_body(JobRequest)
     wait_seconds = _prefer_wait(request.headers.get("Prefer"), settings.max_wait_seconds)
     result = submit_job(settings, current_tenant_id(), job_request, _idempotency_key())
     job, status = result.job, 202 if result.created else 200
@@ -48,6 +52,14 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         if JobStatus(job.status).is_terminal:
             status = 200
     return _job_response(job, status, headers)
+
+
+@bp.post("/jobs/bulk")
+def create_jobs() -> tuple[Response, int]:
+    bulk = _parsed_body(BulkJobRequest)
+    results = submit_jobs(current_settings(), current_tenant_id(), bulk.jobs)
+    jobs = [JobResponse.from_job(result.job) for result in results]
+    return jsonify(BulkJobResponse(data=jobs).model_dump(mode="json")), 202
 
 
 @bp.get("/jobs/<job_id>")
@@ -83,10 +95,10 @@ def _require_json() -> None:
                         "send the body as JSON with `Content-Type: application/json`")
 
 
-def _job_request() -> JobRequest:
+def _parsed_body(schema: type[Body]) -> Body:
     _require_json()
     try:
-        return JobRequest.from_json(request.get_data(cache=False))
+        return schema.from_json(request.get_data(cache=False))
     except ValidationError as exc:
         if exc.errors()[0]["type"] != "json_invalid":
             raise

@@ -9,7 +9,14 @@ from pydantic import BaseModel
 
 from genq.states import JobStatus
 from producer.jobs import DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT
-from producer.schemas import ErrorResponse, JobList, JobRequest, JobResponse
+from producer.schemas import (
+    BulkJobRequest,
+    BulkJobResponse,
+    ErrorResponse,
+    JobList,
+    JobRequest,
+    JobResponse,
+)
 from producer.webhook_schemas import (
     DeliveryList,
     DeliveryResponse,
@@ -27,11 +34,10 @@ REF = "#/components/schemas/{model}"
 @lru_cache(maxsize=1)
 def openapi_document() -> dict[str, Any]:
     schemas: dict[str, Any] = {}
-    _add_schema(schemas, JobRequest, "validation")
-    for model in (EndpointRequest, EndpointUpdate):
+    for model in (JobRequest, BulkJobRequest, EndpointRequest, EndpointUpdate):
         _add_schema(schemas, model, "validation")
-    for model in (JobResponse, JobList, ErrorResponse, EndpointResponse, EndpointList,
-                  SecretResponse, DeliveryResponse, DeliveryList):
+    for model in (JobResponse, JobList, BulkJobResponse, ErrorResponse, EndpointResponse,
+                  EndpointList, SecretResponse, DeliveryResponse, DeliveryList):
         _add_schema(schemas, model, "serialization")
     for model, mode in OPENAI_SCHEMAS:
         _add_schema(schemas, model, mode)
@@ -103,6 +109,15 @@ def _paths() -> dict[str, Any]:
                 ],
                 "responses": {"200": _json_response("A page of jobs", "JobList"),
                               **_errors(401, 422, 503)},
+            },
+        },
+        "/v1/jobs/bulk": {
+            "post": {
+                "summary": "Submit many jobs at once, all or none",
+                "requestBody": {"required": True, "content": {
+                    "application/json": {"schema": _ref("BulkJobRequest")}}},
+                "responses": {"202": _json_response("Queued, in order", "BulkJobResponse"),
+                              **_errors(400, 401, 413, 415, 422, 429, 503)},
             },
         },
         "/v1/jobs/{id}": {

@@ -89,3 +89,20 @@ def test_chat_job_answers_paris_on_rabbitmq_and_postgres(stack_factory, postgres
 
     assert done["status"] == "succeeded", done
     assert "Paris" in done["output"]["text"]
+
+
+@pytest.mark.parametrize("database, broker", [("sqlite", "redis"), ("postgres", "rabbitmq")])
+def test_a_bulk_of_jobs_runs_to_succeeded_on_a_celery_worker(stack_factory, request, database,
+                                                              broker):
+    broker_url = request.getfixturevalue(f"{broker}_url")
+    stack = stack_factory(request.getfixturevalue(f"{database}_url"),
+                          redis_db(broker_url) if broker == "redis" else broker_url)
+    client = _client(stack)
+
+    jobs = client.submit_many([{"prompt": f"Story {n}:", "max_tokens": 4, "temperature": 0}
+                               for n in range(20)])
+
+    assert [job["status"] for job in jobs] == ["queued"] * 20
+    done = [client.wait(job["id"], timeout=60, poll=0.2) for job in jobs]
+    assert {job["status"] for job in done} == {"succeeded"}
+    assert [job["id"] for job in done] == [job["id"] for job in jobs]
