@@ -5,7 +5,9 @@
         [--engine-model smollm2-135m --engine-prompts 64] [--json PATH]
 
 - genq: jobs submitted through the producer (validate, job row + outbox row, publish), run by
-  a real `genq worker` with the echo engine, counted when their result row is committed.
+  a real `genq worker` with the echo engine, counted when their result row is committed; once
+  with one `submit_job` call per job, once with `submit_jobs` (the bulk API, --bulk-size jobs
+  per call: one transaction and one broker round trip per call).
 - plain Celery: a no-op task with acks_late, sent N times, drained by one default worker.
 - idle submit→start latency: one job at a time, `started_at - created_at` from the DB.
 - with --engine-model: the same prompts through the whole system vs the engine's own
@@ -34,7 +36,7 @@ from genq.models import Job
 from genq.settings import Settings
 from genq.states import TERMINAL_STATES
 from producer.schemas import JobRequest
-from producer.submit import submit_job
+from producer.submit import submit_job, submit_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,18 +77,26 @@ def _wait_finished(url: str, total: int, timeout: float) -> None:
         time.sleep(0.02)
 
 
-def run_genq(settings: Settings, tenant_id: str, prompts: list[str], max_tokens: int) -> dict:
+def run_genq(settings: Settings, tenant_id: str, prompts: list[str], max_tokens: int,
+             bulk_size: int = 1) -> dict:
+    """Submit `prompts` (one call per job, or `bulk_size` per submit_jobs call) and wait until
+    all have finished."""
     url = settings.database_url_resolved
     before, tokens_before = _count_finished(url), _completion_tokens(url)
+    requests = [JobRequest(prompt=prompt, max_tokens=max_tokens, temperature=0)
+                for prompt in prompts]
     started = time.perf_counter()
-    for prompt in prompts:
-        submit_job(settings, tenant_id, JobRequest(prompt=prompt, max_tokens=max_tokens,
-                                                   temperature=0))
+    if bulk_size == 1:
+        for request in requests:
+            submit_job(settings, tenant_id, request)
+    else:
+        for first in range(0, len(requests), bulk_size):
+            submit_jobs(settings, tenant_id, requests[first:first + bulk_size])
     enqueued = time.perf_counter() - started
     _wait_finished(url, before + len(prompts), timeout=3600)
     seconds = time.perf_counter() - started
-    return {"jobs": len(prompts), "seconds": seconds, "jobs_per_s": len(prompts) / seconds,
-            "enqueued_per_s": len(prompts) / enqueued,
+    return {"jobs": len(prompts), "bulk_size": bulk_size, "seconds": seconds,
+            "jobs_per_s": len(prompts) / seconds, "enqueued_per_s": len(prompts) / enqueued,
             "output_tokens": _completion_tokens(url) - tokens_before}
 
 
@@ -175,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--engine-model", default="")
     parser.add_argument("--engine-prompts", type=int, default=64)
     parser.add_argument("--engine-max-tokens", type=int, default=32)
+    parser.add_argument("--bulk-size", type=int, default=100)
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -198,12 +209,14 @@ def main(argv: list[str] | None = None) -> dict:
                     results["idle_submit_to_start"] = idle_latency(settings, tenant_id,
                                                                    args.latency_samples)
                     prompts = [f"job {i}: echo these words back" for i in range(args.num_jobs)]
-                    results[label] = run_genq(settings, tenant_id, prompts, max_tokens=8)
+                    max_tokens = 8
                 else:
                     prompts = [f"Write a short story about item {i}." for i in
                                range(args.engine_prompts)]
-                    results[label] = run_genq(settings, tenant_id, prompts,
-                                              args.engine_max_tokens)
+                    max_tokens = args.engine_max_tokens
+                results[label] = run_genq(settings, tenant_id, prompts, max_tokens)
+                results[f"{label}_bulk"] = run_genq(settings, tenant_id, prompts, max_tokens,
+                                                    bulk_size=args.bulk_size)
             finally:
                 worker.terminate()
                 worker.wait(60)
@@ -211,11 +224,14 @@ def main(argv: list[str] | None = None) -> dict:
             results["engine_offline"] = engine_offline(
                 make_settings(args, workdir, args.engine_model), prompts, args.engine_max_tokens)
 
-    ratios = {"genq_echo_vs_plain_celery":
-              results["genq_echo"]["jobs_per_s"] / results["plain_celery"]["jobs_per_s"]}
+    celery_jobs_per_s = results["plain_celery"]["jobs_per_s"]
+    ratios = {"genq_echo_vs_plain_celery": results["genq_echo"]["jobs_per_s"] / celery_jobs_per_s,
+              "genq_echo_bulk_vs_plain_celery":
+              results["genq_echo_bulk"]["jobs_per_s"] / celery_jobs_per_s}
     if args.engine_model:
-        ratios["system_vs_engine_offline"] = (results["engine_offline"]["seconds"]
-                                              / results["genq_engine"]["seconds"])
+        for label in ("genq_engine", "genq_engine_bulk"):
+            ratios[f"{label.replace('genq_engine', 'system')}_vs_engine_offline"] = (
+                results["engine_offline"]["seconds"] / results[label]["seconds"])
     report = {"num_jobs": args.num_jobs, "broker": args.broker_url, "results": results,
               "ratios": ratios}
     _print_table(report)
@@ -231,19 +247,22 @@ def _tenant_of(session) -> str:
 
 
 def _print_table(report: dict) -> None:
-    print(f"{'contender':<16}{'jobs':>8}{'seconds':>10}{'jobs/s':>10}{'enqueued/s':>12}")
-    for name in ("plain_celery", "genq_echo", "genq_engine"):
+    print(f"{'contender':<18}{'jobs':>8}{'seconds':>10}{'jobs/s':>10}{'enqueued/s':>12}")
+    for name in ("plain_celery", "genq_echo", "genq_echo_bulk", "genq_engine", "genq_engine_bulk"):
         row = report["results"].get(name)
         if row:
-            print(f"{name:<16}{row['jobs']:>8}{row['seconds']:>10.2f}{row['jobs_per_s']:>10.1f}"
+            print(f"{name:<18}{row['jobs']:>8}{row['seconds']:>10.2f}{row['jobs_per_s']:>10.1f}"
                   f"{row['enqueued_per_s']:>12.1f}")
     latency = report["results"]["idle_submit_to_start"]
     print(f"idle submit->start: p50 {latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms")
     if "engine_offline" in report["results"]:
-        offline, system = report["results"]["engine_offline"], report["results"]["genq_engine"]
+        offline = report["results"]["engine_offline"]
         print(f"engine offline LLM.generate: {offline['seconds']:.2f} s, "
-              f"{offline['output_tokens']} tokens; through genq: {system['seconds']:.2f} s, "
-              f"{system['output_tokens']} tokens")
+              f"{offline['output_tokens']} tokens")
+        for name in ("genq_engine", "genq_engine_bulk"):
+            system = report["results"][name]
+            print(f"through genq ({name}): {system['seconds']:.2f} s, "
+                  f"{system['output_tokens']} tokens")
     for name, value in report["ratios"].items():
         print(f"{name}: {value:.2f}x")
 

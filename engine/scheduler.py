@@ -8,6 +8,9 @@ does not fit blocks the ones behind it, so a low-priority flood cannot starve a 
 When a running sequence needs a block and none is free, the lowest-priority, newest running
 sequence not yet scheduled this step is preempted: its blocks are freed and it re-enters the
 waiting queue with all its tokens as prompt, to be recomputed (prefix caching makes that cheap).
+Seats are preempted the same way: when all are taken and a request of a higher class waits,
+the lowest-class, newest running sequence gives up its seat, so an interactive request starts
+at the next step instead of waiting for a batch sequence to finish.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class Scheduler:
         """(sequence, number of its tokens to compute) for this step."""
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
+        self._free_seats_for_higher_classes()
         self.running.sort(key=lambda seq: seq.sort_key)
         pending = list(self.running)
         while pending and budget:
@@ -66,6 +70,13 @@ class Scheduler:
             scheduled.append((seq, num_tokens))
             budget -= num_tokens
         return scheduled
+
+    def _free_seats_for_higher_classes(self) -> None:
+        while self.waiting and len(self.running) >= self.max_num_seqs:
+            victim = max(self.running, key=lambda seq: seq.sort_key)
+            if self.waiting[0][1].priority >= victim.priority:
+                return
+            self._preempt(victim)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -1,13 +1,15 @@
 """The Celery application of genq workers.
 
 Delivery settings, and why:
-- `task_acks_late` + `task_reject_on_worker_lost`: a message is acked only after its task
-  returned, and the task returns only after the job's result is committed. A worker killed
-  mid-job leaves its messages unacked, so the broker delivers them again.
-- `worker_prefetch_multiplier` (default 1): with the threads pool, Celery then reserves one
-  message per thread. There are `worker_concurrency + worker_standby_jobs` threads: the engine's
-  batch plus a few claimed jobs waiting in the engine's queue to refill it at the next step.
-  That is the micro-batch window; a larger one only parks messages the worker cannot start.
+- run_job messages do not go through Celery's pool: the task's strategy (workers.tasks) hands
+  them to the micro-batcher, which acks each one only after its job's result is committed. A
+  worker killed mid-job leaves its messages unacked, so the broker delivers them again.
+  `task_acks_late` and `task_reject_on_worker_lost` say the same for any other task.
+- `worker_prefetch_multiplier` (default 1) times the pool size (`worker_concurrency +
+  worker_standby_jobs`, set by `genq worker`; the pool's threads stay unused) is how many
+  messages Celery reserves: the engine's batch plus a few claimed jobs waiting in the engine's
+  queue to refill it at the next step. That is the micro-batch window; a larger one only parks
+  messages the worker cannot start.
 - Redis `visibility_timeout`: an unacked message is redelivered after this long. It must exceed
   the longest job (default 1 h); the jobs table's lease/attempts keep a redelivery harmless.
 - `task_queues`: only the queues of the model this worker serves (`settings.model`; `genq

@@ -1,10 +1,11 @@
-"""One engine per worker process, driven by one thread; Celery task threads hand it requests.
+"""One engine per worker process, driven by one thread; the job runner hands it requests.
 
-Why this design: Celery's threads pool runs up to `worker_concurrency` tasks at once, each
-blocked on a Future here. The loop thread adds their requests to the running engine between
-steps, so jobs join and leave the batch continuously (continuous batching), while Celery keeps
-doing what it is good at: reserving, acking and redelivering messages. Only the loop thread
-calls the engine's add_request/step; other threads just append to `_pending`.
+Why this design: the job runner (workers.job_runner) submits each claimed job and gets a
+Future, resolved with the final output (its callback writes the result; nobody blocks per
+job). The loop thread adds new requests to the running engine between steps, so jobs join and
+leave the batch continuously (continuous batching), while Celery keeps doing what it is good
+at: reserving, acking and redelivering messages. Only the loop thread calls the engine's
+add_request/step; other threads just append to `_pending`.
 
 The loop thread also builds the engine: torch's CPU kernels ran ~1.7x slower on a thread
 other than the one that loaded the model (measured on Zen 4, bf16: 8.9 s vs 5.3 s for the same

@@ -7,8 +7,11 @@ and every commit pays its own round trip. Here one writer thread takes every wri
 waiting and commits them together, so N jobs that finish in one engine step cost one commit.
 An idle worker pays nothing extra: a lone write is committed as soon as it arrives.
 
-A write is a function of the session. If one write of a group raises, the group rolls back and
-each write is retried in a transaction of its own, so only the bad one sees its exception.
+A write is a function of the session, or an argument of a `BatchedWrite`: the writes of one
+kind waiting together are applied by one call (a micro-batch of claims is one UPDATE … IN …),
+so a group's SQL cost grows with its kinds of writes, not its number of jobs. If one write of a
+group raises, the group rolls back and each write is retried in a transaction of its own, so
+only the bad one sees its exception.
 """
 
 from __future__ import annotations
@@ -31,10 +34,26 @@ T = TypeVar("T")
 MAX_WRITES_PER_COMMIT = 256
 
 
+@dataclass(frozen=True, eq=False)
+class BatchedWrite:
+    """A kind of write applied to all its waiting arguments at once: `apply_all(session,
+    arguments)` returns one result per argument, in their order."""
+
+    name: str
+    apply_all: Callable[[Session, list[Any]], list[Any]]
+
+
 @dataclass
 class _Write:
-    apply: Callable[[Session], Any]
+    apply: Callable[[Session], Any] | None = None
+    kind: BatchedWrite | None = None
+    argument: Any = None
     future: Future = field(default_factory=Future)
+
+    def apply_alone(self, session: Session) -> Any:
+        if self.kind is not None:
+            return self.kind.apply_all(session, [self.argument])[0]
+        return self.apply(session)
 
 
 class GroupCommitter:
@@ -49,11 +68,22 @@ class GroupCommitter:
     def write(self, apply: Callable[[Session], T]) -> T:
         """Run `apply(session)` in a committed transaction (shared with other writes) and
         return its result; raise what it raised, or the commit's error."""
-        item = _Write(apply)
+        return self.submit(apply).result()
+
+    def submit(self, apply: Callable[[Session], T]) -> Future[T]:
+        """`write` without waiting: the Future resolves once the write is committed."""
+        return self._enqueue(_Write(apply=apply))
+
+    def submit_batched(self, kind: BatchedWrite, argument: Any) -> Future:
+        """Apply `kind` to `argument`, together with the other waiting arguments of that kind;
+        the Future resolves with this argument's result once committed (or its error)."""
+        return self._enqueue(_Write(kind=kind, argument=argument))
+
+    def _enqueue(self, item: _Write) -> Future:
         with self._lock:
             self._waiting.append(item)
         self._wakeup.set()
-        return item.future.result()
+        return item.future
 
     def _run(self) -> None:
         while True:
@@ -71,7 +101,7 @@ class GroupCommitter:
         if len(group) > 1:
             try:
                 with db.transaction(self.url) as session:
-                    results = [item.apply(session) for item in group]
+                    results = _apply_group(session, group)
             except Exception:
                 log.warning("a group of %d writes failed; retrying each alone", len(group),
                             exc_info=True)
@@ -85,8 +115,25 @@ class GroupCommitter:
     def _commit_alone(self, item: _Write) -> None:
         try:
             with db.transaction(self.url) as session:
-                result = item.apply(session)
+                result = item.apply_alone(session)
         except BaseException as exc:  # handed to the waiting job thread, which decides
             item.future.set_exception(exc)
         else:
             item.future.set_result(result)
+
+
+def _apply_group(session: Session, group: list[_Write]) -> list[Any]:
+    """Apply each plain write, then each batched kind once for all its arguments; the results
+    in the group's order."""
+    results: list[Any] = [None] * len(group)
+    batches: dict[BatchedWrite, list[int]] = {}
+    for index, item in enumerate(group):
+        if item.kind is None:
+            results[index] = item.apply(session)
+        else:
+            batches.setdefault(item.kind, []).append(index)
+    for kind, indexes in batches.items():
+        batch_results = kind.apply_all(session, [group[index].argument for index in indexes])
+        for index, result in zip(indexes, batch_results, strict=True):
+            results[index] = result
+    return results

@@ -1,4 +1,8 @@
-"""Run one job: claim it in the DB, generate in the shared engine, commit exactly one result.
+"""Run jobs: claim a micro-batch of deliveries in the DB, generate in the shared engine, commit
+exactly one result per job, then report each delivery done (its message is acked then).
+
+Nothing here blocks per job: a claimed job goes to the engine with a callback, its outcome goes
+to the group committer, and the commit's callback acks. So one worker needs no thread per job.
 
 Every write is a conditional transition (genq.job_store), so a duplicate delivery, a stale
 worker or a cancel that raced us cannot produce a second result or overwrite a finished job.
@@ -13,10 +17,12 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
+from functools import partial
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -24,12 +30,18 @@ from sqlalchemy.orm import Session
 from engine import RequestOutput, SamplingParams
 from genq import db
 from genq.errors import ErrorCode
-from genq.job_store import enqueue_run_message, transition, transition_returning
+from genq.job_store import (
+    enqueue_run_message,
+    transition,
+    transition_each,
+    transition_many_returning,
+    transition_returning,
+)
 from genq.models import Job, utcnow
 from genq.settings import Settings
 from genq.states import JobStatus, Priority
 from workers.engine_loop import EngineLoop, EngineRequest, RequestAborted
-from workers.group_commit import GroupCommitter
+from workers.group_commit import BatchedWrite, GroupCommitter
 from workers.middleware import load_middleware, run_hook
 
 log = logging.getLogger(__name__)
@@ -43,6 +55,24 @@ class StopReason(Enum):
     DRAIN = "drain"
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """One broker message for a job; `done()` acks it, called once the job's outcome (or its
+    hand-back) is committed."""
+
+    job_id: str
+    done: Callable[[], None]
+
+
+@dataclass
+class _Running:
+    job: Job
+    delivery: Delivery
+    deadline: float | None  # time.monotonic() at which the job expires
+    release: Callable[[], None] | None = None  # frees the quarantine, for a redelivered job
+    stop_reason: StopReason | None = None
+
+
 class JobRunner:
     def __init__(self, settings: Settings, loop: EngineLoop, worker_id: str = WORKER_ID) -> None:
         self.settings = settings
@@ -50,160 +80,242 @@ class JobRunner:
         self.worker_id = worker_id
         self.url = settings.database_url_resolved
         self.writes = GroupCommitter(self.url)
+        self._outputs = BatchedWrite("outputs", self._store_outputs)
         self.middleware = load_middleware(settings.worker_middleware)
         # Jobs that were delivered before (their worker died) run one at a time per process,
         # so a job that kills its process cannot take the same neighbours down twice.
         self._quarantine = threading.Lock()
         self._drain_deadline: float | None = None
+        self._running: dict[str, _Running] = {}
+        self._lock = threading.Lock()
 
     def begin_drain(self, seconds: float) -> None:
         self._drain_deadline = time.monotonic() + seconds
 
-    def run(self, job_id: str) -> None:
+    def is_idle(self) -> bool:
+        with self._lock:
+            return not self._running
+
+    def deliver(self, deliveries: list[Delivery]) -> None:
+        """Start a micro-batch of delivered jobs: first deliveries are claimed in one UPDATE;
+        a job delivered before goes through the quarantine; while draining, all go back."""
+        if not deliveries:
+            return
         if self._drain_deadline is not None:
-            self.hand_back(job_id, claimed=False)
-            return
-        job = self.claim(job_id, first_delivery=True)
-        if job is not None:
-            self._run(job, isolated=False)
-            return
-        # Not a first delivery (or not claimable at all): the quarantine path.
-        if not self._quarantine.acquire(blocking=False):
-            self.hand_back(job_id, claimed=False)
+            for delivery in deliveries:
+                self._then(self.writes.submit(self._requeue(delivery.job_id, claimed=False)),
+                           delivery.job_id, delivery.done)
             return
         try:
-            job = self.claim(job_id)
+            claimed = self.writes.write(lambda session: self._claim_first_deliveries(
+                session, [d.job_id for d in deliveries]))
+        except Exception:
+            # The jobs stay queued in the DB: the reaper republishes a queued job whose message
+            # is gone, so acking here loses nothing and keeps the prefetch window open.
+            log.exception("claiming %d delivered jobs failed; acking them for the reaper",
+                          len(deliveries))
+            for delivery in deliveries:
+                delivery.done()
+            return
+        for delivery, job in zip(deliveries, claimed, strict=True):
             if job is not None:
-                self._run(job, isolated=True)
-        finally:
-            self._quarantine.release()
+                self._start(job, delivery)
+            else:  # not a first delivery (or not claimable at all)
+                self._deliver_again(delivery)
 
-    def _run(self, job: Job, isolated: bool) -> None:
-        run_hook(self.middleware, "before_job", job)
+    def run(self, job_id: str) -> None:
+        """Deliver one job and wait until its outcome is committed (a direct call of the
+        Celery task, and tests)."""
+        finished = threading.Event()
+        self.deliver([Delivery(job_id, finished.set)])
+        while not finished.wait(WAIT_TICK_SECONDS):
+            self.enforce_deadlines()
+
+    def _deliver_again(self, delivery: Delivery) -> None:
+        if not self._quarantine.acquire(blocking=False):
+            self._then(self.writes.submit(self._requeue(delivery.job_id, claimed=False)),
+                       delivery.job_id, delivery.done)
+            return
         try:
-            self._execute(job, isolated)
-        finally:
-            run_hook(self.middleware, "after_job", job)
+            job = self.claim(delivery.job_id)
+        except BaseException:
+            self._quarantine.release()
+            raise
+        if job is None:
+            self._quarantine.release()
+            delivery.done()
+            return
+        self._start(job, delivery, release=self._quarantine.release)
 
-    def _execute(self, job: Job, isolated: bool) -> None:
-        if job.deadline_at is not None and job.deadline_at <= utcnow():
-            self._finish(job.id, JobStatus.EXPIRED)
+    def _start(self, job: Job, delivery: Delivery,
+               release: Callable[[], None] | None = None) -> None:
+        """Hand a claimed job to the engine; its outcome is written when the engine is done."""
+        run_hook(self.middleware, "before_job", job)
+        deadline = (time.monotonic() + (job.deadline_at - utcnow()).total_seconds()
+                    if job.deadline_at is not None else None)
+        running = _Running(job, delivery, deadline, release)
+        if deadline is not None and deadline <= time.monotonic():
+            self._then(self.writes.submit(self._finish(job.id, JobStatus.EXPIRED)), job.id,
+                       partial(self._ended, running))
             return
         request = EngineRequest(
             request_id=job.id,
             prompt=job.messages if job.messages is not None else job.prompt or "",
             params=SamplingParams(**job.sampling_params),
             priority=Priority(job.priority).rank,
-            isolated=isolated,
+            isolated=release is not None,
         )
+        with self._lock:
+            self._running[job.id] = running
+        self.loop.submit(request).add_done_callback(
+            lambda future: self._on_engine_done(running, future))
+
+    def _on_engine_done(self, running: _Running, future: Future[RequestOutput]) -> None:
+        """Called by the engine loop thread: pick the job's outcome and queue its write."""
+        job_id = running.job.id
+        with self._lock:
+            self._running.pop(job_id, None)
+        write = self._outcome_write(running, future)
+        if write is None:  # canceled before it reached the engine: the cancel wrote the outcome
+            self._ended(running)
+        else:
+            self._then(write, job_id, partial(self._ended, running))
+
+    def _outcome_write(self, running: _Running, future: Future[RequestOutput]) -> Future | None:
+        job_id = running.job.id
+        output: RequestOutput | None = None
         try:
-            output, stop_reason = self._wait(job, self.loop.submit(request))
+            output = future.result()
+        except RequestAborted:  # aborted (cancel, deadline, drain) before it ever ran
+            pass
         except ValueError as exc:  # refused by the engine: the request itself is bad
-            self.fail(job.id, ErrorCode.INVALID_REQUEST, str(exc))
-            return
+            return self.writes.submit(self._fail(job_id, ErrorCode.INVALID_REQUEST, str(exc)))
         except Exception as exc:
-            self.fail(job.id, ErrorCode.ENGINE_ERROR, f"{type(exc).__name__}: {exc}")
-            return
-        if stop_reason is StopReason.DRAIN:
-            self.hand_back(job.id, claimed=True)
-        elif stop_reason is StopReason.DEADLINE:
-            self._finish(job.id, JobStatus.EXPIRED, output=output)
-        elif output is not None:
-            self.record_output(job.id, output)
+            return self.writes.submit(self._fail(job_id, ErrorCode.ENGINE_ERROR,
+                                                 f"{type(exc).__name__}: {exc}"))
+        if running.stop_reason is StopReason.DRAIN:
+            return self.writes.submit(self._requeue(job_id, claimed=True))
+        if running.stop_reason is StopReason.DEADLINE:
+            return self.writes.submit(self._finish(job_id, JobStatus.EXPIRED, output))
+        if output is not None:
+            return self.writes.submit_batched(self._outputs, (job_id, _result_values(output)))
+        return None
 
-    def _wait(self, job: Job, future: Future[RequestOutput]
-              ) -> tuple[RequestOutput | None, StopReason | None]:
-        """Wait for the engine, aborting the request at the job's deadline or the drain's."""
-        deadline = (time.monotonic() + (job.deadline_at - utcnow()).total_seconds()
-                    if job.deadline_at is not None else None)
-        reason: StopReason | None = None
-        while True:
-            try:
-                return future.result(timeout=WAIT_TICK_SECONDS), reason
-            except RequestAborted:  # aborted (cancel, deadline, drain) before it ever ran
-                return None, reason
-            except FutureTimeout:
-                pass
-            if reason is not None:
+    def _then(self, write: Future, job_id: str, on_committed: Callable[[], None]) -> None:
+        """Call `on_committed` once `write` is committed. A write that failed (DB down) leaves
+        the job's message unacked and its lease unrenewed: the reaper re-queues the job when
+        the lease expires, and a redelivery of the message is harmless."""
+        def after_commit(future: Future) -> None:
+            if future.exception() is not None:
+                log.error("job %s: its outcome could not be written", job_id,
+                          exc_info=future.exception())
+                return
+            on_committed()
+
+        write.add_done_callback(after_commit)
+
+    def _ended(self, running: _Running) -> None:
+        try:
+            run_hook(self.middleware, "after_job", running.job)
+        finally:
+            if running.release is not None:
+                running.release()
+            running.delivery.done()
+
+    def enforce_deadlines(self) -> None:
+        """Abort in the engine the jobs past their deadline, and every job once the drain
+        deadline has passed (called every housekeeping tick)."""
+        now = time.monotonic()
+        draining = self._drain_deadline is not None and now >= self._drain_deadline
+        with self._lock:
+            running = list(self._running.values())
+        for item in running:
+            if item.stop_reason is not None:
                 continue
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                reason = StopReason.DEADLINE
-            elif self._drain_deadline is not None and now >= self._drain_deadline:
-                reason = StopReason.DRAIN
-            if reason is not None:
-                self.loop.abort(job.id)
+            if item.deadline is not None and now >= item.deadline:
+                item.stop_reason = StopReason.DEADLINE
+            elif draining:
+                item.stop_reason = StopReason.DRAIN
+            if item.stop_reason is not None:
+                self.loop.abort(item.job.id)
 
-    def claim(self, job_id: str, first_delivery: bool = False) -> Job | None:
-        """Take the job for this worker, or return None when it is not ours to run.
+    def claim(self, job_id: str) -> Job | None:
+        """Take a redelivered job for this worker, or return None when it is not ours to run:
+        still queued (handed back), or running under an expired lease (its worker died)."""
+        job = self.writes.write(lambda session: self._reclaim(session, job_id))
+        if job is None:
+            log.info("job %s not claimed: finished, canceled, unknown or running elsewhere",
+                     job_id)
+            return None
+        if job.attempts > self.settings.job_max_attempts:
+            self.writes.write(self._fail(job_id, ErrorCode.WORKER_LOST,
+                                         f"gave up after {job.attempts - 1} deliveries that "
+                                         "did not finish"))
+            return None
+        return job
 
-        `first_delivery`: claim only a job that never ran (the fast path, one UPDATE).
-        """
+    def _claim_first_deliveries(self, session: Session, job_ids: list[str]) -> list[Job | None]:
+        """Claim a micro-batch of jobs that never ran, in one UPDATE; an id delivered twice in
+        the batch is claimed once (its second copy gets None, like any duplicate)."""
+        claimed = transition_many_returning(
+            session, list(dict.fromkeys(job_ids)), JobStatus.RUNNING,
+            only_from={JobStatus.QUEUED}, extra_where=(*self._model_is_ours(), Job.attempts == 0),
+            **self._lease())
+        by_id = {job.id: job for job in claimed}
+        return [by_id.pop(job_id, None) for job_id in job_ids]
+
+    def _reclaim(self, session: Session, job_id: str) -> Job | None:
+        return transition_returning(
+            session, job_id, JobStatus.RUNNING, only_from={JobStatus.QUEUED},
+            extra_where=self._model_is_ours(), **self._lease(),
+        ) or transition_returning(
+            session, job_id, JobStatus.RUNNING, only_from={JobStatus.RUNNING},
+            extra_where=(*self._model_is_ours(), Job.lease_expires_at < utcnow()),
+            **self._lease(),
+        )
+
+    def _lease(self) -> dict:
         now = utcnow()
-        lease = {
+        return {
             "worker_id": self.worker_id,
             "lease_expires_at": now + timedelta(seconds=self.settings.job_lease_seconds),
             "attempts": Job.attempts + 1,
             "started_at": func.coalesce(Job.started_at, now),
         }
 
-        ours = (Job.model == self.settings.model,)  # a stray message of another model
+    def _model_is_ours(self) -> tuple:
+        return (Job.model == self.settings.model,)  # a stray message of another model
 
-        def take(session: Session) -> Job | None:
-            return transition_returning(
-                session, job_id, JobStatus.RUNNING, only_from={JobStatus.QUEUED},
-                extra_where=(*ours, Job.attempts == 0) if first_delivery else ours, **lease
-            ) or (None if first_delivery else transition_returning(
-                session,
-                job_id,
-                JobStatus.RUNNING,
-                only_from={JobStatus.RUNNING},
-                extra_where=(*ours, Job.lease_expires_at < now),
-                **lease,
-            ))
-
-        job = self.writes.write(take)
-        if job is None:
-            if not first_delivery:
-                log.info("job %s not claimed: finished, canceled, unknown or running elsewhere",
-                         job_id)
-            return None
-        if job.attempts > self.settings.job_max_attempts:
-            self.fail(job_id, ErrorCode.WORKER_LOST,
-                      f"gave up after {job.attempts - 1} deliveries that did not finish")
-            return None
-        return job
-
-    def record_output(self, job_id: str, output: RequestOutput) -> None:
-        result = _result_values(output)
-
-        def store(session: Session) -> None:
-            if result["finish_reason"] != "abort" and transition(
-                session, job_id, JobStatus.SUCCEEDED, extra_where=self._ours(), **result
-            ):
-                return
+    def _store_outputs(self, session: Session, outputs: list[tuple[str, dict]]) -> list[None]:
+        """Store a micro-batch of finished jobs' outputs in one UPDATE."""
+        finished = {job_id: values for job_id, values in outputs
+                    if values["finish_reason"] != "abort"}
+        succeeded = transition_each(session, finished, JobStatus.SUCCEEDED,
+                                    extra_where=self._ours())
+        for job_id, values in outputs:
+            if job_id in succeeded:
+                continue
             # Canceled while running: keep the partial output on the canceled row, once.
             session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.status == JobStatus.CANCELED.value,
                        Job.output_text.is_(None))
-                .values(**result)
+                .values(**values)
             )
-
-        self.writes.write(store)
+        return [None] * len(outputs)
 
     def _finish(self, job_id: str, status: JobStatus, output: RequestOutput | None = None
-                ) -> None:
+                ) -> Callable[[Session], bool]:
         values = _result_values(output) if output is not None else {}
-        self.writes.write(lambda session: transition(
-            session, job_id, status, extra_where=self._ours(), **values))
+        return lambda session: transition(session, job_id, status, extra_where=self._ours(),
+                                          **values)
 
-    def fail(self, job_id: str, code: ErrorCode, message: str) -> None:
-        self.writes.write(lambda session: transition(
+    def _fail(self, job_id: str, code: ErrorCode, message: str) -> Callable[[Session], bool]:
+        return lambda session: transition(
             session, job_id, JobStatus.FAILED, extra_where=self._ours(),
-            error_code=code.value, error_message=message[:2000]))
+            error_code=code.value, error_message=message[:2000])
 
-    def hand_back(self, job_id: str, claimed: bool) -> None:
+    def _requeue(self, job_id: str, claimed: bool) -> Callable[[Session], None]:
         """Put the job back in its queue through the outbox (this worker will not run it)."""
 
         def requeue(session: Session) -> None:
@@ -217,7 +329,7 @@ class JobRunner:
                     select(Job.model, Job.priority).where(Job.id == job_id)).one()
                 enqueue_run_message(session, job_id, model, Priority(priority))
 
-        self.writes.write(requeue)
+        return requeue
 
     def abort_canceled(self) -> None:
         """Abort in the engine every in-flight job that was canceled through the API."""
@@ -233,11 +345,18 @@ class JobRunner:
             self.loop.abort(job_id)
 
     def renew_leases(self) -> None:
+        """Extend the leases of the jobs this worker is running (a job whose outcome could not
+        be written is no longer among them: its lease runs out and the reaper takes it)."""
+        with self._lock:
+            running = list(self._running)
+        if not running:
+            return
         expires = utcnow() + timedelta(seconds=self.settings.job_lease_seconds)
         with db.transaction(self.url) as session:
             session.execute(
                 update(Job)
-                .where(Job.worker_id == self.worker_id, Job.status == JobStatus.RUNNING.value)
+                .where(Job.id.in_(running), Job.worker_id == self.worker_id,
+                       Job.status == JobStatus.RUNNING.value)
                 .values(lease_expires_at=expires)
             )
 

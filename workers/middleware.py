@@ -1,8 +1,9 @@
 """Worker middleware (dramatiq-style hooks instead of flags threaded through calls).
 
 `GENQ_WORKER_MIDDLEWARE="pkg.module:object,…"` names objects with any of these hooks:
-- `before_job(job)`: called in the worker thread after the job was claimed, before it runs.
-- `after_job(job)`: called in the same thread once the job's run ended, however it ended.
+- `before_job(job)`: called after the job was claimed, before it goes to the engine.
+- `after_job(job)`: called once the job's outcome is committed, however it ended (on the
+  worker's writer thread: keep it quick).
 """
 
 from __future__ import annotations

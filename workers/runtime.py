@@ -16,6 +16,7 @@ from workers import heartbeat
 from workers.engine_loop import EngineLoop, EngineRequest
 from workers.job_runner import JobRunner
 from workers.metrics import JobTimingMiddleware, start_metrics_server
+from workers.micro_batch import MicroBatcher
 from workers.reaper import (
     expire_overdue_queued,
     reap_expired_leases,
@@ -23,6 +24,9 @@ from workers.reaper import (
 )
 
 log = logging.getLogger(__name__)
+
+# After the drain deadline, the aborted jobs' hand-backs still need a commit and an ack.
+DRAIN_GRACE_SECONDS = 5.0
 
 
 class WorkerRuntime:
@@ -48,6 +52,7 @@ class WorkerRuntime:
         engine = self.loop.engine
         self.runner = JobRunner(settings, self.loop)
         self.runner.middleware.append(JobTimingMiddleware())
+        self.batcher = MicroBatcher(self.runner)
         if settings.worker_metrics_port:
             start_metrics_server(settings.worker_metrics_port, engine, settings.model)
         self._warm_up()
@@ -63,9 +68,11 @@ class WorkerRuntime:
         self.loop.submit(EngineRequest("warmup", "Hello", params, priority=0)).result()
 
     def _housekeep(self, settings: Settings) -> None:
-        """Abort canceled jobs every tick; renew leases and reap dead workers' jobs less often."""
+        """Abort canceled and overdue jobs every tick; renew leases and reap dead workers' jobs
+        less often."""
         chores = [
             (0.0, self.runner.abort_canceled),
+            (0.0, self.runner.enforce_deadlines),
             (settings.job_lease_seconds / 3, self.runner.renew_leases),
             (settings.reaper_interval_seconds, lambda: reap_expired_leases(settings)),
             (settings.reaper_interval_seconds, lambda: expire_overdue_queued(settings)),
@@ -85,6 +92,18 @@ class WorkerRuntime:
                     chore()
                 except Exception:
                     log.exception("housekeeping chore %s failed", getattr(chore, "__name__", chore))
+
+    def drain(self, seconds: float) -> None:
+        """Warm shutdown, once Celery stopped consuming: in-flight jobs get `seconds` to
+        finish, then go back to the queue; returns when every delivery is acked."""
+        self.runner.begin_drain(seconds)
+        deadline = time.monotonic() + seconds + DRAIN_GRACE_SECONDS
+        while not (self.batcher.is_idle() and self.runner.is_idle()):
+            if time.monotonic() > deadline:
+                log.warning("drain: jobs still in flight after %.0f s; their messages are "
+                            "redelivered", seconds)
+                return
+            time.sleep(0.05)
 
     def close(self) -> None:
         self._stop.set()

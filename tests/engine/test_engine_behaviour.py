@@ -100,6 +100,28 @@ def test_lower_priority_number_is_served_first(tiny_engine_factory, reference):
     assert order == ["urgent", "normal", "late-low", "low-2"]
 
 
+def test_a_higher_class_takes_a_seat_from_a_running_lower_class(tiny_engine_factory, reference):
+    # Given every seat taken by batch-class requests already generating
+    prompts, tokens = reference
+    engine = tiny_engine_factory(max_num_seqs=2)
+    batch = SamplingParams(max_tokens=30, ignore_eos=True, **GREEDY)
+    for i in range(2):
+        engine.add_request(f"batch-{i}", prompts[i], batch, priority=5)
+    for _ in range(3):
+        engine.step()
+
+    # When an interactive request arrives
+    engine.add_request("urgent", prompts[2], SamplingParams(max_tokens=2, ignore_eos=True,
+                                                            **GREEDY), priority=0)
+    finished = run_to_completion_ordered(engine)
+
+    # Then it finishes first, and the preempted request still gives its greedy output
+    assert finished[0].request_id == "urgent"
+    assert engine.stats.num_preemptions >= 1
+    outputs = {output.request_id: output.outputs[0].token_ids for output in finished}
+    assert [outputs["batch-0"], outputs["batch-1"]] == tokens[:2]
+
+
 def run_to_completion_ordered(engine):
     finished = []
     while engine.has_unfinished_requests():

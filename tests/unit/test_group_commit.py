@@ -129,3 +129,51 @@ def test_published_outbox_rows_are_marked_sent_in_the_background(sqlite_url, cou
             break
         time.sleep(0.02)
     assert unsent == 0
+
+
+def test_batched_writes_waiting_together_are_applied_in_one_call(sqlite_url):
+    from workers.group_commit import BatchedWrite
+
+    committer = GroupCommitter(sqlite_url)
+    gate = threading.Event()
+    calls: list[list[str]] = []
+
+    def add_all(session, names):
+        calls.append(list(names))
+        session.add_all(Tenant(name=name) for name in names)
+        return [f"added {name}" for name in names]
+
+    kind = BatchedWrite("tenants", add_all)
+    blocker = committer.submit(lambda session: gate.wait(5))  # queue the rest behind it
+    time.sleep(0.1)
+    futures = [committer.submit_batched(kind, name) for name in ("a", "b", "c")]
+    gate.set()
+
+    assert blocker.result(10) is True
+    assert [future.result(10) for future in futures] == ["added a", "added b", "added c"]
+    assert calls == [["a", "b", "c"]]
+    assert _tenant_count(sqlite_url) == 3
+
+
+def test_a_failing_batched_write_fails_only_its_own_argument(sqlite_url):
+    from workers.group_commit import BatchedWrite
+
+    committer = GroupCommitter(sqlite_url)
+    gate = threading.Event()
+
+    def add_all(session, names):
+        if "bad" in names:
+            raise ValueError("a bad name")
+        session.add_all(Tenant(name=name) for name in names)
+        return [None] * len(names)
+
+    kind = BatchedWrite("tenants", add_all)
+    committer.submit(lambda session: gate.wait(5))
+    time.sleep(0.1)
+    futures = {name: committer.submit_batched(kind, name) for name in ("a", "bad", "b")}
+    gate.set()
+
+    assert futures["a"].result(10) is None and futures["b"].result(10) is None
+    with pytest.raises(ValueError):
+        futures["bad"].result(10)
+    assert _tenant_count(sqlite_url) == 2

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
+
+import pytest
+from sqlalchemy import event, select
 
 from genq import db
 from genq.models import Job, Tenant, utcnow
@@ -15,9 +19,9 @@ def _echo_settings(url: str) -> Settings:
     return Settings(database_url=url, broker_url="redis://unused", model="echo")
 
 
-def _queued_job(url: str, **values) -> str:
+def _queued_job(url: str, tenant_name: str = "t", **values) -> str:
     with db.transaction(url) as session:
-        tenant = Tenant(name="t")
+        tenant = Tenant(name=tenant_name)
         session.add(tenant)
         session.flush()
         job = Job(tenant_id=tenant.id, model="echo", prompt="hello there",
@@ -45,21 +49,69 @@ def test_deadline_passing_before_the_engine_admits_the_job_expires_it(sqlite_url
     assert job.finished_at is not None and job.output_text is None
 
 
-def test_a_job_runs_once_and_a_second_delivery_is_a_no_op(sqlite_url):
+@pytest.fixture
+def echo_runner(sqlite_url):
+    """A JobRunner on `sqlite_url` whose EngineLoop runs the echo engine."""
     from engine.echo import EchoEngine
     from workers.engine_loop import EngineLoop
     from workers.job_runner import JobRunner
 
-    job_id = _queued_job(sqlite_url)
     loop = EngineLoop(lambda: EchoEngine(cache_dir=MODEL_CACHE_DIR))
     loop.start()
-    runner = JobRunner(_echo_settings(sqlite_url), loop)
-    try:
-        runner.run(job_id)
-        runner.run(job_id)
-    finally:
-        loop.stop(timeout=5)
+    yield JobRunner(_echo_settings(sqlite_url), loop)
+    loop.stop(timeout=5)
 
-    with db.session_factory(sqlite_url)() as session:
-        job = session.get(Job, job_id)
+
+def _job(url: str, job_id: str) -> Job:
+    with db.session_factory(url)() as session:
+        return session.get(Job, job_id)
+
+
+def test_a_job_runs_once_and_a_second_delivery_is_a_no_op(sqlite_url, echo_runner):
+    job_id = _queued_job(sqlite_url)
+
+    echo_runner.run(job_id)
+    echo_runner.run(job_id)
+
+    job = _job(sqlite_url, job_id)
     assert (job.status, job.attempts, job.output_text) == (JobStatus.SUCCEEDED, 1, "hello there")
+
+
+def test_a_job_delivered_twice_in_one_micro_batch_runs_once_and_both_are_acked(sqlite_url,
+                                                                              echo_runner):
+    from workers.job_runner import Delivery
+
+    job_id = _queued_job(sqlite_url)
+    acked = [threading.Event(), threading.Event()]
+
+    echo_runner.deliver([Delivery(job_id, acked[0].set), Delivery(job_id, acked[1].set)])
+
+    assert all(ack.wait(10) for ack in acked)
+    job = _job(sqlite_url, job_id)
+    assert (job.status, job.attempts, job.output_text) == (JobStatus.SUCCEEDED, 1, "hello there")
+
+
+def test_a_micro_batch_is_claimed_in_one_statement_and_each_result_acks_its_message(
+        sqlite_url, echo_runner):
+    from workers.job_runner import Delivery
+
+    job_ids = [_queued_job(sqlite_url, tenant_name=f"t{i}") for i in range(5)]
+    claims: list[str] = []
+
+    def count_claims(conn, cursor, statement, parameters, context, executemany):
+        if statement.startswith("UPDATE jobs") and "attempts" in statement.split("WHERE")[0]:
+            claims.append(statement)
+
+    engine = db.get_engine(sqlite_url)
+    event.listen(engine, "before_cursor_execute", count_claims)
+    acked = {job_id: threading.Event() for job_id in job_ids}
+    try:
+        echo_runner.deliver([Delivery(job_id, acked[job_id].set) for job_id in job_ids])
+        assert all(ack.wait(10) for ack in acked.values())
+    finally:
+        event.remove(engine, "before_cursor_execute", count_claims)
+
+    assert len(claims) == 1
+    with db.session_factory(sqlite_url)() as session:
+        statuses = session.scalars(select(Job.status).where(Job.id.in_(job_ids))).all()
+    assert statuses == [JobStatus.SUCCEEDED] * 5

@@ -20,9 +20,9 @@ def test_a_job_runs_before_it_succeeds():
     assert not can_transition(JobStatus.QUEUED, JobStatus.SUCCEEDED)
 
 
-def _make_job(url: str) -> str:
+def _make_job(url: str, tenant_name: str = "t") -> str:
     with db.transaction(url) as session:
-        tenant = Tenant(name="t")
+        tenant = Tenant(name=tenant_name)
         session.add(tenant)
         session.flush()
         job = Job(tenant_id=tenant.id, model="m", prompt="p")
@@ -57,3 +57,22 @@ def test_out_of_date_schema_is_refused_with_a_clear_message(tmp_path):
         db.ensure_schema_current(url)
     db.upgrade(url)
     db.ensure_schema_current(url)
+
+
+def test_many_jobs_move_in_one_statement_each_with_its_own_values(database_url):
+    from genq.job_store import transition_each, transition_many_returning
+
+    job_ids = [_make_job(database_url, tenant_name=f"t{i}") for i in range(3)]
+    with db.transaction(database_url) as session:
+        claimed = transition_many_returning(session, job_ids[:2], JobStatus.RUNNING,
+                                            worker_id="w1")
+        assert sorted(job.id for job in claimed) == sorted(job_ids[:2])
+        values = {job_id: {"output_text": f"out {i}", "completion_tokens": i}
+                  for i, job_id in enumerate(job_ids)}
+        # The third job never ran: it is not moved, and the others keep their own values.
+        assert transition_each(session, values, JobStatus.SUCCEEDED) == set(job_ids[:2])
+    with db.session_factory(database_url)() as session:
+        jobs = {job.id: job for job in session.query(Job).where(Job.id.in_(job_ids))}
+    assert [(jobs[i].status, jobs[i].output_text, jobs[i].completion_tokens) for i in job_ids] == [
+        (JobStatus.SUCCEEDED, "out 0", 0), (JobStatus.SUCCEEDED, "out 1", 1),
+        (JobStatus.QUEUED, None, None)]
