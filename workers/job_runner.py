@@ -87,24 +87,29 @@ class JobRunner:
         self._quarantine = threading.Lock()
         self._drain_deadline: float | None = None
         self._running: dict[str, _Running] = {}
+        self._unsettled = 0  # deliveries neither acked nor given up on yet
         self._lock = threading.Lock()
 
     def begin_drain(self, seconds: float) -> None:
         self._drain_deadline = time.monotonic() + seconds
 
     def is_idle(self) -> bool:
+        """True when every delivery handed to `deliver` is settled (its outcome committed and
+        its message acked, or its write given up on)."""
         with self._lock:
-            return not self._running
+            return self._unsettled == 0
 
     def deliver(self, deliveries: list[Delivery]) -> None:
         """Start a micro-batch of delivered jobs: first deliveries are claimed in one UPDATE;
         a job delivered before goes through the quarantine; while draining, all go back."""
         if not deliveries:
             return
+        with self._lock:
+            self._unsettled += len(deliveries)
         if self._drain_deadline is not None:
             for delivery in deliveries:
                 self._then(self.writes.submit(self._requeue(delivery.job_id, claimed=False)),
-                           delivery.job_id, delivery.done)
+                           delivery.job_id, partial(self._settle, delivery))
             return
         try:
             claimed = self.writes.write(lambda session: self._claim_first_deliveries(
@@ -115,7 +120,7 @@ class JobRunner:
             log.exception("claiming %d delivered jobs failed; acking them for the reaper",
                           len(deliveries))
             for delivery in deliveries:
-                delivery.done()
+                self._settle(delivery, acked=True)
             return
         for delivery, job in zip(deliveries, claimed, strict=True):
             if job is not None:
@@ -134,16 +139,17 @@ class JobRunner:
     def _deliver_again(self, delivery: Delivery) -> None:
         if not self._quarantine.acquire(blocking=False):
             self._then(self.writes.submit(self._requeue(delivery.job_id, claimed=False)),
-                       delivery.job_id, delivery.done)
+                       delivery.job_id, partial(self._settle, delivery))
             return
         try:
             job = self.claim(delivery.job_id)
         except BaseException:
             self._quarantine.release()
+            self._settle(delivery, acked=False)
             raise
         if job is None:
             self._quarantine.release()
-            delivery.done()
+            self._settle(delivery, acked=True)
             return
         self._start(job, delivery, release=self._quarantine.release)
 
@@ -177,7 +183,7 @@ class JobRunner:
             self._running.pop(job_id, None)
         write = self._outcome_write(running, future)
         if write is None:  # canceled before it reached the engine: the cancel wrote the outcome
-            self._ended(running)
+            self._ended(running, committed=True)
         else:
             self._then(write, job_id, partial(self._ended, running))
 
@@ -201,26 +207,36 @@ class JobRunner:
             return self.writes.submit_batched(self._outputs, (job_id, _result_values(output)))
         return None
 
-    def _then(self, write: Future, job_id: str, on_committed: Callable[[], None]) -> None:
-        """Call `on_committed` once `write` is committed. A write that failed (DB down) leaves
+    def _then(self, write: Future, job_id: str, on_end: Callable[[bool], None]) -> None:
+        """Call `on_end(committed)` once `write` is done. A write that failed (DB down) leaves
         the job's message unacked and its lease unrenewed: the reaper re-queues the job when
         the lease expires, and a redelivery of the message is harmless."""
         def after_commit(future: Future) -> None:
-            if future.exception() is not None:
+            committed = future.exception() is None
+            if not committed:
                 log.error("job %s: its outcome could not be written", job_id,
                           exc_info=future.exception())
-                return
-            on_committed()
+            on_end(committed)
 
         write.add_done_callback(after_commit)
 
-    def _ended(self, running: _Running) -> None:
+    def _ended(self, running: _Running, committed: bool) -> None:
         try:
             run_hook(self.middleware, "after_job", running.job)
         finally:
             if running.release is not None:
                 running.release()
-            running.delivery.done()
+            self._settle(running.delivery, acked=committed)
+
+    def _settle(self, delivery: Delivery, acked: bool) -> None:
+        """Done with a delivery: ack its message once its outcome is committed; without a
+        committed outcome it stays unacked, for the broker to deliver again."""
+        try:
+            if acked:
+                delivery.done()
+        finally:
+            with self._lock:
+                self._unsettled -= 1
 
     def enforce_deadlines(self) -> None:
         """Abort in the engine the jobs past their deadline, and every job once the drain

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -115,3 +116,31 @@ def test_a_micro_batch_is_claimed_in_one_statement_and_each_result_acks_its_mess
     with db.session_factory(sqlite_url)() as session:
         statuses = session.scalars(select(Job.status).where(Job.id.in_(job_ids))).all()
     assert statuses == [JobStatus.SUCCEEDED] * 5
+
+
+def test_the_runner_is_idle_only_once_every_outcome_is_committed_and_acked(sqlite_url,
+                                                                          echo_runner):
+    # Regression: the drain took "no job in the engine" for idle, and the worker could exit
+    # with a finished job's result still waiting for its commit.
+    from workers.job_runner import Delivery
+
+    job_id = _queued_job(sqlite_url)
+    acked = threading.Event()
+    gate = threading.Event()
+
+    class HoldTheWriter:  # queued before the job reaches the engine, so before its result
+        def before_job(self, job) -> None:
+            echo_runner.writes.submit(lambda session: gate.wait(10))
+
+    echo_runner.middleware.append(HoldTheWriter())
+    echo_runner.deliver([Delivery(job_id, acked.set)])
+    deadline = time.monotonic() + 10
+    while echo_runner.loop.in_flight() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    assert not echo_runner.loop.in_flight() and not acked.is_set()
+    assert not echo_runner.is_idle()
+    gate.set()
+    assert acked.wait(10)
+    assert echo_runner.is_idle()
+    assert _job(sqlite_url, job_id).status == JobStatus.SUCCEEDED
