@@ -8,10 +8,10 @@ waiting and commits them together, so N jobs that finish in one engine step cost
 An idle worker pays nothing extra: a lone write is committed as soon as it arrives.
 
 A write is a function of the session, or an argument of a `BatchedWrite`: the writes of one
-kind waiting together are applied by one call (a micro-batch of claims is one UPDATE … IN …),
-so a group's SQL cost grows with its kinds of writes, not its number of jobs. If one write of a
-group raises, the group rolls back and each write is retried in a transaction of its own, so
-only the bad one sees its exception.
+kind waiting together are applied by one call (the outputs of jobs that finished together are
+one UPDATE), so a group's SQL cost grows with its kinds of writes, not its number of jobs. If
+one write of a group raises, the group rolls back and each write is retried in a transaction of
+its own, so only the bad one sees its exception.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ class BatchedWrite:
     """A kind of write applied to all its waiting arguments at once: `apply_all(session,
     arguments)` returns one result per argument, in their order."""
 
-    name: str
     apply_all: Callable[[Session, list[Any]], list[Any]]
 
 

@@ -58,10 +58,11 @@ class StopReason(Enum):
 @dataclass(frozen=True)
 class Delivery:
     """One broker message for a job; `done()` acks it, called once the job's outcome (or its
-    hand-back) is committed."""
+    hand-back) is committed; `not_done()` is called instead when that write failed."""
 
     job_id: str
     done: Callable[[], None]
+    not_done: Callable[[], None] = lambda: None
 
 
 @dataclass
@@ -80,7 +81,7 @@ class JobRunner:
         self.worker_id = worker_id
         self.url = settings.database_url_resolved
         self.writes = GroupCommitter(self.url)
-        self._outputs = BatchedWrite("outputs", self._store_outputs)
+        self._outputs = BatchedWrite(self._store_outputs)
         self.middleware = load_middleware(settings.worker_middleware)
         # Jobs that were delivered before (their worker died) run one at a time per process,
         # so a job that kills its process cannot take the same neighbours down twice.
@@ -131,9 +132,11 @@ class JobRunner:
     def run(self, job_id: str) -> None:
         """Deliver one job and wait until its outcome is committed (a direct call of the
         Celery task, and tests)."""
-        finished = threading.Event()
-        self.deliver([Delivery(job_id, finished.set)])
+        finished, failed = threading.Event(), threading.Event()
+        self.deliver([Delivery(job_id, finished.set, failed.set)])
         while not finished.wait(WAIT_TICK_SECONDS):
+            if failed.is_set():
+                raise RuntimeError(f"job {job_id}: its outcome could not be written")
             self.enforce_deadlines()
 
     def _deliver_again(self, delivery: Delivery) -> None:
@@ -232,8 +235,7 @@ class JobRunner:
         """Done with a delivery: ack its message once its outcome is committed; without a
         committed outcome it stays unacked, for the broker to deliver again."""
         try:
-            if acked:
-                delivery.done()
+            (delivery.done if acked else delivery.not_done)()
         finally:
             with self._lock:
                 self._unsettled -= 1

@@ -143,7 +143,7 @@ def test_batched_writes_waiting_together_are_applied_in_one_call(sqlite_url):
         session.add_all(Tenant(name=name) for name in names)
         return [f"added {name}" for name in names]
 
-    kind = BatchedWrite("tenants", add_all)
+    kind = BatchedWrite(add_all)
     blocker = committer.submit(lambda session: gate.wait(5))  # queue the rest behind it
     time.sleep(0.1)
     futures = [committer.submit_batched(kind, name) for name in ("a", "b", "c")]
@@ -167,7 +167,7 @@ def test_a_failing_batched_write_fails_only_its_own_argument(sqlite_url):
         session.add_all(Tenant(name=name) for name in names)
         return [None] * len(names)
 
-    kind = BatchedWrite("tenants", add_all)
+    kind = BatchedWrite(add_all)
     committer.submit(lambda session: gate.wait(5))
     time.sleep(0.1)
     futures = {name: committer.submit_batched(kind, name) for name in ("a", "bad", "b")}

@@ -144,3 +144,19 @@ def test_the_runner_is_idle_only_once_every_outcome_is_committed_and_acked(sqlit
     assert acked.wait(10)
     assert echo_runner.is_idle()
     assert _job(sqlite_url, job_id).status == JobStatus.SUCCEEDED
+
+
+def test_a_direct_run_raises_when_the_outcome_cannot_be_written(sqlite_url, echo_runner):
+    # Regression: `run` waited forever for an ack that a failed result write never gives.
+    job_id = _queued_job(sqlite_url)
+
+    class LoseTheJobsTable:  # after the claim, the result's UPDATE has no table to write to
+        def before_job(self, job) -> None:
+            with db.get_engine(sqlite_url).begin() as conn:
+                conn.exec_driver_sql("ALTER TABLE jobs RENAME TO jobs_gone")
+
+    echo_runner.middleware.append(LoseTheJobsTable())
+
+    with pytest.raises(RuntimeError, match="could not be written"):
+        echo_runner.run(job_id)
+    assert echo_runner.is_idle()
