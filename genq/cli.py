@@ -117,7 +117,7 @@ def _api_env(settings: Settings, env: dict[str, str]) -> dict[str, str]:
 def worker(model: str | None, concurrency: int | None, hostname: str | None) -> None:
     """Run a worker: one engine for one model fed by Celery's consumer in micro-batches, plus
     the outbox relay and the batch feeder."""
-    from genq.queues import job_queues
+    from genq.queues import is_amqp, job_queues
     from producer.outbox import run_relay
 
     settings = get_settings()
@@ -146,7 +146,10 @@ def worker(model: str | None, concurrency: int | None, hostname: str | None) -> 
     argv = [
         "worker", "--pool", "threads",
         "--concurrency", str(served.worker_concurrency + served.worker_standby_jobs),
-        "--queues", ",".join(q.name for q in job_queues(served.broker_url, served.model)),
+        # RabbitMQ: Celery's consumer takes the job queue. Redis: the batch fetcher does
+        # (workers.redis_fetcher), and Celery's consumer takes none.
+        "--exclude-queues" if not is_amqp(served.broker_url) else "--queues",
+        ",".join(q.name for q in job_queues(served.broker_url, served.model)),
         "--loglevel", "INFO",
         "--without-gossip", "--without-mingle",
     ]

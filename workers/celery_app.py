@@ -1,17 +1,20 @@
 """The Celery application of genq workers.
 
 Delivery settings, and why:
-- run_job messages do not go through Celery's pool: the task's strategy (workers.tasks) hands
-  them to the micro-batcher, which acks each one only after its job's result is committed. A
-  worker killed mid-job leaves its messages unacked, so the broker delivers them again.
-  `task_acks_late` and `task_reject_on_worker_lost` say the same for any other task.
-- `worker_prefetch_multiplier` (default 1) times the pool size (`worker_concurrency +
-  worker_standby_jobs`, set by `genq worker`; the pool's threads stay unused) is how many
-  messages Celery reserves: the engine's batch plus a few claimed jobs waiting in the engine's
-  queue to refill it at the next step. That is the micro-batch window; a larger one only parks
-  messages the worker cannot start.
-- Redis `visibility_timeout`: an unacked message is redelivered after this long. It must exceed
-  the longest job (default 1 h); the jobs table's lease/attempts keep a redelivery harmless.
+- run_job messages do not go through Celery's pool. On Redis the batch fetcher
+  (workers.redis_fetcher) takes them and Celery's consumer takes no job queue; on RabbitMQ the
+  task's strategy (workers.tasks) hands them on. Either way they reach the micro-batcher, which
+  acks each one only after its job's result is committed. A worker killed mid-job leaves its
+  messages unacked, so the broker delivers them again. `task_acks_late` and
+  `task_reject_on_worker_lost` say the same for any other task.
+- `worker_prefetch_multiplier` (default 1) times `worker_concurrency + worker_standby_jobs` is
+  how many messages a worker holds (the fetcher's window; on RabbitMQ Celery's prefetch, as
+  `genq worker` sizes the unused thread pool to it): the engine's batch plus a few claimed
+  jobs waiting in the engine's queue to refill it at the next step. That is the micro-batch
+  window; a larger one only parks messages the worker cannot start.
+- Redis `visibility_timeout`: an unacked message is redelivered after this long (kombu's
+  restore, run by the fetcher). It must exceed the longest job (default 1 h); the jobs table's
+  lease/attempts keep a redelivery harmless.
 - `task_queues`: only the queues of the model this worker serves (`settings.model`; `genq
   worker --model` sets it). Redis: the worker polls `genq.<model>.interactive`, then
   `.default`, then `.batch`, and each one's fair-share levels, strictly in that order

@@ -1,12 +1,13 @@
-"""Micro-batches of job messages: Celery's consumer thread drops each message here, and one
-thread hands everything that arrived meanwhile to the JobRunner as one batch (one claim UPDATE
-for all of them).
+"""Micro-batches of job messages: messages are dropped here as they arrive (each round of the
+Redis fetcher, workers.redis_fetcher; each RabbitMQ message from Celery's consumer thread), and
+one thread hands everything that arrived meanwhile to the JobRunner as one batch (one claim
+UPDATE for all of them).
 
 Why not Celery's pool: a task per job would hold a thread for the whole generation, and each
-message would pay Celery's request, pool and tracing machinery. genq's run_job task instead
-has a custom strategy (workers.tasks) that passes the raw message here; Celery still reserves
-messages up to the prefetch window, redelivers unacked ones, and acks on its consumer thread
-when `ack` is called.
+message would pay Celery's request, pool and tracing machinery. On RabbitMQ genq's run_job
+task has a custom strategy (workers.tasks) that passes the raw message here; Celery still
+reserves messages up to the prefetch window, redelivers unacked ones, and acks on its consumer
+thread when `ack` is called.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class JobMessage:
-    """A message as Celery's strategy receives it: the decoded payload and its ack."""
+    """A job message: its decoded payload, its ack, and what to do instead when its job's
+    outcome could not be written (nothing, by default: it stays unacked)."""
 
     payload: object
     ack: Callable[[], None]
+    give_up: Callable[[], None] = lambda: None
 
 
 class MicroBatcher:
@@ -42,8 +45,12 @@ class MicroBatcher:
 
     def receive(self, message: JobMessage) -> None:
         """Called on Celery's consumer thread: only queues the message."""
+        self.receive_many([message])
+
+    def receive_many(self, messages: list[JobMessage]) -> None:
+        """Called by the Redis fetcher with one round's messages."""
         with self._lock:
-            self._received.append(message)
+            self._received.extend(messages)
         self._wakeup.set()
 
     def is_idle(self) -> bool:
@@ -82,4 +89,4 @@ def _delivery(message: JobMessage) -> Delivery | None:
         log.error("dropping a malformed run_job message %r: %s", message.payload, exc)
         message.ack()
         return None
-    return Delivery(job_id, message.ack)
+    return Delivery(job_id, message.ack, message.give_up)

@@ -1,5 +1,6 @@
-"""Celery tasks, the run_job message strategy and the drain step. The model loads (and warms
-up) when the worker starts, before the consumer takes its first message."""
+"""Celery tasks, how job messages reach the micro-batcher (the Redis fetcher, or the run_job
+strategy on RabbitMQ) and the intake step that starts and drains it. The model loads (and
+warms up) when the worker starts, before the first message is taken."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from functools import partial
 from celery import bootsteps
 from celery.signals import worker_init, worker_shutdown
 
-from genq.queues import RUN_JOB_TASK
+from genq.queues import RUN_JOB_TASK, is_amqp, job_queues
 from workers.celery_app import app
 from workers.micro_batch import JobMessage
+from workers.redis_fetcher import RedisJobFetcher
 from workers.runtime import get_runtime
 
 log = logging.getLogger(__name__)
@@ -29,8 +31,9 @@ def _stop_engine(**_kwargs) -> None:
 
 
 def job_message_strategy(task, app, consumer, **_kwargs):
-    """Celery's hook for how a task's messages are handled: run_job messages skip the pool and
-    go to the micro-batcher (workers.micro_batch), which acks each once its job is done."""
+    """Celery's hook for how a task's messages are handled (RabbitMQ): run_job messages skip
+    the pool and go to the micro-batcher (workers.micro_batch), which acks each once its job
+    is done."""
     batcher = get_runtime().batcher
     connection_errors = consumer.connection_errors
 
@@ -47,17 +50,36 @@ def run_job(job_id: str) -> None:
     get_runtime().runner.run(job_id)
 
 
-class DrainJobs(bootsteps.StartStopStep):
-    """Warm shutdown (SIGTERM): Celery's consumer stops first (no more messages), then this
-    step gives in-flight jobs `worker_drain_seconds` to finish and hands the rest back, while
-    the broker connection is still open to ack them."""
+class JobIntake(bootsteps.StartStopStep):
+    """On Redis, starts the batch fetcher (Celery's consumer takes no job queue there; `genq
+    worker` excludes them). Warm shutdown (SIGTERM): no more messages (Celery's consumer stops
+    first; the fetcher here), then in-flight jobs get `worker_drain_seconds` to finish and the
+    rest are handed back, while the broker connection is still open to ack them."""
 
     requires = ("celery.worker.components:Pool",)
 
+    def __init__(self, worker, **kwargs) -> None:
+        super().__init__(worker, **kwargs)
+        self.fetcher: RedisJobFetcher | None = None
+
+    def start(self, worker) -> None:
+        settings = get_runtime().settings
+        if is_amqp(settings.broker_url):
+            return
+        window = ((settings.worker_concurrency + settings.worker_standby_jobs)
+                  * settings.worker_prefetch_multiplier)
+        self.fetcher = RedisJobFetcher(app, job_queues(settings.broker_url, settings.model),
+                                       window, get_runtime().batcher.receive_many)
+        self.fetcher.start()
+
     def stop(self, worker) -> None:
+        if self.fetcher is not None:
+            self.fetcher.stop()
         if get_runtime.cache_info().currsize:
             runtime = get_runtime()
             runtime.drain(runtime.settings.worker_drain_seconds)
+        if self.fetcher is not None:
+            self.fetcher.close()
 
 
-app.steps["worker"].add(DrainJobs)
+app.steps["worker"].add(JobIntake)
