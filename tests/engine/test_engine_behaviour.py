@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import threading
+import time
 
 import pytest
 
@@ -214,6 +216,37 @@ def test_chat_and_text_prompts_use_the_tokenizer(tiny_engine_factory):
         rendered, add_special_tokens=False)
     assert outputs["text"].num_prompt_tokens == len(engine.tokenizer.encode("Hello world"))
     assert outputs["text"].num_completion_tokens == 2
+
+
+def test_tokenizing_keeps_the_gil_beside_a_busy_thread(tiny_engine_factory):
+    # Given a thread running pure Python and a long switch interval: a call that releases the
+    # GIL (as transformers' encode does) waits a whole interval to get it back
+    engine = tiny_engine_factory()
+    prompts = [f"Write a short story about item {i}." for i in range(20)]
+    expected = [engine.tokenizer.encode(prompt) for prompt in prompts]
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    busy = threading.Thread(target=spin)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.5)
+    busy.start()
+    try:
+        time.sleep(0.01)  # the busy thread is running
+        # When the engine tokenizes 20 prompts
+        started = time.perf_counter()
+        token_ids = [engine.tokenize(prompt) for prompt in prompts]
+        elapsed = time.perf_counter() - started
+    finally:
+        stop.set()
+        busy.join()
+        sys.setswitchinterval(interval)
+    # Then it never handed the GIL over, and the ids are transformers' own
+    assert elapsed < 0.25
+    assert token_ids == expected
 
 
 def test_requests_added_from_other_threads_all_finish(tiny_engine_factory):
