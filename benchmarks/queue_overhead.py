@@ -36,7 +36,7 @@ from genq.models import Job
 from genq.settings import Settings
 from genq.states import TERMINAL_STATES
 from producer.schemas import JobRequest
-from producer.submit import submit_job, submit_jobs
+from producer.submit import count_prompt_tokens, submit_job, submit_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,6 +87,9 @@ def run_genq(settings: Settings, tenant_id: str, prompts: list[str], max_tokens:
     before, tokens_before = _count_finished(url, tenant_id), _completion_tokens(url)
     requests = [JobRequest(prompt=prompt, max_tokens=max_tokens, temperature=0)
                 for prompt in prompts]
+    # Warm up the producer as the worker and the offline engine are warmed up: an API process
+    # has its model's tokenizer loaded (the first load takes ~1.5 s).
+    count_prompt_tokens(settings, settings.model, requests[0])
     started = time.perf_counter()
     if bulk_size == 1:
         for request in requests:

@@ -3,9 +3,11 @@ state, in one UPDATE, so a stale or duplicate worker can never overwrite a finis
 
 from __future__ import annotations
 
+from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import case, update
+from sqlalchemy import Row, bindparam, case, func, update
 from sqlalchemy.orm import Session
 
 from genq.models import Job, Outbox, utcnow
@@ -14,6 +16,9 @@ from genq.states import ALLOWED_SOURCES, TERMINAL_STATES, JobStatus, Priority
 from genq.webhook_events import Listeners, record_job_event
 
 RUN_JOB_OUTBOX_KIND = "run_job"
+_JOBS = Job.__table__
+# What a worker stores of a finished job (store_results).
+RESULT_COLUMNS = ("output_text", "finish_reason", "prompt_tokens", "completion_tokens")
 
 
 def transition(
@@ -52,8 +57,8 @@ def transition_each(
     values = {column: _value_per_job(values_by_job, column) for column in columns}
     statement = _conditional_update(job_ids, target, only_from, extra_where, values)
     moved = session.execute(
-        statement.returning(Job.id, Job.tenant_id, Job.webhook_url, Job.webhook_events)
-        .execution_options(synchronize_session=False)
+        statement.returning(_JOBS.c.id, _JOBS.c.tenant_id, _JOBS.c.webhook_url,
+                            _JOBS.c.webhook_events)
     ).all()
     for job_id, *listeners in moved:
         _announce(session, job_id, target, only_from, Listeners(*listeners))
@@ -68,8 +73,8 @@ def transition_returning(
     only_from: set[JobStatus] | None = None,
     extra_where: tuple = (),
     **values: Any,
-) -> Job | None:
-    """`transition`, returning the job as the UPDATE left it (a claim needs the row: one
+) -> Row | None:
+    """`transition`, returning the job's row as the UPDATE left it (a claim needs the row: one
     statement instead of an UPDATE and a SELECT)."""
     jobs = transition_many_returning(session, [job_id], target, only_from=only_from,
                                      extra_where=extra_where, **values)
@@ -84,18 +89,81 @@ def transition_many_returning(
     only_from: set[JobStatus] | None = None,
     extra_where: tuple = (),
     **values: Any,
-) -> list[Job]:
+) -> list[Row]:
     """`transition_returning` for many jobs given the same values, in one UPDATE (a worker's
     micro-batch of claims); returns the jobs moved, in no particular order."""
     statement = _conditional_update(job_ids, target, only_from, extra_where, values)
-    jobs = session.scalars(
-        statement.returning(Job)
-        .execution_options(synchronize_session=False, populate_existing=True)
-    ).all()
+    jobs = session.execute(statement.returning(*_JOBS.columns)).all()
     for job in jobs:
         _announce(session, job.id, target, only_from,
                   Listeners(job.tenant_id, job.webhook_url, job.webhook_events))
     return list(jobs)
+
+
+# A worker's two writes per micro-batch (claim, results) are prebuilt statements with bound
+# parameters: building and cache-keying the statement each time cost three times the SQL
+# (measured on SQLite: claiming 3 jobs 1.9 ms of CPU built per call, 0.55 ms prebuilt).
+
+def claim_first_deliveries(session: Session, job_ids: list[str], *, model: str, worker_id: str,
+                           lease_expires_at: datetime) -> list[Row]:
+    """QUEUED → RUNNING, in one UPDATE … RETURNING, for those of `job_ids` that are jobs of
+    `model` never delivered before (a worker's micro-batch of first deliveries); returns the
+    rows moved (attributes named as the columns), in no particular order."""
+    jobs = session.execute(_claim_first_deliveries_statement(), {
+        "claim_ids": job_ids, "claim_model": model, "claim_worker": worker_id,
+        "claim_lease": lease_expires_at, "claim_now": utcnow()}).all()
+    for job in jobs:
+        _announce(session, job.id, JobStatus.RUNNING, {JobStatus.QUEUED},
+                  Listeners(job.tenant_id, job.webhook_url, job.webhook_events))
+    return list(jobs)
+
+
+def store_results(session: Session, results: dict[str, dict[str, Any]], *,
+                  worker_id: str) -> set[str]:
+    """RUNNING → SUCCEEDED for the jobs `worker_id` still holds, each with its own
+    RESULT_COLUMNS values, in one UPDATE; returns the ids this call moved."""
+    if not results:
+        return set()
+    params: dict[str, Any] = {"result_worker": worker_id, "result_now": utcnow()}
+    for index, (job_id, values) in enumerate(results.items()):
+        params[f"result_id_{index}"] = job_id
+        params.update({f"{column}_{index}": values[column] for column in RESULT_COLUMNS})
+    moved = session.execute(_store_results_statement(len(results)), params).all()
+    for job_id, *listeners in moved:
+        _announce(session, job_id, JobStatus.SUCCEEDED, None, Listeners(*listeners))
+    return {row.id for row in moved}
+
+
+@lru_cache(maxsize=1)
+def _claim_first_deliveries_statement():
+    return (
+        update(_JOBS)
+        .where(_JOBS.c.id.in_(bindparam("claim_ids", expanding=True)),
+               _JOBS.c.status.in_(_source_values(JobStatus.RUNNING, {JobStatus.QUEUED})),
+               _JOBS.c.model == bindparam("claim_model"), _JOBS.c.attempts == 0)
+        .values(status=JobStatus.RUNNING.value, worker_id=bindparam("claim_worker"),
+                lease_expires_at=bindparam("claim_lease"), attempts=_JOBS.c.attempts + 1,
+                started_at=func.coalesce(_JOBS.c.started_at, bindparam("claim_now")))
+        .returning(*_JOBS.columns)
+    )
+
+
+@lru_cache(maxsize=64)
+def _store_results_statement(num_jobs: int):
+    """One statement per micro-batch size: a CASE on the job id picks each job's values."""
+    ids = [bindparam(f"result_id_{index}", type_=_JOBS.c.id.type) for index in range(num_jobs)]
+    values = {column: case({job_id: bindparam(f"{column}_{index}", type_=_JOBS.c[column].type)
+                            for index, job_id in enumerate(ids)}, value=_JOBS.c.id)
+              for column in RESULT_COLUMNS}
+    return (
+        update(_JOBS)
+        .where(_JOBS.c.id.in_(ids),
+               _JOBS.c.status.in_(_source_values(JobStatus.SUCCEEDED, None)),
+               _JOBS.c.worker_id == bindparam("result_worker"))
+        .values(status=JobStatus.SUCCEEDED.value, finished_at=bindparam("result_now"),
+                lease_expires_at=None, **values)
+        .returning(_JOBS.c.id, _JOBS.c.tenant_id, _JOBS.c.webhook_url, _JOBS.c.webhook_events)
+    )
 
 
 def _conditional_update(job_ids: list[str], target: JobStatus,
@@ -105,9 +173,9 @@ def _conditional_update(job_ids: list[str], target: JobStatus,
         values.setdefault("finished_at", utcnow())
         values.setdefault("lease_expires_at", None)
     return (
-        update(Job)
-        .where(Job.id.in_(job_ids),
-               Job.status.in_([s.value for s in _sources(target, only_from)]), *extra_where)
+        update(_JOBS)
+        .where(_JOBS.c.id.in_(job_ids),
+               _JOBS.c.status.in_(_source_values(target, only_from)), *extra_where)
         .values(status=target.value, **values)
     )
 
@@ -119,6 +187,10 @@ def _value_per_job(values_by_job: dict[str, dict[str, Any]], column: str) -> Any
     if len(distinct) == 1:
         return next(iter(per_job.values()))
     return case(per_job, value=Job.id)
+
+
+def _source_values(target: JobStatus, only_from: set[JobStatus] | None) -> list[str]:
+    return sorted(state.value for state in _sources(target, only_from))
 
 
 def _sources(target: JobStatus, only_from: set[JobStatus] | None) -> frozenset[JobStatus]:

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from enum import Enum
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from genq.models import Job, WebhookDelivery, WebhookEndpoint, WebhookEvent, new_id, utcnow
@@ -86,8 +86,12 @@ def _enabled_endpoints(session: Session, tenant_id: str) -> list:
     (workers/group_commit.py) records events for many jobs of one tenant in one transaction."""
     cache = session.info.setdefault("genq_webhook_endpoints", {})
     if tenant_id not in cache:
-        cache[tenant_id] = session.execute(
-            select(WebhookEndpoint.id, WebhookEndpoint.url, WebhookEndpoint.events)
-            .where(WebhookEndpoint.tenant_id == tenant_id, WebhookEndpoint.enabled)
-        ).all()
+        cache[tenant_id] = session.execute(_ENABLED_ENDPOINTS, {"tenant_id": tenant_id}).all()
     return cache[tenant_id]
+
+
+# Prebuilt: a worker runs it in every transaction that moves a job.
+_ENABLED_ENDPOINTS = (
+    select(WebhookEndpoint.id, WebhookEndpoint.url, WebhookEndpoint.events)
+    .where(WebhookEndpoint.tenant_id == bindparam("tenant_id"), WebhookEndpoint.enabled)
+)

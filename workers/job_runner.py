@@ -20,21 +20,21 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import Enum
 from functools import partial
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Row, func, select, update
 from sqlalchemy.orm import Session
 
 from engine import RequestOutput, SamplingParams
 from genq import db
 from genq.errors import ErrorCode
 from genq.job_store import (
+    claim_first_deliveries,
     enqueue_run_message,
+    store_results,
     transition,
-    transition_each,
-    transition_many_returning,
     transition_returning,
 )
 from genq.models import Job, utcnow
@@ -67,7 +67,7 @@ class Delivery:
 
 @dataclass
 class _Running:
-    job: Job
+    job: Row  # the jobs table's row as the claim left it
     delivery: Delivery
     deadline: float | None  # time.monotonic() at which the job expires
     release: Callable[[], None] | None = None  # frees the quarantine, for a redelivered job
@@ -156,7 +156,7 @@ class JobRunner:
             return
         self._start(job, delivery, release=self._quarantine.release)
 
-    def _start(self, job: Job, delivery: Delivery,
+    def _start(self, job: Row, delivery: Delivery,
                release: Callable[[], None] | None = None) -> None:
         """Hand a claimed job to the engine; its outcome is written when the engine is done."""
         run_hook(self.middleware, "before_job", job)
@@ -257,7 +257,7 @@ class JobRunner:
             if item.stop_reason is not None:
                 self.loop.abort(item.job.id)
 
-    def claim(self, job_id: str) -> Job | None:
+    def claim(self, job_id: str) -> Row | None:
         """Take a redelivered job for this worker, or return None when it is not ours to run:
         still queued (handed back), or running under an expired lease (its worker died)."""
         job = self.writes.write(lambda session: self._reclaim(session, job_id))
@@ -272,17 +272,16 @@ class JobRunner:
             return None
         return job
 
-    def _claim_first_deliveries(self, session: Session, job_ids: list[str]) -> list[Job | None]:
+    def _claim_first_deliveries(self, session: Session, job_ids: list[str]) -> list[Row | None]:
         """Claim a micro-batch of jobs that never ran, in one UPDATE; an id delivered twice in
         the batch is claimed once (its second copy gets None, like any duplicate)."""
-        claimed = transition_many_returning(
-            session, list(dict.fromkeys(job_ids)), JobStatus.RUNNING,
-            only_from={JobStatus.QUEUED}, extra_where=(*self._model_is_ours(), Job.attempts == 0),
-            **self._lease())
+        claimed = claim_first_deliveries(
+            session, list(dict.fromkeys(job_ids)), model=self.settings.model,
+            worker_id=self.worker_id, lease_expires_at=self._lease_expiry())
         by_id = {job.id: job for job in claimed}
         return [by_id.pop(job_id, None) for job_id in job_ids]
 
-    def _reclaim(self, session: Session, job_id: str) -> Job | None:
+    def _reclaim(self, session: Session, job_id: str) -> Row | None:
         return transition_returning(
             session, job_id, JobStatus.RUNNING, only_from={JobStatus.QUEUED},
             extra_where=self._model_is_ours(), **self._lease(),
@@ -293,13 +292,15 @@ class JobRunner:
         )
 
     def _lease(self) -> dict:
-        now = utcnow()
         return {
             "worker_id": self.worker_id,
-            "lease_expires_at": now + timedelta(seconds=self.settings.job_lease_seconds),
+            "lease_expires_at": self._lease_expiry(),
             "attempts": Job.attempts + 1,
-            "started_at": func.coalesce(Job.started_at, now),
+            "started_at": func.coalesce(Job.started_at, utcnow()),
         }
+
+    def _lease_expiry(self) -> datetime:
+        return utcnow() + timedelta(seconds=self.settings.job_lease_seconds)
 
     def _model_is_ours(self) -> tuple:
         return (Job.model == self.settings.model,)  # a stray message of another model
@@ -308,8 +309,7 @@ class JobRunner:
         """Store a micro-batch of finished jobs' outputs in one UPDATE."""
         finished = {job_id: values for job_id, values in outputs
                     if values["finish_reason"] != "abort"}
-        succeeded = transition_each(session, finished, JobStatus.SUCCEEDED,
-                                    extra_where=self._ours())
+        succeeded = store_results(session, finished, worker_id=self.worker_id)
         for job_id, values in outputs:
             if job_id in succeeded:
                 continue

@@ -1,6 +1,7 @@
 """Worker middleware (dramatiq-style hooks instead of flags threaded through calls).
 
-`GENQ_WORKER_MIDDLEWARE="pkg.module:object,…"` names objects with any of these hooks:
+`GENQ_WORKER_MIDDLEWARE="pkg.module:object,…"` names objects with any of these hooks (`job` is
+the jobs table's row as the claim left it: attributes named as the columns, read-only):
 - `before_job(job)`: called after the job was claimed, before it goes to the engine.
 - `after_job(job)`: called once the job's outcome is committed, however it ended (on the
   worker's writer thread: keep it quick).

@@ -76,3 +76,66 @@ def test_many_jobs_move_in_one_statement_each_with_its_own_values(database_url):
     assert [(jobs[i].status, jobs[i].output_text, jobs[i].completion_tokens) for i in job_ids] == [
         (JobStatus.SUCCEEDED, "out 0", 0), (JobStatus.SUCCEEDED, "out 1", 1),
         (JobStatus.QUEUED, None, None)]
+
+
+def test_a_worker_claims_only_first_deliveries_of_its_model(database_url):
+    from datetime import timedelta
+
+    from genq.job_store import claim_first_deliveries
+    from genq.models import utcnow
+
+    # given queued jobs of model "m", one of them delivered before, one already running
+    fresh = [_make_job(database_url, tenant_name=f"t{i}") for i in range(3)]
+    redelivered, running = _make_job(database_url, "r"), _make_job(database_url, "s")
+    with db.transaction(database_url) as session:
+        session.get(Job, redelivered).attempts = 1
+        assert transition(session, running, JobStatus.RUNNING, worker_id="w0")
+    lease = utcnow() + timedelta(seconds=60)
+
+    with db.transaction(database_url) as session:
+        # a worker of another model claims nothing
+        assert claim_first_deliveries(session, fresh, model="other", worker_id="w2",
+                                      lease_expires_at=lease) == []
+        claimed = claim_first_deliveries(session, [*fresh, redelivered, running], model="m",
+                                         worker_id="w1", lease_expires_at=lease)
+        # then only the never-delivered queued jobs move, returned as rows the claim left
+        assert sorted(job.id for job in claimed) == sorted(fresh)
+        assert {(job.status, job.worker_id, job.attempts) for job in claimed} == {
+            ("running", "w1", 1)}
+        assert all(job.started_at is not None and job.lease_expires_at == lease
+                   for job in claimed)
+        # and a second delivery of the same messages claims nothing
+        assert claim_first_deliveries(session, fresh, model="m", worker_id="w1",
+                                      lease_expires_at=lease) == []
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_a_worker_stores_each_result_only_for_jobs_it_holds(database_url, batch_size):
+    from genq.job_store import store_results
+
+    # given jobs this worker runs, one another worker holds, one canceled meanwhile
+    ours = [_make_job(database_url, tenant_name=f"t{i}") for i in range(batch_size)]
+    theirs, canceled = _make_job(database_url, "x"), _make_job(database_url, "y")
+    with db.transaction(database_url) as session:
+        for job_id in ours + [canceled]:
+            assert transition(session, job_id, JobStatus.RUNNING, worker_id="w1")
+        assert transition(session, theirs, JobStatus.RUNNING, worker_id="w2")
+        assert transition(session, canceled, JobStatus.CANCELED)
+    results = {job_id: {"output_text": f"out {i}", "finish_reason": "stop",
+                        "prompt_tokens": 3, "completion_tokens": i}
+               for i, job_id in enumerate([*ours, theirs, canceled])}
+
+    with db.transaction(database_url) as session:
+        moved = store_results(session, results, worker_id="w1")
+
+    # then only this worker's running jobs succeed, each with its own values
+    assert moved == set(ours)
+    with db.session_factory(database_url)() as session:
+        jobs = {job.id: job for job in session.query(Job).where(Job.id.in_(results))}
+    for i, job_id in enumerate(ours):
+        job = jobs[job_id]
+        assert (job.status, job.output_text, job.completion_tokens, job.prompt_tokens) == (
+            JobStatus.SUCCEEDED, f"out {i}", i, 3)
+        assert job.finished_at is not None and job.lease_expires_at is None
+    assert (jobs[theirs].status, jobs[theirs].output_text) == (JobStatus.RUNNING, None)
+    assert (jobs[canceled].status, jobs[canceled].output_text) == (JobStatus.CANCELED, None)
