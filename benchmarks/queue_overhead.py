@@ -11,7 +11,8 @@
 - plain Celery: a no-op task with acks_late, sent N times, drained by one default worker.
 - idle submit→start latency: one job at a time, `started_at - created_at` from the DB.
 - with --engine-model: the same prompts through the whole system vs the engine's own
-  `LLM.generate` in this process (the job system's share of end-to-end time).
+  `LLM.generate` in this process, run before and after the system runs (the job system's
+  share of end-to-end time).
 Everything runs in one invocation so the ratios compare like with like.
 """
 
@@ -156,22 +157,27 @@ def run_plain_celery(broker_url: str, num_tasks: int, log_path: Path) -> dict:
             "enqueued_per_s": num_tasks / enqueued}
 
 
-def engine_offline(settings: Settings, prompts: list[str], max_tokens: int) -> dict:
+class OfflineEngine:
     """The engine alone, configured as the worker configures it, with the jobs' own sampling
-    parameters (so both stop at the same tokens)."""
-    from engine import LLM, SamplingParams
+    parameters (so both stop at the same tokens). It runs before and after the system runs and
+    the ratio uses the mean: this VM's speed drifts by 10-20% over minutes."""
 
-    llm = LLM(settings.model, cache_dir=str(settings.model_cache_dir_resolved),
-              max_num_seqs=settings.worker_concurrency,
-              max_num_batched_tokens=settings.engine_max_num_batched_tokens)
-    params = SamplingParams(**JobRequest(prompt="-", max_tokens=max_tokens,
-                                         temperature=0).sampling_params())
-    llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up, as the worker does
-    started = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - started
-    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return {"seconds": seconds, "output_tokens": tokens, "output_tok_s": tokens / seconds}
+    def __init__(self, settings: Settings, max_tokens: int) -> None:
+        from engine import LLM, SamplingParams
+
+        self.llm = LLM(settings.model, cache_dir=str(settings.model_cache_dir_resolved),
+                       max_num_seqs=settings.worker_concurrency,
+                       max_num_batched_tokens=settings.engine_max_num_batched_tokens)
+        self.params = SamplingParams(**JobRequest(prompt="-", max_tokens=max_tokens,
+                                                  temperature=0).sampling_params())
+        self.llm.generate(["warm", "up"], self.params, use_tqdm=False)  # as the worker does
+
+    def run(self, prompts: list[str]) -> dict:
+        started = time.perf_counter()
+        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        seconds = time.perf_counter() - started
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        return {"seconds": seconds, "output_tokens": tokens, "output_tok_s": tokens / seconds}
 
 
 def make_settings(args, workdir: Path, model: str) -> Settings:
@@ -198,10 +204,15 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     results: dict = {}
+    engine_prompts = [f"Write a short story about item {i}." for i in range(args.engine_prompts)]
     with tempfile.TemporaryDirectory(prefix="genq-bench-") as tmp:
         workdir = Path(tmp)
         results["plain_celery"] = run_plain_celery(args.broker_url, args.num_jobs,
                                                    workdir / "noop.log")
+        if args.engine_model:  # with no worker running yet
+            offline = OfflineEngine(make_settings(args, workdir, args.engine_model),
+                                    args.engine_max_tokens)
+            results["engine_offline_before"] = offline.run(engine_prompts)
         for model, label in [("echo", "genq_echo")] + (
                 [(args.engine_model, "genq_engine")] if args.engine_model else []):
             settings = make_settings(args, workdir / label, model)
@@ -218,9 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
                     prompts = [f"job {i}: echo these words back" for i in range(args.num_jobs)]
                     max_tokens = 8
                 else:
-                    prompts = [f"Write a short story about item {i}." for i in
-                               range(args.engine_prompts)]
-                    max_tokens = args.engine_max_tokens
+                    prompts, max_tokens = engine_prompts, args.engine_max_tokens
                 results[label] = run_genq(settings, tenant_id, prompts, max_tokens)
                 results[f"{label}_bulk"] = run_genq(settings, tenant_id, prompts, max_tokens,
                                                     bulk_size=args.bulk_size)
@@ -228,17 +237,18 @@ def main(argv: list[str] | None = None) -> dict:
                 worker.terminate()
                 worker.wait(60)
         if args.engine_model:
-            results["engine_offline"] = engine_offline(
-                make_settings(args, workdir, args.engine_model), prompts, args.engine_max_tokens)
+            results["engine_offline_after"] = offline.run(engine_prompts)
 
     celery_jobs_per_s = results["plain_celery"]["jobs_per_s"]
     ratios = {"genq_echo_vs_plain_celery": results["genq_echo"]["jobs_per_s"] / celery_jobs_per_s,
               "genq_echo_bulk_vs_plain_celery":
               results["genq_echo_bulk"]["jobs_per_s"] / celery_jobs_per_s}
     if args.engine_model:
+        offline_seconds = statistics.mean(results[f"engine_offline_{when}"]["seconds"]
+                                          for when in ("before", "after"))
         for label in ("genq_engine", "genq_engine_bulk"):
             ratios[f"{label.replace('genq_engine', 'system')}_vs_engine_offline"] = (
-                results["engine_offline"]["seconds"] / results[label]["seconds"])
+                offline_seconds / results[label]["seconds"])
     report = {"num_jobs": args.num_jobs, "broker": args.broker_url, "results": results,
               "ratios": ratios}
     _print_table(report)
@@ -262,10 +272,12 @@ def _print_table(report: dict) -> None:
                   f"{row['enqueued_per_s']:>12.1f}")
     latency = report["results"]["idle_submit_to_start"]
     print(f"idle submit->start: p50 {latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms")
-    if "engine_offline" in report["results"]:
-        offline = report["results"]["engine_offline"]
-        print(f"engine offline LLM.generate: {offline['seconds']:.2f} s, "
-              f"{offline['output_tokens']} tokens")
+    for when in ("before", "after"):
+        offline = report["results"].get(f"engine_offline_{when}")
+        if offline:
+            print(f"engine offline LLM.generate ({when} the system runs): "
+                  f"{offline['seconds']:.2f} s, {offline['output_tokens']} tokens")
+    if "genq_engine" in report["results"]:
         for name in ("genq_engine", "genq_engine_bulk"):
             system = report["results"][name]
             print(f"through genq ({name}): {system['seconds']:.2f} s, "
