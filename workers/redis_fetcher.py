@@ -99,10 +99,9 @@ class RedisJobFetcher:
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
-        self._in_worker = 0  # taken, not yet settled
+        self._unsettled: set[str] = set()  # taken, not yet settled: they fill the window
         self._to_ack: list[str] = []
         self._given_up: set[str] = set()
-        self._unsettled: set[str] = set()
         self._thread = threading.Thread(target=self._run, name="genq-redis-fetch", daemon=True)
 
     def start(self) -> None:
@@ -137,7 +136,6 @@ class RedisJobFetcher:
         with self._lock:
             self._unsettled.discard(tag)
             self._to_ack.append(tag)
-            self._in_worker -= 1
         self._wakeup.set()
 
     def give_up(self, tag: str) -> None:
@@ -146,7 +144,6 @@ class RedisJobFetcher:
         with self._lock:
             self._unsettled.discard(tag)
             self._given_up.add(tag)
-            self._in_worker -= 1
         self._wakeup.set()
 
     def _connect(self) -> None:
@@ -185,7 +182,7 @@ class RedisJobFetcher:
     def _fetch_round(self) -> None:
         with self._lock:
             acks, self._to_ack = self._to_ack, []
-            free = self.window - self._in_worker
+            free = self.window - len(self._unsettled)
         if free <= 0 and not acks:
             self._wakeup.wait(BLOCK_SECONDS)  # set by the next ack
             self._wakeup.clear()
@@ -240,7 +237,6 @@ class RedisJobFetcher:
                     self._to_ack.append(tag)
             return None
         with self._lock:
-            self._in_worker += 1
             self._unsettled.add(tag)
         return JobMessage(payload, partial(self.ack, tag), partial(self.give_up, tag))
 
