@@ -115,8 +115,8 @@ def _api_env(settings: Settings, env: dict[str, str]) -> dict[str, str]:
 @click.option("--concurrency", default=None, type=int, help="Jobs in flight (engine batch).")
 @click.option("--hostname", default=None, help="Celery node name.")
 def worker(model: str | None, concurrency: int | None, hostname: str | None) -> None:
-    """Run a worker: one engine for one model fed by Celery's consumer in micro-batches, plus
-    the outbox relay and the batch feeder."""
+    """Run a worker: one engine for one model fed in micro-batches (by the batch fetcher on
+    Redis, Celery's consumer on RabbitMQ), plus the outbox relay and the batch feeder."""
     from genq.queues import is_amqp, job_queues
     from producer.outbox import run_relay
 

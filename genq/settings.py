@@ -115,6 +115,12 @@ class Settings(BaseSettings):
     breaker_probe_timeout_seconds: float = Field(0.5, gt=0)
 
     @property
+    def worker_window(self) -> int:
+        """How many job messages a worker holds at once (its micro-batch window)."""
+        jobs = self.worker_concurrency + self.worker_standby_jobs
+        return jobs * self.worker_prefetch_multiplier  # as Celery's prefetch on RabbitMQ
+
+    @property
     def database_url_resolved(self) -> str:
         if self.database_url:
             return self.database_url

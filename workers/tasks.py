@@ -66,10 +66,8 @@ class JobIntake(bootsteps.StartStopStep):
         settings = get_runtime().settings
         if is_amqp(settings.broker_url):
             return
-        window = ((settings.worker_concurrency + settings.worker_standby_jobs)
-                  * settings.worker_prefetch_multiplier)
         self.fetcher = RedisJobFetcher(app, job_queues(settings.broker_url, settings.model),
-                                       window, get_runtime().batcher.receive_many)
+                                       settings.worker_window, get_runtime().batcher.receive_many)
         self.fetcher.start()
 
     def stop(self, worker) -> None:
