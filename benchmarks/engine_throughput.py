@@ -1,8 +1,8 @@
 """Output tokens/s of genq's engine against transformers on the same requests.
 
     python -m benchmarks.engine_throughput [--model smollm2-135m] [--num-requests 128]
-        [--seed 0] [--dtype auto] [--baselines hf_sequential,hf_static,hf_generate_batch]
-        [--json PATH]
+        [--seed 0] [--dtype auto] [--device auto]
+        [--baselines hf_sequential,hf_static,hf_generate_batch] [--json PATH]
 
 Workload W-CPU: random token-id prompts of U[16,256] tokens, U[16,128] output tokens each,
 EOS ignored; plus a fixed-length control (prompt 128, output 64). Each contender runs in its
@@ -55,7 +55,7 @@ def _peak_rss_mb() -> float:
 
 def run_genq(args, workload: Workload) -> tuple[int, float]:
     from engine import LLM, SamplingParams
-    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
     llm.generate([workload.prompts[0][:32]], SamplingParams(max_tokens=4), use_tqdm=False)
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
@@ -70,14 +70,15 @@ def _hf_model(args):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from engine.config import resolve_dtype
+    from engine.config import resolve_device, resolve_dtype
     from engine.model_loader import load_model
     config, state_dict, _ = load_model(args.model, seed=args.seed)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(state_dict, strict=False)
     model.tie_weights()
-    return model.to(resolve_dtype(args.dtype, "cpu")).eval()
+    device = resolve_device(args.device)
+    return model.to(device=device, dtype=resolve_dtype(args.dtype, device)).eval()
 
 
 def _greedy_config(max_new_tokens: int):
@@ -93,7 +94,7 @@ def run_hf_sequential(args, workload: Workload) -> tuple[int, float]:
     tokens, start = 0, time.perf_counter()
     with torch.inference_mode():
         for i in subset:
-            prompt = torch.tensor([workload.prompts[i]])
+            prompt = torch.tensor([workload.prompts[i]], device=model.device)
             output = model.generate(prompt, generation_config=_greedy_config(
                 workload.output_lengths[i]))
             tokens += output.shape[1] - prompt.shape[1]
@@ -110,8 +111,9 @@ def run_hf_static(args, workload: Workload, batch_size: int) -> tuple[int, float
             prompts = workload.prompts[first:first + batch_size]
             lengths = workload.output_lengths[first:first + batch_size]
             width = max(len(p) for p in prompts)
-            ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=model.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                                device=model.device)
             model.generate(ids, attention_mask=mask, generation_config=_greedy_config(max(lengths)))
             tokens += sum(lengths)
     return tokens, time.perf_counter() - start
@@ -172,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-requests", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (every contender)")
     parser.add_argument("--baselines", default=",".join(ALL_BASELINES),
                         help="comma list of " + ", ".join(ALL_BASELINES) + ", or 'none'")
     parser.add_argument("--json", dest="json_path")
@@ -204,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     genq_rate = results["genq"]["output_tok_s"]
     report = {
-        "workload": dict(name="W-CPU", model=args.model, dtype=args.dtype,
+        "workload": dict(name="W-CPU", model=args.model, dtype=args.dtype, device=args.device,
                          num_requests=args.num_requests, seed=args.seed,
                          prompt_len="U[16,256]", output_len="U[16,128]", ignore_eos=True,
                          output_tokens=workload.num_output_tokens,

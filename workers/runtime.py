@@ -29,21 +29,26 @@ log = logging.getLogger(__name__)
 DRAIN_GRACE_SECONDS = 5.0
 
 
+def engine_config(settings: Settings) -> EngineConfig:
+    """The worker's engine, sized by its settings (benchmarks build the same one offline)."""
+    return EngineConfig(
+        model=settings.model,
+        dtype=settings.engine_dtype,
+        device=settings.engine_device,
+        max_num_seqs=settings.worker_concurrency,
+        max_num_batched_tokens=settings.engine_max_num_batched_tokens,
+        cache_dir=str(settings.model_cache_dir_resolved),
+        **({"kv_cache_tokens": settings.engine_kv_cache_tokens}
+           if settings.engine_kv_cache_tokens else {}),
+    )
+
+
 class WorkerRuntime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         db.ensure_schema_current(settings.database_url_resolved)
         started = time.monotonic()
-        config = EngineConfig(
-            model=settings.model,
-            dtype=settings.engine_dtype,
-            device=settings.engine_device,
-            max_num_seqs=settings.worker_concurrency,
-            max_num_batched_tokens=settings.engine_max_num_batched_tokens,
-            cache_dir=str(settings.model_cache_dir_resolved),
-            **({"kv_cache_tokens": settings.engine_kv_cache_tokens}
-               if settings.engine_kv_cache_tokens else {}),
-        )
+        config = engine_config(settings)
         self.loop = EngineLoop(
             lambda: (EchoEngine(cache_dir=config.cache_dir) if settings.model == ECHO_MODEL
                      else LLMEngine(config)),

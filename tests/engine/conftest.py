@@ -11,6 +11,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from engine import LLMEngine, load_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Engine tests run on the CPU; on a GPU host `GENQ_TEST_DEVICE=cuda` runs them on the GPU (the
+# transformers reference models move there too). CI has no GPU.
+TEST_DEVICE = os.environ.get("GENQ_TEST_DEVICE", "cpu")
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, max_position_embeddings=512, vocab_size=49152,
@@ -28,7 +31,7 @@ def save_random_model(directory, model_type: str, **overrides):
     model = AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(directory)
     load_tokenizer().save_pretrained(directory)
-    return model
+    return model.to(TEST_DEVICE)
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +44,7 @@ def tiny_llama_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_engine_factory(tiny_llama_dir):
     def build(**overrides) -> LLMEngine:
-        settings = dict(dtype="float32", device="cpu", kv_cache_tokens=4096)
+        settings = dict(dtype="float32", device=TEST_DEVICE, kv_cache_tokens=4096)
         return LLMEngine.from_model(tiny_llama_dir[0], **{**settings, **overrides})
     return build
 

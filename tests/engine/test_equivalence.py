@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine import LLMEngine, SamplingParams
-from tests.engine.conftest import run_to_completion, save_random_model
+from tests.engine.conftest import TEST_DEVICE, run_to_completion, save_random_model
 
 
 def prompts_of_mixed_lengths(count: int, seed: int = 0) -> list[list[int]]:
@@ -17,8 +17,9 @@ def prompts_of_mixed_lengths(count: int, seed: int = 0) -> list[list[int]]:
 
 def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
     with torch.no_grad():
-        output = model.generate(torch.tensor([prompt]), max_new_tokens=num_tokens,
-                                min_new_tokens=num_tokens, do_sample=False)
+        output = model.generate(torch.tensor([prompt], device=model.device),
+                                max_new_tokens=num_tokens, min_new_tokens=num_tokens,
+                                do_sample=False)
     return output[0, len(prompt):].tolist()
 
 
@@ -33,7 +34,7 @@ def assert_matches_hf(engine: LLMEngine, model, prompts: list[list[int]], num_to
 
 def test_tiny_llama_greedy_matches_transformers_in_one_batch(tiny_llama_dir):
     directory, model = tiny_llama_dir
-    engine = LLMEngine.from_model(directory, dtype="float32", device="cpu",
+    engine = LLMEngine.from_model(directory, dtype="float32", device=TEST_DEVICE,
                                   max_num_batched_tokens=128, kv_cache_tokens=4096)
     assert_matches_hf(engine, model, prompts_of_mixed_lengths(8), num_tokens=24)
 
@@ -45,6 +46,6 @@ def test_tiny_llama_greedy_matches_transformers_in_one_batch(tiny_llama_dir):
 ])
 def test_other_families_greedy_match_transformers(tmp_path, model_type, overrides):
     model = save_random_model(tmp_path, model_type, **overrides)
-    engine = LLMEngine.from_model(str(tmp_path), dtype="float32", device="cpu",
+    engine = LLMEngine.from_model(str(tmp_path), dtype="float32", device=TEST_DEVICE,
                                   max_num_batched_tokens=64, kv_cache_tokens=2048)
     assert_matches_hf(engine, model, prompts_of_mixed_lengths(4, seed=1), num_tokens=16)
