@@ -87,9 +87,13 @@ def session_factory(url: str) -> sessionmaker[Session]:
 
 
 @lru_cache(maxsize=8)
+def _write_engine(url: str) -> Engine:
+    return get_engine(url).execution_options(**{WRITE_OPTION: True})
+
+
+@lru_cache(maxsize=8)
 def _write_sessions(url: str) -> sessionmaker[Session]:
-    return sessionmaker(get_engine(url).execution_options(**{WRITE_OPTION: True}),
-                        expire_on_commit=False)
+    return sessionmaker(_write_engine(url), expire_on_commit=False)
 
 
 @contextmanager
@@ -97,6 +101,14 @@ def transaction(url: str) -> Iterator[Session]:
     """One unit of work: commit on success, roll back on any exception."""
     with _write_sessions(url)() as session, session.begin():
         yield session
+
+
+@contextmanager
+def core_transaction(url: str) -> Iterator[Connection]:
+    """`transaction` for Core statements alone, on a bare connection: a hot path (a submit)
+    skips the ORM Session, whose bookkeeping cost as much as one of its statements."""
+    with _write_engine(url).begin() as connection:
+        yield connection
 
 
 def alembic_config(url: str) -> Config:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import bindparam, func, literal_column, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, bindparam, func, literal_column, select
 
 from genq.models import Job
 from genq.states import JobStatus, Priority
@@ -43,13 +42,13 @@ _COUNT_BACKLOG = select(func.count()).select_from(
     ).order_by(Job.created_at.desc()).limit(BACKLOG_COUNT_LIMIT).subquery())
 
 
-def share_level(session: Session, tenant_id: str, model: str, priority: Priority) -> int:
+def share_level(connection: Connection, tenant_id: str, model: str, priority: Priority) -> int:
     """The share level of a new job: from the tenant's queued jobs of the same model and class
     (batch lines included: they are that tenant's backlog in the batch class too)."""
-    return share_levels(session, tenant_id, [(model, priority)])[0]
+    return share_levels(connection, tenant_id, [(model, priority)])[0]
 
 
-def share_levels(session: Session, tenant_id: str,
+def share_levels(connection: Connection, tenant_id: str,
                  new_jobs: Sequence[tuple[str, Priority]]) -> list[int]:
     """The share levels of new jobs (model, class) submitted together, in order: each backlog
     is counted once, and each job adds one to its backlog for the jobs after it."""
@@ -58,7 +57,7 @@ def share_levels(session: Session, tenant_id: str,
     for model, priority in new_jobs:
         key = (model, priority)
         if key not in backlogs:
-            backlogs[key] = session.connection().scalar(
+            backlogs[key] = connection.scalar(
                 _COUNT_BACKLOG,
                 {"tenant_id": tenant_id, "model": model, "priority": priority.value})
         levels.append(level_for_backlog(backlogs[key]))

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import Connection, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from genq.errors import ErrorCode, GenqError
@@ -67,7 +67,7 @@ def set_limits(session: Session, tenant_name: str, limits: TenantLimits) -> Tena
     return tenant
 
 
-# Built once: it runs on every submit, and on SQLite building it costs more than running it.
+# Built once: they run on submits, and on SQLite building one costs more than running it.
 _LOCK_TENANT_LIMITS = select(
     Tenant.requests_per_minute, Tenant.tokens_per_minute, Tenant.max_queued_jobs,
     Tenant.max_tokens_per_job,
@@ -75,6 +75,9 @@ _LOCK_TENANT_LIMITS = select(
 _COUNT_QUEUED = select(func.count()).select_from(Job).where(
     Job.tenant_id == bindparam("tenant_id"), Job.status == JobStatus.QUEUED.value,
     Job.batch_id.is_(None))
+_RECENT_JOBS = select(Job.created_at, func.coalesce(Job.admitted_tokens, 0)).where(
+    Job.tenant_id == bindparam("tenant_id"), Job.created_at > bindparam("since"),
+    Job.batch_id.is_(None)).order_by(Job.created_at)
 
 
 @dataclass(frozen=True)
@@ -86,11 +89,11 @@ class JobCost:
     name: str | None = None  # the job's place in a bulk request (`jobs.3`), for its errors
 
 
-def admit(session: Session, tenant_id: str, costs: Sequence[JobCost]) -> None:
+def admit(connection: Connection, tenant_id: str, costs: Sequence[JobCost]) -> None:
     """Raise GenqError (429, or 422 for a request no wait can admit) unless all the jobs of
     `costs` may be added now: a bulk submit is admitted whole or not at all. Call in the
     transaction that then inserts the jobs."""
-    row = session.connection().execute(_LOCK_TENANT_LIMITS, {"tenant_id": tenant_id}).first()
+    row = connection.execute(_LOCK_TENANT_LIMITS, {"tenant_id": tenant_id}).first()
     if row is None:
         return
     limits = TenantLimits(*row)
@@ -105,9 +108,9 @@ def admit(session: Session, tenant_id: str, costs: Sequence[JobCost]) -> None:
     if num_jobs > 1:
         _check_bulk_size(limits, num_jobs, tokens)
     if limits.requests_per_minute is not None or limits.tokens_per_minute is not None:
-        _check_window(session, tenant_id, limits, num_jobs, tokens, utcnow())
+        _check_window(connection, tenant_id, limits, num_jobs, tokens, utcnow())
     if limits.max_queued_jobs is not None:
-        _check_queue(session, tenant_id, limits.max_queued_jobs, num_jobs)
+        _check_queue(connection, tenant_id, limits.max_queued_jobs, num_jobs)
 
 
 def _check_request_size(limits: TenantLimits, admitted_tokens: int, max_tokens: int) -> None:
@@ -136,8 +139,9 @@ def _check_bulk_size(limits: TenantLimits, num_jobs: int, tokens: int) -> None:
                             f"tenant's limit of {limit}; send fewer jobs per call", param="jobs")
 
 
-def _check_queue(session: Session, tenant_id: str, max_queued_jobs: int, num_jobs: int) -> None:
-    queued = session.connection().scalar(_COUNT_QUEUED, {"tenant_id": tenant_id})
+def _check_queue(connection: Connection, tenant_id: str, max_queued_jobs: int,
+                 num_jobs: int) -> None:
+    queued = connection.scalar(_COUNT_QUEUED, {"tenant_id": tenant_id})
     if queued + num_jobs > max_queued_jobs:
         more = "" if num_jobs == 1 else f" and {num_jobs} more do not fit"
         raise GenqError(
@@ -147,14 +151,10 @@ def _check_queue(session: Session, tenant_id: str, max_queued_jobs: int, num_job
             headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_SECONDS)})
 
 
-def _check_window(session: Session, tenant_id: str, limits: TenantLimits, num_jobs: int,
+def _check_window(connection: Connection, tenant_id: str, limits: TenantLimits, num_jobs: int,
                   tokens: int, now: datetime) -> None:
-    recent = session.execute(
-        select(Job.created_at, func.coalesce(Job.admitted_tokens, 0))
-        .where(Job.tenant_id == tenant_id, Job.created_at > now - WINDOW,
-               Job.batch_id.is_(None))
-        .order_by(Job.created_at)
-    ).all()
+    recent = connection.execute(_RECENT_JOBS,
+                                {"tenant_id": tenant_id, "since": now - WINDOW}).all()
     checks = []
     if limits.requests_per_minute is not None:
         checks.append(_window_check("requests", limits.requests_per_minute,

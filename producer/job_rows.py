@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import insert, inspect
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, insert, inspect
 
 from genq.job_store import RUN_JOB_OUTBOX_KIND
 from genq.limits import JobCost
@@ -86,10 +85,9 @@ def new_job(tenant_id: str, request: JobRequest, model: str, prompt_tokens: int,
                   JobCost(admitted_tokens, request.max_tokens, name))
 
 
-def insert_jobs(session: Session, new_jobs: Sequence[NewJob],
+def insert_jobs(connection: Connection, new_jobs: Sequence[NewJob],
                 share_levels: Sequence[int]) -> list[WrittenJob]:
     """Insert the jobs' rows and their outbox rows, in the caller's transaction."""
-    connection = session.connection()
     connection.execute(_INSERT_JOBS, [job.row for job in new_jobs])
     messages = [RunMessage(job.row["id"], queue_for(job.model, job.priority), level)
                 for job, level in zip(new_jobs, share_levels, strict=True)]

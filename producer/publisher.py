@@ -16,6 +16,7 @@ from kombu import Connection, Producer
 from kombu.utils.uuid import uuid
 
 from genq.queues import REDIS_TRANSPORT_OPTIONS, RUN_JOB_TASK, is_amqp, route
+from producer.redis_transport import publishing_transport
 
 CONNECT_TIMEOUT_SECONDS = 1.0
 SOCKET_TIMEOUT_SECONDS = 2.0
@@ -40,6 +41,8 @@ def producer_app(broker_url: str) -> Celery:
         raise BrokerNotConfigured("no broker URL configured (set GENQ_BROKER_URL)")
     app = Celery("genq-producer", broker=broker_url)
     app.conf.update(
+        # Redis: one redis-py client per channel instead of one per publish.
+        broker_transport=publishing_transport(broker_url),
         broker_connection_timeout=CONNECT_TIMEOUT_SECONDS,
         broker_connection_retry=False,
         # RabbitMQ: publisher confirms, so a message lost with a dropping connection raises

@@ -110,12 +110,13 @@ def _validated_job(settings: Settings, tenant_id: str, request: JobRequest, mode
 
 
 def _write_jobs(url: str, tenant_id: str, jobs: Sequence[NewJob]) -> list[WrittenJob]:
-    with db.transaction(url) as session:
+    with db.core_transaction(url) as connection:
         # Tenant limits: raises (rolling back, nothing written) when over one.
-        admit(session, tenant_id, [job.cost for job in jobs])
+        admit(connection, tenant_id, [job.cost for job in jobs])
         # Measured after `admit` locked the tenant row: one tenant's submits count in turn.
-        levels = share_levels(session, tenant_id, [(job.model, job.priority) for job in jobs])
-        return insert_jobs(session, jobs, levels)
+        levels = share_levels(connection, tenant_id,
+                              [(job.model, job.priority) for job in jobs])
+        return insert_jobs(connection, jobs, levels)
 
 
 def _publish_after_commit(settings: Settings, written: Sequence[WrittenJob]) -> None:

@@ -50,8 +50,8 @@ def _add_jobs(database_url: str, tenant_id: str, count: int, *, model: str = TIN
 
 def _level(database_url: str, tenant_id: str, model: str = TINY_MODEL,
            priority: Priority = Priority.DEFAULT) -> int:
-    with db.session_factory(database_url)() as session:
-        return share_level(session, tenant_id, model, priority)
+    with db.get_engine(database_url).connect() as connection:
+        return share_level(connection, tenant_id, model, priority)
 
 
 def test_a_tenants_backlog_maps_to_its_share_level():

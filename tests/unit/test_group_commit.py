@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
 from genq import db
 from genq.models import Tenant
@@ -93,6 +93,46 @@ def test_concurrent_sqlite_writers_queue_instead_of_failing_and_readers_do_not_w
     assert read_seconds < 0.25
     assert errors == []
     assert _tenant_count(sqlite_url) == 9
+
+
+def test_a_core_transaction_holds_the_write_lock_from_its_start_and_commits_whole(sqlite_url):
+    # Given a Core transaction (the submit's) that has begun and not written yet
+    order: list[str] = []
+    begun = threading.Event()
+
+    def core_writer():
+        with db.core_transaction(sqlite_url) as connection:
+            begun.set()
+            time.sleep(0.3)
+            connection.execute(insert(Tenant), {"name": "core"})
+            order.append("core")
+
+    def orm_writer():
+        with db.transaction(sqlite_url) as session:
+            session.add(Tenant(name="orm"))
+        order.append("orm")
+
+    core = threading.Thread(target=core_writer)
+    core.start()
+    assert begun.wait(5)
+
+    # When another writer writes meanwhile
+    orm = threading.Thread(target=orm_writer)
+    orm.start()
+    for thread in (core, orm):
+        thread.join(30)
+
+    # Then it waited for the Core transaction to commit (both rows are there)
+    assert order == ["core", "orm"]
+    assert _tenant_count(sqlite_url) == 2
+
+
+def test_a_core_transaction_rolls_back_whole_on_an_error(sqlite_url):
+    with pytest.raises(ValueError), db.core_transaction(sqlite_url) as connection:
+        connection.execute(insert(Tenant), {"name": "lost"})
+        raise ValueError("the write fails after its first statement")
+
+    assert _tenant_count(sqlite_url) == 0
 
 
 @pytest.mark.parametrize("count", [1, 600])
