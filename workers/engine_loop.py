@@ -1,4 +1,6 @@
-"""One engine per worker process, driven by one thread; the job runner hands it requests.
+"""One engine, driven by one thread; the job runner hands it requests. In a worker the loop runs
+inside the engine's own process (workers.engine_process), which passes requests and outcomes
+over a pipe; tests drive it in-process.
 
 Why this design: the job runner (workers.job_runner) submits each claimed job and gets a
 Future, resolved with the final output (its callback writes the result; nobody blocks per

@@ -41,6 +41,7 @@ from genq.models import Job, utcnow
 from genq.settings import Settings
 from genq.states import JobStatus, Priority
 from workers.engine_loop import EngineLoop, EngineRequest, RequestAborted
+from workers.engine_process import EngineProcess
 from workers.group_commit import BatchedWrite, GroupCommitter
 from workers.middleware import load_middleware, run_hook
 
@@ -75,7 +76,8 @@ class _Running:
 
 
 class JobRunner:
-    def __init__(self, settings: Settings, loop: EngineLoop, worker_id: str = WORKER_ID) -> None:
+    def __init__(self, settings: Settings, loop: EngineLoop | EngineProcess,
+                 worker_id: str = WORKER_ID) -> None:
         self.settings = settings
         self.loop = loop
         self.worker_id = worker_id
@@ -180,7 +182,8 @@ class JobRunner:
             lambda future: self._on_engine_done(running, future))
 
     def _on_engine_done(self, running: _Running, future: Future[RequestOutput]) -> None:
-        """Called by the engine loop thread: pick the job's outcome and queue its write."""
+        """Called when the engine is done with the job (by the engine loop's thread, or the
+        engine process's outcome reader): pick the job's outcome and queue its write."""
         job_id = running.job.id
         with self._lock:
             self._running.pop(job_id, None)

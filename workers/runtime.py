@@ -1,5 +1,6 @@
-"""The per-process worker runtime: the engine, its loop thread, and the housekeeping thread
-that renews job leases and aborts canceled jobs. Built once, warmed up before taking jobs."""
+"""The per-process worker runtime: the engine (in a process of its own, workers.engine_process)
+and the housekeeping thread that renews job leases and aborts canceled jobs. Built once, warmed
+up before taking jobs."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import threading
 import time
 from functools import lru_cache
 
-from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.echo import ECHO_MODEL, EchoEngine
+from engine import EngineConfig, SamplingParams
 from genq import db
 from genq.settings import Settings, get_settings
 from workers import heartbeat
-from workers.engine_loop import EngineLoop, EngineRequest
+from workers.engine_loop import EngineRequest
+from workers.engine_process import EngineProcess
 from workers.job_runner import JobRunner
 from workers.metrics import JobTimingMiddleware, start_metrics_server
 from workers.micro_batch import MicroBatcher
@@ -49,17 +50,13 @@ class WorkerRuntime:
         db.ensure_schema_current(settings.database_url_resolved)
         started = time.monotonic()
         config = engine_config(settings)
-        self.loop = EngineLoop(
-            lambda: (EchoEngine(cache_dir=config.cache_dir) if settings.model == ECHO_MODEL
-                     else LLMEngine(config)),
-            settings.worker_batch_wait_ms / 1000)
+        self.loop = EngineProcess(config, settings.worker_batch_wait_ms / 1000)
         self.loop.start()
-        engine = self.loop.engine
         self.runner = JobRunner(settings, self.loop)
         self.runner.middleware.append(JobTimingMiddleware())
         self.batcher = MicroBatcher(self.runner)
         if settings.worker_metrics_port:
-            start_metrics_server(settings.worker_metrics_port, engine, settings.model)
+            start_metrics_server(settings.worker_metrics_port, self.loop, settings.model)
         self._warm_up()
         log.info("engine for %s ready in %.1f s", settings.model, time.monotonic() - started)
         self._stop = threading.Event()

@@ -1,0 +1,205 @@
+"""The worker's engine in a process of its own, fed over a pipe (as vLLM V1's EngineCore).
+
+Why: the worker's own threads fetch messages, claim jobs, commit results and ack, all in
+Python. In one process they share the GIL with the engine loop, and on a GPU an engine step
+is Python-bound (it launches kernels), so the worker's bookkeeping stalled the GPU: on an
+H200 host, 1000 prompts ran through the system at 0.74x of `LLM.generate` in the same run
+(benchmarks/results-queue-overhead-h200.json). In its own process the engine loop steps as it
+does offline, and the worker's process keeps the job bookkeeping.
+
+`EngineProcess` has EngineLoop's interface (start, submit → Future, abort, in_flight, stop).
+The child runs an EngineLoop (workers.engine_loop: continuous batching, fault isolation) and a
+pipe reader that hands it requests and aborts; each request's outcome comes back as one
+message with the engine's stats, which also come every `STATS_SECONDS` (for the worker's
+metrics).
+
+Lifetimes:
+- The child ignores SIGINT and SIGTERM (a Ctrl-C, or systemd's stop, reaches every process of
+  the group): the worker drains its jobs first and then stops the engine with a message, at
+  the latest when it exits.
+- The worker dies (kill -9): its end of the pipe closes, and the child exits within
+  `STATS_SECONDS`.
+- The engine process dies (a segfault, the OOM killer): the worker exits at once, as it would
+  have with the engine in its own process. Its jobs' messages are unacked and their leases
+  run out, so they run again elsewhere; a job that kills every engine it reaches fails after
+  `max_attempts`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import time
+from concurrent.futures import Future
+from functools import partial
+from multiprocessing.connection import Connection
+
+from engine import EngineConfig, EngineStats, LLMEngine, RequestOutput
+from engine.echo import ECHO_MODEL, EchoEngine
+from workers.engine_loop import EngineLoop, EngineRequest
+
+log = logging.getLogger(__name__)
+
+STATS_SECONDS = 1.0
+ENGINE_DIED_EXIT_CODE = 70  # EX_SOFTWARE
+
+
+def make_engine(config: EngineConfig) -> LLMEngine | EchoEngine:
+    """The engine a worker serves: the echo engine for the model "echo", else the LLMEngine."""
+    if config.model == ECHO_MODEL:
+        return EchoEngine(cache_dir=config.cache_dir)
+    return LLMEngine(config)
+
+
+class EngineProcess:
+    def __init__(self, config: EngineConfig, batch_wait_seconds: float = 0.0) -> None:
+        context = multiprocessing.get_context("spawn")  # no forked CUDA state, no held locks
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(target=_serve,
+                                        args=(child_conn, config, batch_wait_seconds),
+                                        name="genq-engine", daemon=True)
+        self._futures: dict[str, Future[RequestOutput]] = {}
+        self._lock = threading.Lock()  # the futures, and sends (a Connection is not shared)
+        self._stopping = False
+        self.stats: EngineStats | None = None  # the engine's latest, for metrics
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def start(self) -> None:
+        """Start the engine process and wait until it has built the engine (raises what the
+        build raised)."""
+        self._process.start()
+        # Before multiprocessing's own exit handler, which would SIGTERM (ignored) and wait.
+        atexit.register(self.stop, timeout=5)
+        try:
+            kind, *payload = self._conn.recv()
+        except EOFError:
+            self._process.join(5)
+            raise RuntimeError("the engine process exited while starting (exit code "
+                               f"{self._process.exitcode})") from None
+        if kind == "failed":
+            raise payload[0]
+        threading.Thread(target=self._read, name="genq-engine-outcomes", daemon=True).start()
+
+    def submit(self, request: EngineRequest) -> Future[RequestOutput]:
+        """Queue a request for the engine; the Future resolves with its final RequestOutput,
+        or raises ValueError when the engine refuses it (e.g. prompt too long)."""
+        future: Future[RequestOutput] = Future()
+        with self._lock:
+            self._futures[request.request_id] = future
+            self._conn.send(("submit", request))
+        return future
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            if request_id in self._futures:
+                self._conn.send(("abort", request_id))
+
+    def in_flight(self) -> list[str]:
+        with self._lock:
+            return list(self._futures)
+
+    def stop(self, timeout: float | None = None) -> None:
+        with self._lock:
+            self._stopping = True
+            try:
+                self._conn.send(("stop", None))
+            except OSError:  # already gone
+                pass
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.kill()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                kind, *payload = self._conn.recv()
+            except (EOFError, OSError):
+                if self._stopping:
+                    return
+                self._process.join(1)
+                log.critical("the engine process died (exit code %s); this worker exits and "
+                             "its jobs run again elsewhere", self._process.exitcode)
+                logging.shutdown()
+                os._exit(ENGINE_DIED_EXIT_CODE)
+            if kind == "done":
+                request_id, output, error, self.stats = payload
+                with self._lock:
+                    future = self._futures.pop(request_id, None)
+                if future is None:
+                    continue
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(output)
+            elif kind == "stats":
+                self.stats = payload[0]
+            elif kind == "stopped":
+                return
+
+
+def _serve(conn: Connection, config: EngineConfig, batch_wait_seconds: float) -> None:
+    """The engine process: build the engine, then serve the worker's requests until it says
+    stop or goes away."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    loop = EngineLoop(partial(make_engine, config), batch_wait_seconds)
+    try:
+        loop.start()
+    except BaseException as exc:
+        conn.send(("failed", _picklable(exc)))
+        return
+    send_lock = threading.Lock()
+
+    def send(message: tuple) -> None:
+        with send_lock:
+            conn.send(message)
+
+    def stats() -> EngineStats | None:
+        return getattr(loop.engine, "stats", None)  # the echo engine has none
+
+    send(("ready",))
+    stats_sent = time.monotonic()
+    while True:
+        if time.monotonic() - stats_sent >= STATS_SECONDS:
+            send(("stats", stats()))
+            stats_sent = time.monotonic()
+        try:
+            if not conn.poll(STATS_SECONDS):
+                continue
+            kind, payload = conn.recv()
+        except (EOFError, OSError):  # the worker is gone: so is the reason to run
+            os._exit(0)
+        if kind == "submit":
+            report = partial(_report, send, stats, payload.request_id)
+            loop.submit(payload).add_done_callback(report)
+        elif kind == "abort":
+            loop.abort(payload)
+        elif kind == "stop":
+            loop.stop(timeout=5)
+            send(("stopped",))
+            return
+
+
+def _report(send, stats, request_id: str, future: Future[RequestOutput]) -> None:
+    """Send a request's outcome, with the engine's stats as of then (so a finished job's tokens
+    are counted in the worker's metrics by the time its result is written)."""
+    error = future.exception()
+    send(("done", request_id, None if error is not None else future.result(),
+          _picklable(error) if error is not None else None, stats()))
+
+
+def _picklable(error: BaseException) -> BaseException:
+    """`error` if it survives the pipe, else a RuntimeError naming it."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
