@@ -18,6 +18,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# A writer waiting for SQLite's write lock retries after at most this long. With a 2 ms cap,
+# single submits beside a busy worker spent a third of their time asleep past the lock's
+# release: 270-303 jobs/s end to end, 321-341 with 0.25 ms (echo engine, Zen 4, same runs).
+WRITE_LOCK_MAX_PAUSE_SECONDS = 0.00025
 WRITE_OPTION = "genq_write"  # execution option of write transactions (BEGIN IMMEDIATE on SQLite)
 
 
@@ -61,7 +65,7 @@ def _sqlite_begin(conn: Connection) -> None:
         raw.execute("BEGIN")
         return
     raw.execute("PRAGMA busy_timeout=0")
-    deadline, pause = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000, 0.0001
+    deadline, pause = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000, 0.00005
     try:
         while True:
             try:
@@ -71,7 +75,7 @@ def _sqlite_begin(conn: Connection) -> None:
                 if "locked" not in str(exc) or time.monotonic() > deadline:
                     raise
             time.sleep(pause)
-            pause = min(pause * 2, 0.002)
+            pause = min(pause * 2, WRITE_LOCK_MAX_PAUSE_SECONDS)
     finally:
         raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 
