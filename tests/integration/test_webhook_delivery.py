@@ -29,7 +29,9 @@ pytestmark = pytest.mark.integration
 RETRY_GAP = 0.5
 WORKER_ENV = {
     "GENQ_WEBHOOK_ALLOW_PRIVATE": "true",
-    "GENQ_WEBHOOK_RETRY_SCHEDULE": ",".join(["0"] + [str(RETRY_GAP)] * 5),
+    # Retries for ~10 s: the receiver-down test starts its receiver after the first failed
+    # attempt, and on a loaded 2-core CI machine that once took longer than 5 retries (2.5 s).
+    "GENQ_WEBHOOK_RETRY_SCHEDULE": ",".join(["0"] + [str(RETRY_GAP)] * 20),
     "GENQ_WEBHOOK_RETRY_JITTER": "0",
     "GENQ_WEBHOOK_TIMEOUT_SECONDS": "5",
     "GENQ_WEBHOOK_POLL_SECONDS": "0.1",
