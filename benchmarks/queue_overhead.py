@@ -19,7 +19,6 @@ Everything runs in one invocation so the ratios compare like with like.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -165,9 +164,9 @@ class OfflineEngine:
 
     def __init__(self, settings: Settings, max_tokens: int) -> None:
         from engine import LLM, SamplingParams
-        from workers.runtime import engine_config
+        from workers.runtime import engine_options
 
-        self.llm = LLM(**dataclasses.asdict(engine_config(settings)))
+        self.llm = LLM(**engine_options(settings))
         self.params = SamplingParams(**JobRequest(prompt="-", max_tokens=max_tokens,
                                                   temperature=0).sampling_params())
         self.llm.generate(["warm", "up"], self.params, use_tqdm=False)  # as the worker does

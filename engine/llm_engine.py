@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import threading
-from dataclasses import dataclass
 
 import torch
 
@@ -20,25 +19,13 @@ from engine.config import EngineConfig
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner
 from engine.models.llama import LlamaForCausalLM
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 
 Prompt = str | list[int] | list[dict]
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_preemptions: int
-    prefix_cache_queried_tokens: int
-    prefix_cache_hit_tokens: int
-    kv_cache_usage: float  # fraction of KV blocks held by live sequences
-    num_prompt_tokens: int  # over all finished-or-running requests added so far
-    num_generated_tokens: int
 
 
 class LLMEngine:
@@ -69,6 +56,7 @@ class LLMEngine:
         self._live: dict[str, Sequence] = {}  # every request added and not yet returned
         self._num_prompt_tokens = 0
         self._num_generated_tokens = 0
+        self._num_steps = 0
 
     @classmethod
     def from_model(cls, model: str, **overrides) -> LLMEngine:
@@ -134,7 +122,7 @@ class LLMEngine:
             prefix_cache_queried_tokens=manager.num_prefix_query_tokens,
             prefix_cache_hit_tokens=manager.num_prefix_hit_tokens,
             kv_cache_usage=manager.usage, num_prompt_tokens=self._num_prompt_tokens,
-            num_generated_tokens=self._num_generated_tokens)
+            num_generated_tokens=self._num_generated_tokens, num_steps=self._num_steps)
 
     def step(self) -> list[RequestOutput]:
         """One engine iteration: schedule -> run -> postprocess. Returns finished requests."""
@@ -142,6 +130,7 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if scheduled:
             seqs, token_ids, logprobs = self.runner.run(scheduled)
+            self._num_steps += 1
             for seq, num_tokens in scheduled:
                 seq.num_computed_tokens += num_tokens
                 self.block_manager.cache_full_blocks(seq)

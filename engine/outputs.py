@@ -1,4 +1,5 @@
-"""RequestOutput and CompletionOutput: what the engine hands back (vLLM shapes)."""
+"""RequestOutput and CompletionOutput: what the engine hands back (vLLM shapes); EngineStats:
+its counters. Torch-free, like engine.sampling_params: a worker's parent process uses them."""
 
 from __future__ import annotations
 
@@ -28,3 +29,16 @@ class RequestOutput:
     @property
     def num_completion_tokens(self) -> int:
         return sum(len(output.token_ids) for output in self.outputs)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    kv_cache_usage: float  # fraction of KV blocks held by live sequences
+    num_prompt_tokens: int  # over all finished-or-running requests added so far
+    num_generated_tokens: int
+    num_steps: int  # forward passes run; num_generated_tokens / num_steps is the mean batch

@@ -28,8 +28,13 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from engine import LLMEngine, RequestOutput, SamplingParams
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the loop runs in the engine process; its importers need no torch
+    from engine.llm_engine import LLMEngine
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,8 @@ from functools import partial
 from sqlalchemy import Row, func, select, update
 from sqlalchemy.orm import Session
 
-from engine import RequestOutput, SamplingParams
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
 from genq import db
 from genq.errors import ErrorCode
 from genq.job_store import (

@@ -71,6 +71,8 @@ class EngineCollector(Collector):
              stats.num_prompt_tokens),
             (CounterMetricFamily, "genq_engine_generation_tokens", "Tokens generated.",
              stats.num_generated_tokens),
+            (CounterMetricFamily, "genq_engine_steps", "Engine steps (forward passes) run.",
+             stats.num_steps),
             (CounterMetricFamily, "genq_engine_preemptions", "Sequences preempted (KV full).",
              stats.num_preemptions),
             (CounterMetricFamily, "genq_engine_prefix_cache_queried_tokens",

@@ -9,7 +9,7 @@ import threading
 import time
 from functools import lru_cache
 
-from engine import EngineConfig, SamplingParams
+from engine.sampling_params import SamplingParams
 from genq import db
 from genq.settings import Settings, get_settings
 from workers import heartbeat
@@ -30,18 +30,19 @@ log = logging.getLogger(__name__)
 DRAIN_GRACE_SECONDS = 5.0
 
 
-def engine_config(settings: Settings) -> EngineConfig:
-    """The worker's engine, sized by its settings (benchmarks build the same one offline)."""
-    return EngineConfig(
-        model=settings.model,
-        dtype=settings.engine_dtype,
-        device=settings.engine_device,
-        max_num_seqs=settings.worker_concurrency,
-        max_num_batched_tokens=settings.engine_max_num_batched_tokens,
-        cache_dir=str(settings.model_cache_dir_resolved),
+def engine_options(settings: Settings) -> dict:
+    """The worker's engine, sized by its settings, as EngineConfig's arguments (the engine
+    process builds it; benchmarks build the same engine offline with `LLM(**options)`)."""
+    return {
+        "model": settings.model,
+        "dtype": settings.engine_dtype,
+        "device": settings.engine_device,
+        "max_num_seqs": settings.worker_concurrency,
+        "max_num_batched_tokens": settings.engine_max_num_batched_tokens,
+        "cache_dir": str(settings.model_cache_dir_resolved),
         **({"kv_cache_tokens": settings.engine_kv_cache_tokens}
            if settings.engine_kv_cache_tokens else {}),
-    )
+    }
 
 
 class WorkerRuntime:
@@ -49,8 +50,7 @@ class WorkerRuntime:
         self.settings = settings
         db.ensure_schema_current(settings.database_url_resolved)
         started = time.monotonic()
-        config = engine_config(settings)
-        self.loop = EngineProcess(config, settings.worker_batch_wait_ms / 1000)
+        self.loop = EngineProcess(engine_options(settings), settings.worker_batch_wait_ms / 1000)
         self.loop.start()
         self.runner = JobRunner(settings, self.loop)
         self.runner.middleware.append(JobTimingMiddleware())

@@ -46,6 +46,7 @@ def test_metrics_parse_and_move_as_jobs_run(stack_factory, postgres_url, redis_u
     worker_port = free_port()
     stack = stack_factory(postgres_url, redis_db(redis_url, METRICS_REDIS_DB),
                           env={"GENQ_WORKER_METRICS_PORT": str(worker_port)})
+    worker_pid = next(p.popen.pid for p in stack.group.processes if p.name == "worker")
     api_metrics, worker_metrics = f"{stack.api_url}/metrics", f"http://127.0.0.1:{worker_port}/"
     before = _scrape(api_metrics)
     assert _value(before, "genq_jobs_finished_total", status="succeeded") == 0
@@ -78,16 +79,36 @@ def test_metrics_parse_and_move_as_jobs_run(stack_factory, postgres_url, redis_u
     worker = _scrape(worker_metrics)
     assert _value(worker, "genq_job_queue_wait_seconds_count", priority="default") == 3
     assert _value(worker, "genq_job_run_seconds_count", priority="default") == 3
-    assert _value(worker, "genq_engine_generation_tokens_total") >= 12
+    generated = _value(worker, "genq_engine_generation_tokens_total")
+    assert generated >= 12
+    # Each step runs the batch once and gives each sequence in it at most one token.
+    assert 0 < _value(worker, "genq_engine_steps_total") <= generated
     assert _value(worker, "genq_engine_prompt_tokens_total") > 0
     assert 0 <= _value(worker, "genq_engine_kv_cache_usage_ratio") <= 1
     assert "genq_engine_running_requests" in worker
     _assert_grafana_uses_only_exported_metrics(after, worker)
+    # The engine runs in a child process; the worker's own process never loads torch.
+    maps = Path(f"/proc/{worker_pid}/maps").read_text()
+    assert "libtorch" not in maps, "the worker's process loaded torch"
+    assert any("libtorch" in Path(f"/proc/{pid}/maps").read_text()
+               for pid in _children(worker_pid))
     models = requests.get(f"{stack.api_url}/v1/models", timeout=10,
                           headers={"Authorization": f"Bearer {stack.key}"}).json()
     assert models["object"] == "list"
     assert [(m["id"], m["live_workers"], m["status"]) for m in models["data"]] == [
         ("dummy:tiny-llama", 1, "available")]
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:  # ppid
+            children.append(int(stat.parent.name))
+    return children
 
 
 def _assert_grafana_uses_only_exported_metrics(*scrapes: dict) -> None:
