@@ -12,7 +12,10 @@
 - idle submit→start latency: one job at a time, `started_at - created_at` from the DB.
 - with --engine-model: the same prompts through the whole system vs the engine's own
   `LLM.generate` in this process, run before and after the system runs (the job system's
-  share of end-to-end time).
+  share of end-to-end time). Beside each run: the engine steps it took (the batches the
+  engine ran: equal counts mean the system fed it as well as `generate` does) and the CPU
+  seconds of each process (worker, engine process, this one: the producer and the polling),
+  which on a machine with few cores is where the difference goes.
 Everything runs in one invocation so the ratios compare like with like.
 """
 
@@ -21,14 +24,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
+import psutil
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from genq import db
@@ -38,15 +45,18 @@ from genq.settings import Settings
 from genq.states import TERMINAL_STATES
 from producer.schemas import JobRequest
 from producer.submit import count_prompt_tokens, submit_job, submit_jobs
+from workers.engine_process import STATS_SECONDS
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _start_worker(settings: Settings, concurrency: int, log_path: Path) -> subprocess.Popen:
+def _start_worker(settings: Settings, concurrency: int, log_path: Path,
+                  metrics_port: int = 0) -> subprocess.Popen:
     env = {**os.environ, "GENQ_DATABASE_URL": settings.database_url_resolved,
            "GENQ_BROKER_URL": settings.broker_url, "GENQ_MODEL": settings.model,
            "GENQ_MODEL_CACHE_DIR": str(settings.model_cache_dir_resolved),
-           "GENQ_DATA_DIR": str(settings.data_dir), "HF_HUB_OFFLINE": "1"}
+           "GENQ_DATA_DIR": str(settings.data_dir), "HF_HUB_OFFLINE": "1",
+           "GENQ_WORKER_METRICS_PORT": str(metrics_port)}
     log = log_path.open("wb")
     worker = subprocess.Popen(
         [sys.executable, "-m", "genq.cli", "worker", "--concurrency", str(concurrency)],
@@ -57,6 +67,32 @@ def _start_worker(settings: Settings, concurrency: int, log_path: Path) -> subpr
             raise RuntimeError(f"worker did not start:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.2)
     return worker
+
+
+class RunMeter:
+    """What a run cost beside its wall time: CPU seconds per process (the worker, its engine
+    process, this process) and, read from the worker's metrics, the engine steps it took."""
+
+    def __init__(self, worker: subprocess.Popen, metrics_port: int) -> None:
+        parent = psutil.Process(worker.pid)
+        self.processes = {"worker": [parent], "engine_process": parent.children(),
+                          "harness": [psutil.Process()]}
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/"
+
+    def snapshot(self) -> dict:
+        cpu = {name: sum(p.cpu_times().user + p.cpu_times().system for p in processes)
+               for name, processes in self.processes.items()}
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+            text = response.read().decode()
+        steps = sum(sample.value for family in text_string_to_metric_families(text)
+                    for sample in family.samples if sample.name == "genq_engine_steps_total")
+        return {"cpu": cpu, "steps": steps}
+
+    @staticmethod
+    def cost(before: dict, after: dict) -> dict:
+        return {"engine_steps": int(after["steps"] - before["steps"]),
+                "cpu_seconds": {name: round(after["cpu"][name] - before["cpu"][name], 2)
+                                for name in before["cpu"]}}
 
 
 def _count_finished(url: str, tenant_id: str) -> int:
@@ -172,11 +208,14 @@ class OfflineEngine:
         self.llm.generate(["warm", "up"], self.params, use_tqdm=False)  # as the worker does
 
     def run(self, prompts: list[str]) -> dict:
+        steps, cpu = self.llm.engine.stats.num_steps, time.process_time()
         started = time.perf_counter()
         outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
         seconds = time.perf_counter() - started
         tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-        return {"seconds": seconds, "output_tokens": tokens, "output_tok_s": tokens / seconds}
+        return {"seconds": seconds, "output_tokens": tokens, "output_tok_s": tokens / seconds,
+                "engine_steps": self.llm.engine.stats.num_steps - steps,
+                "cpu_seconds": round(time.process_time() - cpu, 2)}
 
 
 def make_settings(args, workdir: Path, model: str) -> Settings:
@@ -220,7 +259,10 @@ def main(argv: list[str] | None = None) -> dict:
             redis.Redis.from_url(args.broker_url).flushdb()
             with db.transaction(settings.database_url_resolved) as session:
                 tenant_id = _tenant_of(session)
-            worker = _start_worker(settings, args.concurrency, workdir / f"{label}.log")
+            metrics_port = _free_port()
+            worker = _start_worker(settings, args.concurrency, workdir / f"{label}.log",
+                                   metrics_port)
+            meter = RunMeter(worker, metrics_port)
             try:
                 if model == "echo":
                     results["idle_submit_to_start"] = idle_latency(settings, tenant_id,
@@ -229,9 +271,14 @@ def main(argv: list[str] | None = None) -> dict:
                     max_tokens = 8
                 else:
                     prompts, max_tokens = engine_prompts, args.engine_max_tokens
-                results[label] = run_genq(settings, tenant_id, prompts, max_tokens)
-                results[f"{label}_bulk"] = run_genq(settings, tenant_id, prompts, max_tokens,
-                                                    bulk_size=args.bulk_size)
+                for name, bulk_size in ((label, 1), (f"{label}_bulk", args.bulk_size)):
+                    before = meter.snapshot()
+                    results[name] = run_genq(settings, tenant_id, prompts, max_tokens,
+                                             bulk_size=bulk_size)
+                    after = meter.snapshot()
+                    time.sleep(2 * STATS_SECONDS)  # the engine's last stats reach the worker
+                    after["steps"] = meter.snapshot()["steps"]
+                    results[name].update(RunMeter.cost(before, after))
             finally:
                 worker.terminate()
                 worker.wait(60)
@@ -256,6 +303,12 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _tenant_of(session) -> str:
     from genq.api_keys import tenant_id_for_key
 
@@ -275,12 +328,15 @@ def _print_table(report: dict) -> None:
         offline = report["results"].get(f"engine_offline_{when}")
         if offline:
             print(f"engine offline LLM.generate ({when} the system runs): "
-                  f"{offline['seconds']:.2f} s, {offline['output_tokens']} tokens")
+                  f"{offline['seconds']:.2f} s, {offline['output_tokens']} tokens, "
+                  f"{offline['engine_steps']} steps, {offline['cpu_seconds']:.1f} CPU s")
     if "genq_engine" in report["results"]:
         for name in ("genq_engine", "genq_engine_bulk"):
             system = report["results"][name]
+            cpu = ", ".join(f"{k} {v:.1f}" for k, v in system["cpu_seconds"].items())
             print(f"through genq ({name}): {system['seconds']:.2f} s, "
-                  f"{system['output_tokens']} tokens")
+                  f"{system['output_tokens']} tokens, {system['engine_steps']} steps; "
+                  f"CPU s: {cpu}")
     for name, value in report["ratios"].items():
         print(f"{name}: {value:.2f}x")
 
