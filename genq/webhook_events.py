@@ -4,8 +4,7 @@ row (the exact body, its `webhook-id`) and one delivery row per interested targe
 Cheap when nobody listens: the job's own `webhook_url`/`webhook_events` come back from the
 transition's UPDATE … RETURNING, and the tenant's endpoints cost one indexed query.
 
-Deviation from the layering (STYLE.md): the payload's `data` is the job exactly as the API shows
-it, whose one definition is `producer.schemas.JobResponse`, so this core module imports it.
+The payload's `data` is the job exactly as the API shows it (genq.job_view.JobResponse).
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from enum import Enum
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
+from genq.job_view import JobResponse
 from genq.models import Job, WebhookDelivery, WebhookEndpoint, WebhookEvent, new_id, utcnow
 from genq.states import TERMINAL_STATES, JobStatus
 
@@ -58,9 +58,6 @@ def record_job_event(session: Session, job_id: str, state: JobStatus,
                 if state.value in events]
     if not targets:
         return None
-
-    # Imported late, and only here: the one layering exception (see the module docstring).
-    from producer.schemas import JobResponse
 
     job = session.get(Job, job_id, populate_existing=True)
     now = utcnow()

@@ -10,10 +10,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from genq.batch_states import BatchStatus
+from genq.job_view import unix_seconds
 from genq.models import Batch, File, utcnow
 from producer.batch_results import BatchProgress
 from producer.openai_compat import ENDPOINTS
-from producer.schemas import MAX_METADATA_KEYS, MetadataKey, MetadataValue, _unix
+from producer.schemas import MAX_METADATA_KEYS, MetadataKey, MetadataValue
 
 WINDOW_PATTERN = re.compile(r"^(\d+)([smh])$")
 WINDOW_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
@@ -32,7 +33,7 @@ class FileObject(BaseModel):
 
     @classmethod
     def from_file(cls, file: File) -> FileObject:
-        return cls(id=file.id, bytes=file.bytes, created_at=_unix(file.created_at),
+        return cls(id=file.id, bytes=file.bytes, created_at=unix_seconds(file.created_at),
                    filename=file.filename, purpose=file.purpose, line_count=file.line_count)
 
 
@@ -144,7 +145,7 @@ class BatchObject(BaseModel):
             input_file_id=batch.input_file_id, completion_window=batch.completion_window,
             status=BatchStatus(batch.status), output_file_id=batch.output_file_id,
             error_file_id=batch.error_file_id,
-            **{name: _unix(getattr(batch, name)) for name in (
+            **{name: unix_seconds(getattr(batch, name)) for name in (
                 "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at",
                 "failed_at", "expired_at", "cancelling_at", "cancelled_at")},
             request_counts=RequestCounts(total=progress.total, completed=progress.completed,

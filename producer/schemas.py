@@ -3,7 +3,6 @@ jobs and generate the OpenAPI document, so the three cannot drift apart."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -16,8 +15,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from genq.models import Job
-from genq.states import JobStatus, Priority
+from genq.job_view import JobResponse
+from genq.states import Priority
 
 MAX_STOP_SEQUENCES = 4
 MAX_METADATA_KEYS = 16
@@ -117,57 +116,6 @@ class BulkJobRequest(BaseModel):
         return cls.model_validate_json(body, strict=True)
 
 
-class JobOutput(BaseModel):
-    text: str
-    finish_reason: str | None
-
-
-class Usage(BaseModel):
-    prompt_tokens: int | None
-    completion_tokens: int | None
-
-
-class JobError(BaseModel):
-    code: str
-    message: str | None
-
-
-class JobResponse(BaseModel):
-    """A job as the API shows it; times are unix seconds, as in the OpenAI API."""
-
-    id: str
-    object: Literal["job"] = "job"
-    status: JobStatus
-    priority: Priority
-    model: str
-    created_at: int
-    started_at: int | None
-    finished_at: int | None
-    output: JobOutput | None
-    usage: Usage | None
-    error: JobError | None
-    metadata: dict[str, str]
-
-    @classmethod
-    def from_job(cls, job: Job) -> JobResponse:
-        return cls(
-            id=job.id,
-            status=JobStatus(job.status),
-            priority=Priority(job.priority),
-            model=job.model,
-            created_at=_unix(job.created_at),
-            started_at=_unix(job.started_at),
-            finished_at=_unix(job.finished_at),
-            output=None if job.output_text is None
-            else JobOutput(text=job.output_text, finish_reason=job.finish_reason),
-            usage=None if job.completion_tokens is None
-            else Usage(prompt_tokens=job.prompt_tokens, completion_tokens=job.completion_tokens),
-            error=None if job.error_code is None
-            else JobError(code=job.error_code, message=job.error_message),
-            metadata=job.metadata_ or {},
-        )
-
-
 class JobList(BaseModel):
     object: Literal["list"] = "list"
     data: list[JobResponse]
@@ -190,7 +138,3 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
-
-
-def _unix(moment: datetime | None) -> int | None:
-    return None if moment is None else int(moment.timestamp())

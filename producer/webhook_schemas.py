@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from genq.job_view import unix_seconds
 from genq.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookSecret
 from producer.schemas import WebhookEventName
 
@@ -49,7 +49,7 @@ class EndpointResponse(BaseModel):
         return cls(id=endpoint.id, url=endpoint.url, events=endpoint.events,
                    description=endpoint.description, enabled=endpoint.enabled,
                    disabled_reason=endpoint.disabled_reason,
-                   created_at=_unix(endpoint.created_at),
+                   created_at=unix_seconds(endpoint.created_at),
                    secret=endpoint.secret if show_secret else None)
 
 
@@ -68,7 +68,7 @@ class SecretResponse(BaseModel):
     @classmethod
     def from_secret(cls, secret: WebhookSecret) -> SecretResponse:
         return cls(secret=secret.secret,
-                   previous_secret_expires_at=_unix(secret.previous_secret_expires_at))
+                   previous_secret_expires_at=unix_seconds(secret.previous_secret_expires_at))
 
 
 class AttemptResponse(BaseModel):
@@ -81,7 +81,7 @@ class AttemptResponse(BaseModel):
 
     @classmethod
     def from_attempt(cls, attempt: WebhookAttempt) -> AttemptResponse:
-        return cls(number=attempt.number, started_at=_unix(attempt.started_at),
+        return cls(number=attempt.number, started_at=unix_seconds(attempt.started_at),
                    status_code=attempt.status_code, latency_ms=attempt.latency_ms,
                    error=attempt.error, response_excerpt=attempt.response_excerpt)
 
@@ -109,10 +109,11 @@ class DeliveryResponse(BaseModel):
             id=delivery.id, event_id=delivery.event_id, event_type=event_type,
             job_id=delivery.job_id, endpoint_id=delivery.endpoint_id, url=delivery.url,
             status=delivery.status,
-            next_attempt_at=_unix(delivery.next_attempt_at) if delivery.status == "pending"
+            next_attempt_at=unix_seconds(delivery.next_attempt_at) if delivery.status == "pending"
             else None,
             last_error=delivery.last_error, replay_of=delivery.replay_of,
-            created_at=_unix(delivery.created_at), finished_at=_unix(delivery.finished_at),
+            created_at=unix_seconds(delivery.created_at),
+            finished_at=unix_seconds(delivery.finished_at),
             attempts=[AttemptResponse.from_attempt(attempt) for attempt in attempts],
         )
 
@@ -121,7 +122,3 @@ class DeliveryList(BaseModel):
     object: Literal["list"] = "list"
     data: list[DeliveryResponse]
     has_more: bool
-
-
-def _unix(moment: datetime | None) -> int | None:
-    return None if moment is None else int(moment.timestamp())
