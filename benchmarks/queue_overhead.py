@@ -2,7 +2,7 @@
 
     python -m benchmarks.queue_overhead [--num-jobs 1000] [--broker-url redis://…/14]
         [--database-url sqlite:///…] [--latency-samples 50] [--concurrency 32]
-        [--engine-model smollm2-135m --engine-prompts 64] [--json PATH]
+        [--engine-model smollm2-135m --engine-prompts 64 --engine-rounds 3] [--json PATH]
 
 - genq: jobs submitted through the producer (validate, job row + outbox row, publish), run by
   a real `genq worker` with the echo engine, counted when their result row is committed; once
@@ -11,10 +11,13 @@
 - plain Celery: a no-op task with acks_late, sent N times, drained by one default worker.
 - idle submit→start latency: one job at a time, `started_at - created_at` from the DB.
 - with --engine-model: the same prompts through the whole system vs the engine's own
-  `LLM.generate` in this process, run before and after the system runs (the job system's
-  share of end-to-end time). Beside each run: the engine steps it took (the batches the
-  engine ran: equal counts mean the system fed it as well as `generate` does) and the CPU
-  seconds of each process (worker, engine process, this one: the producer and the polling),
+  `LLM.generate` in this process (the job system's share of end-to-end time), in
+  --engine-rounds rounds of offline, single submits, bulk submits, back to back with the
+  worker up. This VM's speed drifts by 10-25% over minutes, so each system run is compared
+  with the offline run just before it, and the ratios are the medians over the rounds. Beside
+  each run: the engine steps it took (the batches the engine ran: equal counts mean the system
+  fed it as well as `generate` does) and the CPU seconds of each process (worker, engine
+  process, this one: the producer and the polling; during offline runs, the idle worker's),
   which on a machine with few cores is where the difference goes.
 Everything runs in one invocation so the ratios compare like with like.
 """
@@ -88,11 +91,16 @@ class RunMeter:
                     for sample in family.samples if sample.name == "genq_engine_steps_total")
         return {"cpu": cpu, "steps": steps}
 
-    @staticmethod
-    def cost(before: dict, after: dict) -> dict:
-        return {"engine_steps": int(after["steps"] - before["steps"]),
-                "cpu_seconds": {name: round(after["cpu"][name] - before["cpu"][name], 2)
-                                for name in before["cpu"]}}
+    def measure(self, run, *args, **kwargs) -> dict:
+        """`run(*args, **kwargs)`'s result dict with the CPU seconds and worker engine steps
+        spent meanwhile (an offline run's own steps stay in its result)."""
+        before = self.snapshot()
+        result = run(*args, **kwargs)
+        after = self.snapshot()
+        time.sleep(2 * STATS_SECONDS)  # the engine process's last stats reach the worker
+        worker_steps = int(self.snapshot()["steps"] - before["steps"])
+        cpu = {name: round(after["cpu"][name] - before["cpu"][name], 2) for name in after["cpu"]}
+        return {"engine_steps": worker_steps, **result, "cpu_seconds": cpu}
 
 
 def _count_finished(url: str, tenant_id: str) -> int:
@@ -195,8 +203,7 @@ def run_plain_celery(broker_url: str, num_tasks: int, log_path: Path) -> dict:
 
 class OfflineEngine:
     """The engine alone, configured as the worker configures it, with the jobs' own sampling
-    parameters (so both stop at the same tokens). It runs before and after the system runs and
-    the ratio uses the mean: this VM's speed drifts by 10-20% over minutes."""
+    parameters (so both stop at the same tokens)."""
 
     def __init__(self, settings: Settings, max_tokens: int) -> None:
         from engine import LLM, SamplingParams
@@ -208,14 +215,13 @@ class OfflineEngine:
         self.llm.generate(["warm", "up"], self.params, use_tqdm=False)  # as the worker does
 
     def run(self, prompts: list[str]) -> dict:
-        steps, cpu = self.llm.engine.stats.num_steps, time.process_time()
+        steps = self.llm.engine.stats.num_steps
         started = time.perf_counter()
         outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
         seconds = time.perf_counter() - started
         tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
         return {"seconds": seconds, "output_tokens": tokens, "output_tok_s": tokens / seconds,
-                "engine_steps": self.llm.engine.stats.num_steps - steps,
-                "cpu_seconds": round(time.process_time() - cpu, 2)}
+                "engine_steps": self.llm.engine.stats.num_steps - steps}
 
 
 def make_settings(args, workdir: Path, model: str) -> Settings:
@@ -236,6 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--engine-model", default="")
     parser.add_argument("--engine-prompts", type=int, default=64)
     parser.add_argument("--engine-max-tokens", type=int, default=32)
+    parser.add_argument("--engine-rounds", type=int, default=3)
     parser.add_argument("--bulk-size", type=int, default=100)
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
@@ -247,10 +254,9 @@ def main(argv: list[str] | None = None) -> dict:
         workdir = Path(tmp)
         results["plain_celery"] = run_plain_celery(args.broker_url, args.num_jobs,
                                                    workdir / "noop.log")
-        if args.engine_model:  # with no worker running yet
+        if args.engine_model:
             offline = OfflineEngine(make_settings(args, workdir, args.engine_model),
                                     args.engine_max_tokens)
-            results["engine_offline_before"] = offline.run(engine_prompts)
         for model, label in [("echo", "genq_echo")] + (
                 [(args.engine_model, "genq_engine")] if args.engine_model else []):
             settings = make_settings(args, workdir / label, model)
@@ -268,33 +274,31 @@ def main(argv: list[str] | None = None) -> dict:
                     results["idle_submit_to_start"] = idle_latency(settings, tenant_id,
                                                                    args.latency_samples)
                     prompts = [f"job {i}: echo these words back" for i in range(args.num_jobs)]
-                    max_tokens = 8
-                else:
-                    prompts, max_tokens = engine_prompts, args.engine_max_tokens
-                for name, bulk_size in ((label, 1), (f"{label}_bulk", args.bulk_size)):
-                    before = meter.snapshot()
-                    results[name] = run_genq(settings, tenant_id, prompts, max_tokens,
-                                             bulk_size=bulk_size)
-                    after = meter.snapshot()
-                    time.sleep(2 * STATS_SECONDS)  # the engine's last stats reach the worker
-                    after["steps"] = meter.snapshot()["steps"]
-                    results[name].update(RunMeter.cost(before, after))
+                    for name, bulk_size in ((label, 1), (f"{label}_bulk", args.bulk_size)):
+                        results[name] = meter.measure(run_genq, settings, tenant_id, prompts,
+                                                      8, bulk_size=bulk_size)
+                    continue
+                results["engine_rounds"] = []
+                for _ in range(args.engine_rounds):
+                    results["engine_rounds"].append({
+                        "offline": meter.measure(offline.run, engine_prompts),
+                        **{name: meter.measure(run_genq, settings, tenant_id, engine_prompts,
+                                               args.engine_max_tokens, bulk_size=bulk_size)
+                           for name, bulk_size in (("system", 1),
+                                                   ("system_bulk", args.bulk_size))}})
             finally:
                 worker.terminate()
                 worker.wait(60)
-        if args.engine_model:
-            results["engine_offline_after"] = offline.run(engine_prompts)
 
     celery_jobs_per_s = results["plain_celery"]["jobs_per_s"]
     ratios = {"genq_echo_vs_plain_celery": results["genq_echo"]["jobs_per_s"] / celery_jobs_per_s,
               "genq_echo_bulk_vs_plain_celery":
               results["genq_echo_bulk"]["jobs_per_s"] / celery_jobs_per_s}
-    if args.engine_model:
-        offline_seconds = statistics.mean(results[f"engine_offline_{when}"]["seconds"]
-                                          for when in ("before", "after"))
-        for label in ("genq_engine", "genq_engine_bulk"):
-            ratios[f"{label.replace('genq_engine', 'system')}_vs_engine_offline"] = (
-                offline_seconds / results[label]["seconds"])
+    for name in ("system", "system_bulk") if args.engine_model else ():
+        per_round = [run["offline"]["seconds"] / run[name]["seconds"]
+                     for run in results["engine_rounds"]]
+        ratios[f"{name}_vs_engine_offline"] = statistics.median(per_round)
+        ratios[f"{name}_vs_engine_offline_per_round"] = per_round
     report = {"num_jobs": args.num_jobs, "broker": args.broker_url, "results": results,
               "ratios": ratios}
     _print_table(report)
@@ -317,28 +321,21 @@ def _tenant_of(session) -> str:
 
 def _print_table(report: dict) -> None:
     print(f"{'contender':<18}{'jobs':>8}{'seconds':>10}{'jobs/s':>10}{'enqueued/s':>12}")
-    for name in ("plain_celery", "genq_echo", "genq_echo_bulk", "genq_engine", "genq_engine_bulk"):
+    for name in ("plain_celery", "genq_echo", "genq_echo_bulk"):
         row = report["results"].get(name)
         if row:
             print(f"{name:<18}{row['jobs']:>8}{row['seconds']:>10.2f}{row['jobs_per_s']:>10.1f}"
                   f"{row['enqueued_per_s']:>12.1f}")
     latency = report["results"]["idle_submit_to_start"]
     print(f"idle submit->start: p50 {latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms")
-    for when in ("before", "after"):
-        offline = report["results"].get(f"engine_offline_{when}")
-        if offline:
-            print(f"engine offline LLM.generate ({when} the system runs): "
-                  f"{offline['seconds']:.2f} s, {offline['output_tokens']} tokens, "
-                  f"{offline['engine_steps']} steps, {offline['cpu_seconds']:.1f} CPU s")
-    if "genq_engine" in report["results"]:
-        for name in ("genq_engine", "genq_engine_bulk"):
-            system = report["results"][name]
-            cpu = ", ".join(f"{k} {v:.1f}" for k, v in system["cpu_seconds"].items())
-            print(f"through genq ({name}): {system['seconds']:.2f} s, "
-                  f"{system['output_tokens']} tokens, {system['engine_steps']} steps; "
-                  f"CPU s: {cpu}")
+    for index, run in enumerate(report["results"].get("engine_rounds", []), 1):
+        for name, row in run.items():
+            cpu = ", ".join(f"{k} {v:.1f}" for k, v in row["cpu_seconds"].items())
+            print(f"round {index} {name:<12} {row['seconds']:7.2f} s, {row['output_tokens']} "
+                  f"tokens, {row['engine_steps']} steps; CPU s: {cpu}")
     for name, value in report["ratios"].items():
-        print(f"{name}: {value:.2f}x")
+        shown = ", ".join(f"{v:.2f}" for v in value) if isinstance(value, list) else f"{value:.2f}"
+        print(f"{name}: {shown}x")
 
 
 if __name__ == "__main__":
