@@ -72,6 +72,8 @@ def parse_line(number: int, raw: bytes, endpoint: str) -> ParsedLine:
         return ParsedLine(number, None, error="missing custom_id: a non-empty string is required")
     if len(custom_id) > MAX_CUSTOM_ID_LENGTH:
         return ParsedLine(number, None, error=f"custom_id longer than {MAX_CUSTOM_ID_LENGTH}")
+    if "\x00" in custom_id:  # PostgreSQL cannot store it: the whole ingest would fail
+        return ParsedLine(number, None, error="custom_id must not contain NUL (\\u0000)")
     unknown = sorted(set(line) - {"custom_id", "method", "url", "body"})
     if unknown:
         return ParsedLine(number, custom_id, error=f"unknown field(s) {', '.join(unknown)}")

@@ -7,18 +7,20 @@ import re
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from genq.batch_states import BatchStatus
 from genq.job_view import unix_seconds
 from genq.models import Batch, File, utcnow
 from producer.batch_results import BatchProgress
 from producer.openai_compat import ENDPOINTS
-from producer.schemas import MAX_METADATA_KEYS, MetadataKey, MetadataValue
+from producer.schemas import MAX_METADATA_KEYS, MetadataKey, MetadataValue, stored_text
 
-WINDOW_PATTERN = re.compile(r"^(\d+)([smh])$")
+WINDOW_PATTERN = re.compile(r"^([0-9]+)([smh])$")
 WINDOW_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
 MAX_WINDOW = timedelta(days=7)
+# `<n>s|m|h`, checked by window_of; the pattern also goes into the OpenAPI document.
+CompletionWindow = Annotated[str, Field(json_schema_extra={"pattern": WINDOW_PATTERN.pattern})]
 
 
 class FileObject(BaseModel):
@@ -50,9 +52,9 @@ class BatchCreateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input_file_id: Annotated[str, StringConstraints(min_length=1)]
+    input_file_id: stored_text(min_length=1)
     endpoint: Literal[ENDPOINTS]  # type: ignore[valid-type]
-    completion_window: str = "24h"
+    completion_window: CompletionWindow = "24h"
     metadata: Annotated[
         dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_KEYS)
     ] | None = None
@@ -73,7 +75,7 @@ class BatchRetryRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    completion_window: str | None = None
+    completion_window: CompletionWindow | None = None
 
     @field_validator("completion_window")
     @classmethod
@@ -84,13 +86,14 @@ class BatchRetryRequest(BaseModel):
 
 
 def window_of(completion_window: str) -> timedelta:
-    match = WINDOW_PATTERN.match(completion_window)
+    match = WINDOW_PATTERN.fullmatch(completion_window)
     if match is None:
         raise ValueError("completion_window must look like 24h, 30m or 90s")
-    window = timedelta(seconds=int(match[1]) * WINDOW_UNIT_SECONDS[match[2]])
-    if not timedelta(0) < window <= MAX_WINDOW:
+    # Compared as a number first: timedelta overflows (a 500) on `99999999999999999999h`.
+    seconds = int(match[1]) * WINDOW_UNIT_SECONDS[match[2]]
+    if not 0 < seconds <= MAX_WINDOW.total_seconds():
         raise ValueError("completion_window must be more than 0 and at most 7 days")
-    return window
+    return timedelta(seconds=seconds)
 
 
 class RequestCounts(BaseModel):

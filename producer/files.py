@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from sqlalchemy import or_, select, update
 
@@ -63,8 +64,10 @@ class LineCountingFile(io.FileIO):
 def record_upload(settings: Settings, tenant_id: str, file_id: str, filename: str,
                   stored: LineCountingFile) -> File:
     """Insert the row of an upload whose content `stored` already wrote to disk."""
+    # The filename is only a label: cut to its column, without the NULs PostgreSQL refuses.
+    filename = filename.replace("\x00", "")[:255]
     file = File(id=file_id, tenant_id=tenant_id, purpose=PURPOSE_BATCH,
-                filename=filename[:255] or "upload.jsonl", bytes=stored.bytes_written,
+                filename=filename or "upload.jsonl", bytes=stored.bytes_written,
                 line_count=stored.line_count, path=Path(stored.name).name)
     with db.transaction(settings.database_url_resolved) as session:
         session.add(file)
@@ -114,7 +117,17 @@ def delete_file(settings: Settings, tenant_id: str, file_id: str) -> File:
 
 
 def iter_stored_content(settings: Settings, file: File) -> Iterator[bytes]:
-    """The bytes of a file kept on disk, in chunks."""
-    with (files_dir(settings) / file.path).open("rb") as handle:
+    """The bytes of a file kept on disk, in chunks. Opened now, before the answer starts: a
+    file deleted since its row was read is a 404, not a 200 cut off mid-stream."""
+    try:
+        handle = (files_dir(settings) / file.path).open("rb")
+    except FileNotFoundError:
+        raise GenqError(ErrorCode.NOT_FOUND, f"no file with id {file.id!r}",
+                        param="file_id") from None
+    return _chunks(handle)
+
+
+def _chunks(handle: BinaryIO) -> Iterator[bytes]:
+    with handle:
         while chunk := handle.read(READ_CHUNK_BYTES):
             yield chunk

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -22,10 +23,28 @@ MAX_STOP_SEQUENCES = 4
 MAX_METADATA_KEYS = 16
 # Jobs per bulk submit: one transaction and one publish batch for all of them.
 MAX_JOBS_PER_BULK = 1000
+# JSON Schema for "no NUL character" (stored_text; query values, see results_api.app).
+NO_NUL_PATTERN = "^[^\\u0000]*$"
+
+
+def stored_text(min_length: int | None = None, max_length: int | None = None) -> Any:
+    """A string kept in a text column (not inside JSON): these lengths and no NUL character,
+    which PostgreSQL text cannot hold (its driver raises: a 500). Refused on every database."""
+    return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length),
+                     AfterValidator(_refuse_nul),
+                     Field(json_schema_extra={"pattern": NO_NUL_PATTERN})]
+
+
+def _refuse_nul(value: str) -> str:
+    if "\x00" in value:
+        raise PydanticCustomError("nul_character", "must not contain NUL (\\u0000) characters")
+    return value
+
 
 NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+WebhookUrl = stored_text(min_length=1, max_length=2048)
 WebhookEventName = Literal["running", "succeeded", "failed", "canceled", "expired"]
 
 
@@ -46,7 +65,7 @@ class JobRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: NonEmptyStr | None = None
+    prompt: stored_text(min_length=1) | None = None
     messages: Annotated[list[Message], Field(min_length=1)] | None = None
     model: str | None = Field(None, description="Defaults to the server's configured model.")
     max_tokens: int = Field(256, ge=1, le=8192)
@@ -55,9 +74,11 @@ class JobRequest(BaseModel):
     top_k: int = Field(-1, ge=-1, description="-1 disables top-k.")
     seed: int | None = None
     stop: Annotated[
-        list[NonEmptyStr] | None,
+        # The length limit sits on the list itself: on the optional it would be applied to
+        # an explicit `null` too, and fail there with a TypeError (a 500).
+        Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_SEQUENCES)] | None,
         BeforeValidator(_stop_as_list),
-        Field(max_length=MAX_STOP_SEQUENCES, description="A string or up to 4 strings."),
+        Field(description="A string or up to 4 strings."),
     ] = None
     priority: Priority = Priority.DEFAULT
     timeout_s: int | None = Field(
@@ -67,7 +88,7 @@ class JobRequest(BaseModel):
     metadata: Annotated[
         dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_KEYS)
     ] = Field(default_factory=dict)
-    webhook_url: Annotated[str, StringConstraints(min_length=1, max_length=2048)] | None = Field(
+    webhook_url: WebhookUrl | None = Field(
         None, description="Called (signed, Standard Webhooks v1) when the job reaches one of "
         "`webhook_events`. Needs the tenant's secret: `POST /v1/webhook-secret`.")
     webhook_events: Annotated[list[WebhookEventName], Field(min_length=1)] | None = Field(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field
 
 from genq.job_view import unix_seconds
 from genq.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookSecret
-from producer.schemas import WebhookEventName
+from producer.schemas import WebhookEventName, WebhookUrl, stored_text
 
 MAX_LIST_LIMIT = 100
 
@@ -18,10 +18,10 @@ class EndpointRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    url: WebhookUrl
     events: Annotated[list[WebhookEventName], Field(min_length=1)] | None = Field(
         None, description="Default: the terminal states (succeeded, failed, canceled, expired).")
-    description: Annotated[str, StringConstraints(max_length=500)] | None = None
+    description: stored_text(max_length=500) | None = None
 
 
 class EndpointUpdate(BaseModel):

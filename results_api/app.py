@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import threading
 
-from flask import Flask
+from flask import Flask, request
 
 from genq import db
+from genq.errors import ErrorCode, GenqError
 from genq.settings import Settings
 from producer.submit import load_tokenizer_cached
 from results_api import (
@@ -41,6 +42,7 @@ def create_app(config: dict | None = None) -> Flask:
     register_error_handlers(app)
     metrics.init_app(app)  # first: its after_request hook sees every response
     breakers.init_app(app)
+    app.before_request(_refuse_nul_in_url)
     app.register_blueprint(dashboard.bp)
     app.register_blueprint(models_api.bp)
     app.register_blueprint(jobs.bp)
@@ -53,3 +55,16 @@ def create_app(config: dict | None = None) -> Flask:
     threading.Thread(target=load_tokenizer_cached, daemon=True, name="genq-tokenizer-warmup",
                      args=(settings.model, settings.model_cache_dir_resolved)).start()
     return app
+
+
+def _refuse_nul_in_url() -> None:
+    """No id genq hands out, and no query value it takes, holds a NUL character, which
+    PostgreSQL cannot even compare (its driver raises): answer those before any lookup."""
+    for name, value in (request.view_args or {}).items():
+        if "\x00" in str(value):
+            raise GenqError(ErrorCode.NOT_FOUND,
+                            f"no {name.removesuffix('_id')} with id {value!r}", param="id")
+    for name, value in request.args.items(multi=True):
+        if "\x00" in value:
+            raise GenqError(ErrorCode.INVALID_REQUEST,
+                            f"{name} must not contain NUL (\\u0000) characters", param=name)

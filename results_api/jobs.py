@@ -122,7 +122,8 @@ def _prefer_wait(header: str | None, max_wait: int) -> int | None:
         if name.strip().lower() != "wait":
             continue
         value = value.strip().strip('"')
-        if not value.isdigit() or int(value) > max_wait:
+        # isdigit() alone admits "²", which int() refuses.
+        if not (value.isascii() and value.isdigit()) or int(value) > max_wait:
             raise GenqError(ErrorCode.INVALID_REQUEST,
                             f"Prefer: wait must be a whole number of seconds from 0 to {max_wait}",
                             param="Prefer")

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from genq.states import JobStatus
 from producer.jobs import DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT
 from producer.schemas import (
+    NO_NUL_PATTERN,
     BulkJobRequest,
     BulkJobResponse,
     ErrorResponse,
@@ -104,7 +105,8 @@ def _paths() -> dict[str, Any]:
                     {"name": "limit", "in": "query",
                      "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT,
                                 "default": DEFAULT_LIST_LIMIT}},
-                    {"name": "after", "in": "query", "schema": {"type": "string"},
+                    {"name": "after", "in": "query",
+                     "schema": {"type": "string", "pattern": NO_NUL_PATTERN},
                      "description": "A job id: list the jobs older than it (`last_id`)."},
                 ],
                 "responses": {"200": _json_response("A page of jobs", "JobList"),
@@ -183,7 +185,8 @@ def _webhook_paths() -> dict[str, Any]:
                     "responses": endpoint_answer("The endpoint")},
             "patch": {"summary": "Enable or disable an endpoint", "parameters": [path_id],
                       "requestBody": body("EndpointUpdate"),
-                      "responses": {**endpoint_answer("The endpoint"), **_errors(415, 422)}},
+                      "responses": {**endpoint_answer("The endpoint"),
+                                    **_errors(400, 415, 422)}},
             "delete": {"summary": "Delete an endpoint", "parameters": [path_id],
                        "responses": {"200": {"description": "Deleted"},
                                      **_errors(401, 404, 503)}},

@@ -16,12 +16,14 @@ from producer.batch_schemas import (
     FileDeleted,
     FileObject,
 )
+from producer.batches import DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT
 from producer.openai_compat import (
     ChatCompletion,
     ChatCompletionBody,
     CompletionBody,
     TextCompletion,
 )
+from producer.schemas import NO_NUL_PATTERN
 
 OPENAI_SCHEMAS: list[tuple[type[BaseModel], str]] = [
     *((model, "validation") for model in (BatchCreateRequest, BatchRetryRequest,
@@ -81,8 +83,11 @@ def openai_paths(ref: Callable[[str], dict], json_response: Callable[[str, str],
                      "responses": batch_answer("The batch (validating)", 400, 422)},
             "get": {"summary": "List batches, newest first (`after`: a batch id)",
                     "parameters": [
-                        {"name": "limit", "in": "query", "schema": {"type": "integer"}},
-                        {"name": "after", "in": "query", "schema": {"type": "string"}}],
+                        {"name": "limit", "in": "query",
+                         "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT,
+                                    "default": DEFAULT_LIST_LIMIT}},
+                        {"name": "after", "in": "query",
+                         "schema": {"type": "string", "pattern": NO_NUL_PATTERN}}],
                     "responses": {"200": json_response("A page of batches", "BatchList"),
                                   **errors(401, 422)}},
         },

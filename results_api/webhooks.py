@@ -109,6 +109,6 @@ def _body(model: type[Model]) -> Model:
 
 def _limit_arg() -> int:
     value = request.args.get("limit", str(MAX_LIST_LIMIT))
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):  # isdigit() alone admits "²", int() does not
         raise GenqError(ErrorCode.INVALID_REQUEST, "limit must be an integer", param="limit")
     return int(value)

@@ -169,8 +169,10 @@ def test_unknown_key_is_401(client):
     assert_error(response, 401, "unauthorized")
 
 
-def test_unknown_job_id_is_404(client, auth):
-    assert_error(client.get("/v1/jobs/job_missing", headers=auth), 404, "not_found")
+@pytest.mark.parametrize("job_id", ["job_missing", "job_%00missing"])  # %00: NUL, no 500
+def test_unknown_job_id_is_404(client, auth, job_id):
+    assert_error(client.get(f"/v1/jobs/{job_id}", headers=auth), 404, "not_found", "id")
+    assert_error(client.post(f"/v1/jobs/{job_id}/cancel", headers=auth), 404, "not_found", "id")
 
 
 def test_other_tenants_job_is_404(client, auth, settings):
@@ -207,11 +209,24 @@ def test_wrong_content_type_is_415(client, auth):
         ({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, "messages"),
         ({"max_tokens": 3}, "prompt"),
         ({"prompt": "x", "model": "gpt-5"}, "model"),
+        # NUL cannot be stored in a PostgreSQL text column: refused alike on every database.
+        ({"prompt": "a\x00b"}, "prompt"),
+        ({"prompt": "x", "webhook_url": "https://example.com/\x00"}, "webhook_url"),
     ],
 )
 def test_invalid_values_are_422_with_param(client, auth, settings, body, param):
     assert_error(submit(client, auth, body), 422, "invalid_request", param)
     assert job_rows(settings) == 0
+
+
+def test_explicit_nulls_are_the_defaults(client, auth, settings):
+    nulls = {"prompt": "x", "max_tokens": 4, "stop": None, "seed": None, "model": None,
+             "timeout_s": None, "webhook_url": None, "webhook_events": None}
+
+    assert submit(client, auth, nulls).status_code == 202
+    bulk = client.post("/v1/jobs/bulk", json={"jobs": [nulls, nulls]}, headers=auth)
+    assert bulk.status_code == 202, bulk.get_data(as_text=True)
+    assert job_rows(settings) == 3
 
 
 def test_prompt_longer_than_the_context_is_422(client, auth, settings):
@@ -227,9 +242,11 @@ def test_bad_list_arguments_are_422(client, auth):
                  "status")
     assert_error(client.get("/v1/jobs?limit=101", headers=auth), 422, "invalid_request", "limit")
     assert_error(client.get("/v1/jobs?limit=x", headers=auth), 422, "invalid_request", "limit")
+    assert_error(client.get("/v1/jobs?after=job_%00", headers=auth), 422, "invalid_request",
+                 "after")
 
 
-@pytest.mark.parametrize("prefer", ["wait=61", "wait=-1", "wait=soon"])
+@pytest.mark.parametrize("prefer", ["wait=61", "wait=-1", "wait=soon", "wait=²"])
 def test_bad_prefer_wait_is_422(client, auth, prefer):
     assert_error(submit(client, auth, Prefer=prefer), 422, "invalid_request", "Prefer")
 

@@ -94,3 +94,33 @@ def test_feeder_enqueues_in_windows_and_finalizes_a_cancelled_batch(database_url
     assert json.loads(output[0])["response"]["body"]["choices"][0] == {
         "index": 0, "text": "ok", "finish_reason": "stop", "logprobs": None}
     assert api.get(f"/v1/files/{batch['error_file_id']}").get_json()["line_count"] == LINES - 30
+
+
+def test_lines_with_nul_characters_are_line_errors_not_a_stuck_ingest(database_url, broker,
+                                                                      tmp_path):
+    # given a batch whose file has a NUL in a custom_id and in a prompt (PostgreSQL text
+    # cannot hold NUL: inserting those rows failed the whole ingest, on every round)
+    settings = Settings(database_url=database_url, broker_url=broker, model=TINY_MODEL,
+                        data_dir=tmp_path)
+    api = create_app({"GENQ_SETTINGS": settings}).test_client()
+    api.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {make_key(database_url)}"
+    lines = [("ok", "hi"), ("nul\x00id", "hi"), ("nul-prompt", "a\x00b")]
+    content = "".join(json.dumps({
+        "custom_id": custom_id, "method": "POST", "url": "/v1/completions",
+        "body": {"model": TINY_MODEL, "prompt": prompt, "max_tokens": 3}}) + "\n"
+        for custom_id, prompt in lines).encode()
+    file_id = api.post("/v1/files", data={"purpose": "batch", "file": (io.BytesIO(content),
+                                                                       "f.jsonl")},
+                       content_type="multipart/form-data").get_json()["id"]
+    batch_id = api.post("/v1/batches", json={"input_file_id": file_id,
+                                             "endpoint": "/v1/completions"}).get_json()["id"]
+
+    # when the feeder runs: then the good line is queued and the two others are line errors
+    feed_batches(settings)
+    batch = api.get(f"/v1/batches/{batch_id}").get_json()
+    assert batch["status"] == "in_progress"
+    in_batch = Job.batch_id == batch_id
+    assert count(database_url, in_batch, Job.status == JobStatus.QUEUED.value) == 1
+    assert count(database_url, in_batch, Job.status == JobStatus.FAILED.value) == 2
+    errors = api.get(f"/v1/files/{batch['error_file_id']}/content").data.decode().splitlines()
+    assert len(errors) == 2 and all("NUL" in line for line in errors)

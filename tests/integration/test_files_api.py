@@ -86,6 +86,18 @@ def test_upload_read_and_delete_a_file(api):
     assert list(api.files_dir.iterdir()) == []
 
 
+def test_content_of_a_file_gone_from_disk_is_a_404_not_a_cut_off_200(api):
+    # given a file whose content a concurrent DELETE removed after its row was read
+    file_id = upload(api, LINE.encode()).get_json()["id"]
+    for path in api.files_dir.iterdir():
+        path.unlink()
+
+    response = api.get(f"/v1/files/{file_id}/content")
+
+    assert response.status_code == 404
+    assert response.get_json()["error"]["type"] == "not_found_error"
+
+
 def test_bad_uploads_get_openai_errors(api):
     wrong_purpose = upload(api, LINE.encode(), purpose="fine-tune")
     not_multipart = api.post("/v1/files", json={"purpose": "batch"})
@@ -93,6 +105,21 @@ def test_bad_uploads_get_openai_errors(api):
     assert wrong_purpose.status_code == 422
     assert wrong_purpose.get_json()["error"]["param"] == "purpose"
     assert not_multipart.status_code == 415
+
+
+def test_nul_characters_get_a_4xx_not_a_500(api_on_both_databases):
+    api = api_on_both_databases
+    uploaded = api.post("/v1/files", data={"purpose": "batch", "file": (
+        io.BytesIO(LINE.encode()), "in\x00.jsonl")}, content_type="multipart/form-data")
+
+    assert uploaded.status_code == 200 and uploaded.get_json()["filename"] == "in.jsonl"
+    for path in ["/v1/files/file_%00", "/v1/files/file_%00/content", "/v1/batches/batch_%00",
+                 "/v1/batches/batch_%00/cancel"]:
+        response = api.post(path) if path.endswith("cancel") else api.get(path)
+        assert response.status_code == 404, path
+        assert response.get_json()["error"]["type"] == "not_found_error"
+    listed = api.get("/v1/batches?after=batch_%00")
+    assert (listed.status_code, listed.get_json()["error"]["param"]) == (422, "after")
 
 
 def test_batch_lifecycle_rules(api_on_both_databases):
@@ -116,11 +143,16 @@ def test_batch_lifecycle_rules(api_on_both_databases):
 
 @pytest.mark.parametrize(("fields", "param"), [
     ({"input_file_id": "file_nope"}, "file_id"),
+    ({"input_file_id": "file_\x00"}, "input_file_id"),  # PostgreSQL cannot compare a NUL
     ({"endpoint": "/v1/embeddings"}, "endpoint"),
     ({"completion_window": "2w"}, "completion_window"),
+    ({"completion_window": "99999999999999999999h"}, "completion_window"),  # no overflow
+    ({"completion_window": "1h\n"}, "completion_window"),
+    ({"completion_window": "\u0663h"}, "completion_window"),  # a non-ASCII digit
     ({"extra": 1}, "extra"),
 ])
-def test_invalid_batch_requests(api, fields, param):
+def test_invalid_batch_requests(api_on_both_databases, fields, param):
+    api = api_on_both_databases
     file_id = upload(api, LINE.encode()).get_json()["id"]
 
     response = create_batch(api, file_id, **fields)
@@ -139,6 +171,16 @@ def test_batches_list_newest_first_with_a_cursor(api_on_both_databases):
 
     assert [b["id"] for b in first["data"]] == ids[::-1][:2] and first["has_more"]
     assert [b["id"] for b in rest["data"]] == ids[:1] and not rest["has_more"]
+
+
+def test_the_batch_list_limit_is_documented_as_enforced(api):
+    documented = api.get("/openapi.json").get_json()["paths"]["/v1/batches"]["get"]
+    limit = next(p["schema"] for p in documented["parameters"] if p["name"] == "limit")
+
+    for outside in (limit["minimum"] - 1, limit["maximum"] + 1):
+        assert api.get(f"/v1/batches?limit={outside}").status_code == 422
+    for inside in (limit["minimum"], limit["maximum"]):
+        assert api.get(f"/v1/batches?limit={inside}").status_code == 200
 
 
 def test_real_server_refuses_an_oversized_upload_with_an_openai_error(

@@ -144,6 +144,30 @@ def test_endpoint_with_a_private_url_is_422_on_url(sqlite_url, model_cache_dir):
     assert response.json["error"]["param"] == "url"
 
 
+def test_bad_endpoint_input_is_a_clear_4xx_on_every_database(database_url, model_cache_dir):
+    settings = make_settings(database_url, model_cache_dir, webhook_allow_private=True)
+    client, auth = create_app({"GENQ_SETTINGS": settings}).test_client(), auth_for(settings)
+    endpoint_id = client.post("/v1/webhook-endpoints", json={"url": HOOK}, headers=auth).json["id"]
+    path = f"/v1/webhook-endpoints/{endpoint_id}"
+
+    # NUL: PostgreSQL text cannot hold it nor compare with it.
+    for body, param in [({"url": HOOK + "\x00"}, "url"),
+                        ({"url": HOOK, "description": "a\x00b"}, "description")]:
+        response = client.post("/v1/webhook-endpoints", json=body, headers=auth)
+        assert (response.status_code, response.json["error"]["param"]) == (422, param)
+    for missing in ["/v1/webhook-endpoints/whe_%00", "/v1/deliveries/dlv_%00",
+                    "/v1/jobs/job_%00/deliveries"]:
+        assert client.get(missing, headers=auth).status_code == 404, missing
+    # "²" passes str.isdigit() but not int().
+    response = client.get(f"{path}/deliveries?limit=²", headers=auth)
+    assert (response.status_code, response.json["error"]["param"]) == (422, "limit")
+    # A body that is not JSON is a 400, and the document says so.
+    response = client.patch(path, data="\x00", content_type="application/json", headers=auth)
+    assert (response.status_code, response.json["error"]["code"]) == (400, "invalid_json")
+    documented = client.get("/openapi.json").json["paths"]["/v1/webhook-endpoints/{id}"]
+    assert "400" in documented["patch"]["responses"]
+
+
 def test_job_events_are_filtered_per_job(database_url, model_cache_dir):
     settings = make_settings(database_url, model_cache_dir, webhook_allow_private=True)
     client = create_app({"GENQ_SETTINGS": settings}).test_client()
