@@ -389,7 +389,9 @@ class JobRunner:
 def _result_values(output: RequestOutput) -> dict:
     completion = output.outputs[0]
     return {
-        "output_text": completion.text,
+        # A model can generate a NUL, which PostgreSQL text cannot hold: the result's UPDATE
+        # would fail on every delivery. U+FFFD, as for any undecodable byte.
+        "output_text": completion.text.replace("\x00", "\ufffd"),
         "finish_reason": completion.finish_reason,
         "prompt_tokens": len(output.prompt_token_ids),
         "completion_tokens": len(completion.token_ids),

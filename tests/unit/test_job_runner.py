@@ -160,3 +160,33 @@ def test_a_direct_run_raises_when_the_outcome_cannot_be_written(sqlite_url, echo
     with pytest.raises(RuntimeError, match="could not be written"):
         echo_runner.run(job_id)
     assert echo_runner.is_idle()
+
+
+def test_generated_nul_characters_do_not_block_the_result_on_postgresql(postgres_url):
+    """PostgreSQL text holds no NUL: a model that generated one made the result's UPDATE fail,
+    so the job could never be stored (its message redelivered until max_attempts). The echo
+    engine "generates" the chat's last message, which JSON columns keep NULs in."""
+    from engine.echo import EchoEngine
+    from workers.engine_loop import EngineLoop
+    from workers.job_runner import JobRunner
+
+    with db.transaction(postgres_url) as session:
+        tenant = Tenant(name="t")
+        session.add(tenant)
+        session.flush()
+        job = Job(tenant_id=tenant.id, model="echo",
+                  messages=[{"role": "user", "content": "zero\x00byte"}],
+                  sampling_params={"max_tokens": 8, "temperature": 0})
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    loop = EngineLoop(lambda: EchoEngine(cache_dir=MODEL_CACHE_DIR))
+    loop.start()
+    try:
+        JobRunner(_echo_settings(postgres_url), loop).run(job_id)
+    finally:
+        loop.stop(timeout=5)
+
+    job = _job(postgres_url, job_id)
+    assert job.status == JobStatus.SUCCEEDED
+    assert job.output_text == "zero\ufffdbyte"
