@@ -32,7 +32,7 @@ def _api_command(settings: Settings, host: str, port: int) -> list[str]:
         sys.executable, "-m", "gunicorn", "--worker-class", "gthread",
         "--workers", str(settings.api_workers), "--threads", str(settings.api_threads),
         "--bind", f"{host}:{port}", "--graceful-timeout", "5", "--timeout", "120",
-        "results_api.app:create_app()",
+        "--config", "python:results_api.gunicorn_config", "results_api.app:create_app()",
     ]
 
 
@@ -60,14 +60,19 @@ def up(host: str | None, port: int | None) -> None:
         ([sys.executable, "-m", "genq.cli", "worker"], env),
         ([sys.executable, "-m", "genq.cli", "webhook-worker"], env),
     ]
-    children = [subprocess.Popen(argv, env=child_env) for argv, child_env in commands]
+    stopping, received = threading.Event(), []
+
+    def request_stop(signum: int, _frame: object) -> None:
+        received.append(signum)
+        stopping.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, request_stop)
+    children = [_start_child(argv, child_env) for argv, child_env in commands]
     console.print(
         f"[bold green]genq is starting[/]: API on http://{host}:{port} (the worker loads the "
         f"model first). Create a key with `genq keys create NAME`. Ctrl-C stops everything."
     )
-    stopping = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.set())
     while not stopping.wait(1.0):
         # A child that died (e.g. a worker after an unrecoverable broker error) is restarted,
         # as systemd or a container restart policy would; its jobs come back through leases.
@@ -75,11 +80,13 @@ def up(host: str | None, port: int | None) -> None:
             if child.poll() is not None:
                 console.print(f"[red]{commands[index][0][-1]} exited ({child.returncode}); "
                               "restarting it[/]")
-                children[index] = subprocess.Popen(commands[index][0], env=commands[index][1])
+                children[index] = _start_child(*commands[index])
     console.print("[yellow]stopping genq…[/]")
-    for child in children:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
+    # Ctrl-C goes on as SIGINT, each child's own Ctrl-C: gunicorn's quick shutdown, Celery's warm
+    # one (a second Ctrl-C too: Celery's cold shutdown). SIGTERM (and a closed terminal's SIGHUP)
+    # as SIGTERM: gunicorn's graceful shutdown.
+    _signal_all(children, signal.SIGINT if received[0] == signal.SIGINT else signal.SIGTERM)
+    signal.signal(signal.SIGINT, lambda *_: _signal_all(children, signal.SIGINT))
     for child in children:
         try:
             child.wait(timeout=30)
@@ -88,6 +95,21 @@ def up(host: str | None, port: int | None) -> None:
             child.wait()
     if broker is not None:
         broker.stop()
+
+
+def _signal_all(children: list[subprocess.Popen], sig: int) -> None:
+    for child in children:
+        child.send_signal(sig)  # skips a child that has exited
+
+
+def _start_child(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """A child of `genq up` in a process group of its own: Ctrl-C (SIGINT to the terminal's
+    foreground group) reaches only `genq up`, which passes it on to each child (the API's
+    master then stops its workers). Were the API's gunicorn workers in the foreground group,
+    they would get the SIGINT and their master's SIGQUIT at once, and a gthread worker whose
+    second quit handler runs inside the first one's ThreadPoolExecutor.shutdown waits on the
+    lock that handler holds until the master SIGKILLs it (cpython issue 121649)."""
+    return subprocess.Popen(argv, env=env, process_group=0)
 
 
 @main.command()
