@@ -42,6 +42,19 @@ def count(database_url: str, *where) -> int:
         return session.scalar(select(func.count()).select_from(Job).where(*where))
 
 
+def _create_batch(api, lines: list[tuple[str, str]]) -> str:
+    """Upload a file of /v1/completions lines, (custom_id, prompt) each, and create its batch."""
+    content = "".join(json.dumps({
+        "custom_id": custom_id, "method": "POST", "url": "/v1/completions",
+        "body": {"model": TINY_MODEL, "prompt": prompt, "max_tokens": 3}}) + "\n"
+        for custom_id, prompt in lines).encode()
+    file_id = api.post("/v1/files", data={"purpose": "batch", "file": (io.BytesIO(content),
+                                                                       "f.jsonl")},
+                       content_type="multipart/form-data").get_json()["id"]
+    return api.post("/v1/batches", json={"input_file_id": file_id,
+                                         "endpoint": "/v1/completions"}).get_json()["id"]
+
+
 def test_feeder_enqueues_in_windows_and_finalizes_a_cancelled_batch(database_url, broker,
                                                                      tmp_path):
     # given a 600-line batch and a window of 100
@@ -50,15 +63,7 @@ def test_feeder_enqueues_in_windows_and_finalizes_a_cancelled_batch(database_url
                         data_dir=tmp_path, batch_window_jobs=WINDOW)
     api = create_app({"GENQ_SETTINGS": settings}).test_client()
     api.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {make_key(database_url)}"
-    content = "".join(json.dumps({
-        "custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
-        "body": {"model": TINY_MODEL, "prompt": f"p{i}", "max_tokens": 3}}) + "\n"
-        for i in range(LINES)).encode()
-    file_id = api.post("/v1/files", data={"purpose": "batch", "file": (io.BytesIO(content),
-                                                                       "f.jsonl")},
-                       content_type="multipart/form-data").get_json()["id"]
-    batch_id = api.post("/v1/batches", json={"input_file_id": file_id,
-                                             "endpoint": "/v1/completions"}).get_json()["id"]
+    batch_id = _create_batch(api, [(f"c{i}", f"p{i}") for i in range(LINES)])
 
     # when the feeder runs twice: then every line is a job, one window of them on the broker
     feed_batches(settings)
@@ -104,16 +109,7 @@ def test_lines_with_nul_characters_are_line_errors_not_a_stuck_ingest(database_u
                         data_dir=tmp_path)
     api = create_app({"GENQ_SETTINGS": settings}).test_client()
     api.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {make_key(database_url)}"
-    lines = [("ok", "hi"), ("nul\x00id", "hi"), ("nul-prompt", "a\x00b")]
-    content = "".join(json.dumps({
-        "custom_id": custom_id, "method": "POST", "url": "/v1/completions",
-        "body": {"model": TINY_MODEL, "prompt": prompt, "max_tokens": 3}}) + "\n"
-        for custom_id, prompt in lines).encode()
-    file_id = api.post("/v1/files", data={"purpose": "batch", "file": (io.BytesIO(content),
-                                                                       "f.jsonl")},
-                       content_type="multipart/form-data").get_json()["id"]
-    batch_id = api.post("/v1/batches", json={"input_file_id": file_id,
-                                             "endpoint": "/v1/completions"}).get_json()["id"]
+    batch_id = _create_batch(api, [("ok", "hi"), ("nul\x00id", "hi"), ("nul-prompt", "a\x00b")])
 
     # when the feeder runs: then the good line is queued and the two others are line errors
     feed_batches(settings)
