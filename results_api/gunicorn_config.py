@@ -4,6 +4,16 @@
 from __future__ import annotations
 
 import gc
+import signal
+
+
+def post_worker_init(worker: object) -> None:
+    """Leave Ctrl-C to the master. In a terminal (`genq api`) a Ctrl-C reaches the master and
+    its workers at once, and the master then sends each worker SIGQUIT: a gthread worker whose
+    second quit handler ran inside the first one's ThreadPoolExecutor.shutdown waited on its
+    lock until the master SIGKILLed it (cpython issue 121649). The master's SIGQUIT still stops
+    the worker quickly, once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def worker_exit(server: object, worker: object) -> None:

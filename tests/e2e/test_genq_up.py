@@ -99,3 +99,45 @@ def test_ctrl_c_stops_every_api_worker_without_a_sigkill(tmp_path):
     finally:
         group.stop_all()
         print(group.logs())
+
+
+def _ignores(pid: int, sig: signal.Signals) -> bool:
+    """Whether process `pid` ignores `sig` (its SigIgn mask in /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        mask = next(line.split()[1] for line in status if line.startswith("SigIgn:"))
+    return bool(int(mask, 16) & (1 << (sig - 1)))
+
+
+def test_ctrl_c_on_genq_api_reaches_its_workers_only_through_their_master(tmp_path,
+                                                                          sqlite_url,
+                                                                          redis_url):
+    """`genq api` in a terminal: Ctrl-C reaches gunicorn's master and its workers at once, so
+    the workers had the double quit of the test above. They now leave SIGINT to the master
+    (results_api/gunicorn_config.post_worker_init), whose SIGQUIT stops each of them once."""
+    port = free_port()
+    group = ProcessGroup(tmp_path, {
+        **os.environ, "GENQ_DATABASE_URL": sqlite_url, "GENQ_BROKER_URL": redis_url,
+        "GENQ_DATA_DIR": str(tmp_path / "data"), "GENQ_MODEL_CACHE_DIR": MODEL_CACHE_DIR,
+        "GENQ_API_WORKERS": "2", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+    })
+    api = group.start("genq-api", [sys.executable, "-m", "genq.cli", "api", "--port", str(port)])
+    try:
+        wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), 90, "the API", api)
+        workers = psutil.Process(api.popen.pid).children()
+        assert len(workers) == 2
+        # Given: both workers booted, each ignoring SIGINT.
+        wait_for(lambda: all(_ignores(w.pid, signal.SIGINT) for w in workers), 60,
+                 "both API workers to ignore SIGINT", api)
+        # When: Ctrl-C, to the whole group as a terminal sends it.
+        os.killpg(os.getpgid(api.popen.pid), signal.SIGINT)
+        # Then: each worker exits once, before the graceful timeout's SIGKILL.
+        wait_for(lambda: all(map(_has_exited, workers)), GRACEFUL_TIMEOUT_SECONDS,
+                 "every API worker to exit")
+        api.popen.wait(30)
+        log = api.log()
+        assert "SIGKILL" not in log, log
+        for worker in workers:
+            assert f"Worker exiting (pid: {worker.pid})" in log, log
+    finally:
+        group.stop_all()
+        print(group.logs())
