@@ -83,7 +83,7 @@ class RunMeter:
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/"
 
     def snapshot(self) -> dict:
-        cpu = {name: sum(p.cpu_times().user + p.cpu_times().system for p in processes)
+        cpu = {name: sum(sum(p.cpu_times()[:2]) for p in processes)  # user + system
                for name, processes in self.processes.items()}
         with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
             text = response.read().decode()

@@ -20,7 +20,7 @@ from producer.batches import (
     list_batches,
     retry_batch,
 )
-from results_api.context import authenticate, current_settings, current_tenant_id
+from results_api.context import authenticate, current_settings, current_tenant_id, limit_arg
 from results_api.openai_errors import register_openai_errors
 
 bp = Blueprint("batches", __name__, url_prefix="/v1")
@@ -45,12 +45,8 @@ def read(batch_id: str) -> Response:
 
 @bp.get("/batches")
 def read_list() -> Response:
-    try:
-        limit = int(request.args.get("limit", DEFAULT_LIST_LIMIT))
-    except ValueError:
-        raise GenqError(ErrorCode.INVALID_REQUEST, "limit must be an integer",
-                        param="limit") from None
-    page = list_batches(current_settings(), current_tenant_id(), limit=limit,
+    page = list_batches(current_settings(), current_tenant_id(),
+                        limit=limit_arg(DEFAULT_LIST_LIMIT),
                         after=request.args.get("after") or None)
     return jsonify(BatchList(
         data=page.batches, has_more=page.has_more,

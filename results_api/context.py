@@ -29,3 +29,14 @@ def authenticate() -> None:
     if tenant_id is None:
         raise GenqError(ErrorCode.UNAUTHORIZED, "invalid or revoked API key")
     g.tenant_id = tenant_id
+
+
+def limit_arg(default: int) -> int:
+    """The `limit` query parameter of a list: ASCII digits only (`int()` also takes " 5" and
+    "٣", and `isdigit()` admits "²", which `int()` then refuses: a 500)."""
+    value = request.args.get("limit")
+    if value is None:
+        return default
+    if not (value.isascii() and value.isdigit()):
+        raise GenqError(ErrorCode.INVALID_REQUEST, "limit must be an integer", param="limit")
+    return int(value)

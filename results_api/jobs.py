@@ -15,7 +15,7 @@ from genq.states import JobStatus
 from producer.jobs import DEFAULT_LIST_LIMIT, cancel_job, get_job, list_jobs
 from producer.schemas import BulkJobRequest, BulkJobResponse, JobList, JobRequest, JobResponse
 from producer.submit import submit_job, submit_jobs
-from results_api.context import authenticate, current_settings, current_tenant_id
+from results_api.context import authenticate, current_settings, current_tenant_id, limit_arg
 
 WAIT_POLL_SECONDS = 0.1
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
@@ -70,7 +70,7 @@ def read_job(job_id: str) -> tuple[Response, int, dict[str, str]]:
 @bp.get("/jobs")
 def read_jobs() -> Response:
     page = list_jobs(current_settings(), current_tenant_id(), status=_status_arg(),
-                     limit=_limit_arg(), after=request.args.get("after") or None)
+                     limit=limit_arg(DEFAULT_LIST_LIMIT), after=request.args.get("after") or None)
     return jsonify(JobList(
         data=[JobResponse.from_job(job) for job in page.jobs],
         has_more=page.has_more,
@@ -152,12 +152,3 @@ def _status_arg() -> JobStatus | None:
                         param="status") from None
 
 
-def _limit_arg() -> int:
-    value = request.args.get("limit")
-    if value is None:
-        return DEFAULT_LIST_LIMIT
-    try:
-        return int(value)
-    except ValueError:
-        raise GenqError(ErrorCode.INVALID_REQUEST, "limit must be an integer",
-                        param="limit") from None

@@ -15,7 +15,7 @@ from producer.webhook_schemas import (
     EndpointRequest,
     EndpointUpdate,
 )
-from results_api.context import authenticate, current_settings, current_tenant_id
+from results_api.context import authenticate, current_settings, current_tenant_id, limit_arg
 
 bp = Blueprint("webhooks", __name__, url_prefix="/v1")
 Model = TypeVar("Model", bound=BaseModel)
@@ -70,13 +70,13 @@ def delete_endpoint(endpoint_id: str) -> tuple[Response, int]:
 @bp.get("/webhook-endpoints/<endpoint_id>/deliveries")
 def endpoint_deliveries(endpoint_id: str) -> tuple[Response, int]:
     return _json(webhooks.endpoint_deliveries(current_settings(), current_tenant_id(),
-                                              endpoint_id, _limit_arg()))
+                                              endpoint_id, limit_arg(MAX_LIST_LIMIT)))
 
 
 @bp.get("/jobs/<job_id>/deliveries")
 def job_deliveries(job_id: str) -> tuple[Response, int]:
     return _json(webhooks.job_deliveries(current_settings(), current_tenant_id(), job_id,
-                                         _limit_arg()))
+                                         limit_arg(MAX_LIST_LIMIT)))
 
 
 @bp.get("/deliveries/<delivery_id>")
@@ -106,9 +106,3 @@ def _body(model: type[Model]) -> Model:
         raise GenqError(ErrorCode.INVALID_JSON,
                         f"the body is not valid JSON: {exc.errors()[0]['msg']}") from None
 
-
-def _limit_arg() -> int:
-    value = request.args.get("limit", str(MAX_LIST_LIMIT))
-    if not (value.isascii() and value.isdigit()):  # isdigit() alone admits "²", int() does not
-        raise GenqError(ErrorCode.INVALID_REQUEST, "limit must be an integer", param="limit")
-    return int(value)

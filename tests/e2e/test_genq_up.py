@@ -24,6 +24,20 @@ def _has_exited(process: psutil.Process) -> bool:
         return True
 
 
+def _api_workers_exit_unkilled(workers: list[psutil.Process], owner: Process) -> int:
+    """Assert that gunicorn's `workers` exit before the graceful timeout and that none was
+    SIGKILLed (their exits are in the log of `owner`, which runs the API); `owner`'s exit
+    code."""
+    wait_for(lambda: all(map(_has_exited, workers)), GRACEFUL_TIMEOUT_SECONDS,
+             "every API worker to exit")
+    code = owner.popen.wait(60)
+    log = owner.log()
+    assert "SIGKILL" not in log, log
+    for worker in workers:
+        assert f"Worker exiting (pid: {worker.pid})" in log, log
+    return code
+
+
 def _start_genq_up(tmp_path, **env: str) -> tuple[ProcessGroup, Process, GenqClient]:
     """`genq up` as a shell starts a job (the leader of a process group of its own), once its
     API answers, and a client with a fresh key."""
@@ -89,13 +103,7 @@ def test_ctrl_c_stops_every_api_worker_without_a_sigkill(tmp_path):
         os.killpg(terminal_group, signal.SIGINT)
         # Then: every API worker exits on its own, before its master, stopping since the SIGINT,
         # SIGKILLs it at the graceful timeout (and logs that only if it reaps it in time).
-        wait_for(lambda: all(map(_has_exited, api_workers)), GRACEFUL_TIMEOUT_SECONDS,
-                 "every API worker to exit")
-        assert up.popen.wait(60) == 0, up.log()
-        log = up.log()
-        assert "SIGKILL" not in log, log
-        for worker in api_workers:
-            assert f"Worker exiting (pid: {worker.pid})" in log, log
+        assert _api_workers_exit_unkilled(api_workers, up) == 0, up.log()
     finally:
         group.stop_all()
         print(group.logs())
@@ -131,13 +139,7 @@ def test_ctrl_c_on_genq_api_reaches_its_workers_only_through_their_master(tmp_pa
         # When: Ctrl-C, to the whole group as a terminal sends it.
         os.killpg(os.getpgid(api.popen.pid), signal.SIGINT)
         # Then: each worker exits once, before the graceful timeout's SIGKILL.
-        wait_for(lambda: all(map(_has_exited, workers)), GRACEFUL_TIMEOUT_SECONDS,
-                 "every API worker to exit")
-        api.popen.wait(30)
-        log = api.log()
-        assert "SIGKILL" not in log, log
-        for worker in workers:
-            assert f"Worker exiting (pid: {worker.pid})" in log, log
+        _api_workers_exit_unkilled(workers, api)
     finally:
         group.stop_all()
         print(group.logs())

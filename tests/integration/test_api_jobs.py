@@ -241,7 +241,10 @@ def test_bad_list_arguments_are_422(client, auth):
     assert_error(client.get("/v1/jobs?status=done", headers=auth), 422, "invalid_request",
                  "status")
     assert_error(client.get("/v1/jobs?limit=101", headers=auth), 422, "invalid_request", "limit")
-    assert_error(client.get("/v1/jobs?limit=x", headers=auth), 422, "invalid_request", "limit")
+    # Digits only, ASCII only: int() took " 5" and "٣" (results_api.context.limit_arg).
+    for limit in ("x", "-1", "%205", "٣", "²"):
+        assert_error(client.get(f"/v1/jobs?limit={limit}", headers=auth), 422,
+                     "invalid_request", "limit")
     assert_error(client.get("/v1/jobs?after=job_%00", headers=auth), 422, "invalid_request",
                  "after")
 

@@ -181,6 +181,8 @@ def test_the_batch_list_limit_is_documented_as_enforced(api):
         assert api.get(f"/v1/batches?limit={outside}").status_code == 422
     for inside in (limit["minimum"], limit["maximum"]):
         assert api.get(f"/v1/batches?limit={inside}").status_code == 200
+    for not_a_number in ("x", "%205", "٣", "²"):
+        assert api.get(f"/v1/batches?limit={not_a_number}").status_code == 422
 
 
 def test_real_server_refuses_an_oversized_upload_with_an_openai_error(
