@@ -38,7 +38,9 @@ def test_killed_webhook_worker_loses_no_delivery(tmp_path, postgres_url, rabbitm
     secret = client.post("/v1/webhook-secret", headers=auth).json["secret"]
     group = ProcessGroup(tmp_path, {
         **os.environ, "GENQ_DATABASE_URL": database_url, "GENQ_BROKER_URL": broker_url,
-        "GENQ_WEBHOOK_ALLOW_PRIVATE": "true", "GENQ_WEBHOOK_TIMEOUT_SECONDS": "3",
+        # The first attempt hangs past this timeout (30 s); the second must fit in it, on a
+        # loaded 2-core CI machine too (with 3 s, a fresh worker's first request timed out).
+        "GENQ_WEBHOOK_ALLOW_PRIVATE": "true", "GENQ_WEBHOOK_TIMEOUT_SECONDS": "10",
         "GENQ_WEBHOOK_POLL_SECONDS": "0.2", "PYTHONUNBUFFERED": "1",
     })
 
