@@ -56,8 +56,12 @@ class _InFlight:
 
 class EngineLoop:
     def __init__(self, make_engine: Callable[[], LLMEngine],
-                 batch_wait_seconds: float = 0.0) -> None:
+                 batch_wait_seconds: float = 0.0,
+                 after_pass: Callable[[], None] | None = None) -> None:
+        """`after_pass`: called by the loop thread after each pass (admit, step, resolve), e.g.
+        to send the outcomes the pass resolved in one message."""
         self._make_engine = make_engine
+        self._after_pass = after_pass or (lambda: None)
         self.engine: LLMEngine | None = None  # built by the loop thread in `start`
         self._built: Future[None] = Future()
         self.batch_wait_seconds = batch_wait_seconds
@@ -83,11 +87,16 @@ class EngineLoop:
     def submit(self, request: EngineRequest) -> Future[RequestOutput]:
         """Queue a request for the engine; the Future resolves with its final RequestOutput,
         or raises ValueError when the engine refuses it (e.g. prompt too long)."""
-        item = _InFlight(request)
+        return self.submit_many([request])[0]
+
+    def submit_many(self, requests: list[EngineRequest]) -> list[Future[RequestOutput]]:
+        """`submit` for a micro-batch of requests (one wake-up of the loop)."""
+        items = [_InFlight(request) for request in requests]
         with self._lock:
-            (self._isolated if request.isolated else self._pending).append(item)
+            for item in items:
+                (self._isolated if item.request.isolated else self._pending).append(item)
         self._wakeup.set()
-        return item.future
+        return [item.future for item in items]
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -120,17 +129,24 @@ class EngineLoop:
                 if self.batch_wait_seconds:  # let a burst of messages land in one first step
                     time.sleep(self.batch_wait_seconds)
                 continue
-            self._admit()
-            if not self._running:
-                continue
             try:
-                outputs = self.engine.step()
-            except Exception as exc:
-                self._recover_from_failed_step(exc)
-                continue
-            for output in outputs:
-                if output.finished:
-                    self._resolve(output)
+                self._pass()
+            finally:
+                self._after_pass()
+
+    def _pass(self) -> None:
+        """Admit what is queued, run one engine step, resolve the requests it finished."""
+        self._admit()
+        if not self._running:
+            return
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            self._recover_from_failed_step(exc)
+            return
+        for output in outputs:
+            if output.finished:
+                self._resolve(output)
 
     def _has_queued(self) -> bool:
         with self._lock:

@@ -9,9 +9,12 @@ does offline, and the worker's process keeps the job bookkeeping.
 
 `EngineProcess` has EngineLoop's interface (start, submit → Future, abort, in_flight, stop).
 The child runs an EngineLoop (workers.engine_loop: continuous batching, fault isolation) and a
-pipe reader that hands it requests and aborts; each request's outcome comes back as one
-message with the engine's stats, which also come every `STATS_SECONDS` (for the worker's
-metrics).
+pipe reader that hands it requests and aborts. Both directions go in batches: a micro-batch
+of requests is one message, and the outcomes of the requests that one engine step finished
+come back as one message, with the engine's stats (which also come every `STATS_SECONDS`, for
+the worker's metrics). On a machine with few cores every wake-up of a thread here or in the
+worker preempts one of torch's threads, which the others then wait for at the next barrier, so
+one message per step rather than one per job is worth it (benchmarks.queue_overhead).
 
 Lifetimes:
 - The child ignores SIGINT and SIGTERM (a Ctrl-C, or systemd's stop, reaches every process of
@@ -35,6 +38,7 @@ import pickle
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from functools import partial
 from multiprocessing.connection import Connection
@@ -97,11 +101,16 @@ class EngineProcess:
     def submit(self, request: EngineRequest) -> Future[RequestOutput]:
         """Queue a request for the engine; the Future resolves with its final RequestOutput,
         or raises ValueError when the engine refuses it (e.g. prompt too long)."""
-        future: Future[RequestOutput] = Future()
+        return self.submit_many([request])[0]
+
+    def submit_many(self, requests: list[EngineRequest]) -> list[Future[RequestOutput]]:
+        """`submit` for a micro-batch of requests, sent as one message."""
+        futures: list[Future[RequestOutput]] = [Future() for _ in requests]
         with self._lock:
-            self._futures[request.request_id] = future
-            self._conn.send(("submit", request))
-        return future
+            for request, future in zip(requests, futures, strict=True):
+                self._futures[request.request_id] = future
+            self._conn.send(("submit", requests))
+        return futures
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -136,15 +145,17 @@ class EngineProcess:
                 logging.shutdown()
                 os._exit(ENGINE_DIED_EXIT_CODE)
             if kind == "done":
-                request_id, output, error, self.stats = payload
+                outcomes, self.stats = payload
                 with self._lock:
-                    future = self._futures.pop(request_id, None)
-                if future is None:
-                    continue
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(output)
+                    futures = [self._futures.pop(request_id, None)
+                               for request_id, _output, _error in outcomes]
+                for future, (_request_id, output, error) in zip(futures, outcomes, strict=True):
+                    if future is None:
+                        continue
+                    if error is not None:
+                        future.set_exception(error)
+                    else:
+                        future.set_result(output)
             elif kind == "stats":
                 self.stats = payload[0]
             elif kind == "stopped":
@@ -156,26 +167,20 @@ def _serve(conn: Connection, options: dict, batch_wait_seconds: float) -> None:
     stop or goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    loop = EngineLoop(partial(make_engine, options), batch_wait_seconds)
+    replies = _Replies(conn)
+    loop = EngineLoop(partial(make_engine, options), batch_wait_seconds,
+                      after_pass=replies.send_outcomes)
     try:
         loop.start()
     except BaseException as exc:
         conn.send(("failed", _picklable(exc)))
         return
-    send_lock = threading.Lock()
-
-    def send(message: tuple) -> None:
-        with send_lock:
-            conn.send(message)
-
-    def stats() -> EngineStats | None:
-        return getattr(loop.engine, "stats", None)  # the echo engine has none
-
-    send(("ready",))
+    replies.stats = lambda: getattr(loop.engine, "stats", None)  # the echo engine has none
+    replies.send(("ready",))
     stats_sent = time.monotonic()
     while True:
         if time.monotonic() - stats_sent >= STATS_SECONDS:
-            send(("stats", stats()))
+            replies.send(("stats", replies.stats()))
             stats_sent = time.monotonic()
         try:
             if not conn.poll(STATS_SECONDS):
@@ -184,22 +189,47 @@ def _serve(conn: Connection, options: dict, batch_wait_seconds: float) -> None:
         except (EOFError, OSError):  # the worker is gone: so is the reason to run
             os._exit(0)
         if kind == "submit":
-            report = partial(_report, send, stats, payload.request_id)
-            loop.submit(payload).add_done_callback(report)
+            for request, future in zip(payload, loop.submit_many(payload), strict=True):
+                future.add_done_callback(partial(replies.add, request.request_id))
         elif kind == "abort":
             loop.abort(payload)
         elif kind == "stop":
             loop.stop(timeout=5)
-            send(("stopped",))
+            replies.send(("stopped",))
             return
+        # Outcomes resolved on this thread: a request aborted before it reached the engine, or
+        # one the loop finished before its callback above was added.
+        replies.send_outcomes()
 
 
-def _report(send, stats, request_id: str, future: Future[RequestOutput]) -> None:
-    """Send a request's outcome, with the engine's stats as of then (so a finished job's tokens
-    are counted in the worker's metrics by the time its result is written)."""
-    error = future.exception()
-    send(("done", request_id, None if error is not None else future.result(),
-          _picklable(error) if error is not None else None, stats()))
+class _Replies:
+    """The engine process's messages to the worker. Outcomes are collected as requests finish
+    and sent together after the engine loop's pass (one message per step, not per request),
+    with the engine's stats as of then (so a finished job's tokens are counted in the worker's
+    metrics by the time its result is written)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()  # a Connection is not shared between threads
+        self._outcomes: list[tuple[str, RequestOutput | None, BaseException | None]] = []
+        self.stats: Callable[[], EngineStats | None] = lambda: None
+
+    def send(self, message: tuple) -> None:
+        with self._lock:
+            self._conn.send(message)
+
+    def add(self, request_id: str, future: Future[RequestOutput]) -> None:
+        error = future.exception()
+        outcome = (request_id, None if error is not None else future.result(),
+                   _picklable(error) if error is not None else None)
+        with self._lock:
+            self._outcomes.append(outcome)
+
+    def send_outcomes(self) -> None:
+        with self._lock:
+            if self._outcomes:
+                self._conn.send(("done", self._outcomes, self.stats()))
+                self._outcomes = []
 
 
 def _picklable(error: BaseException) -> BaseException:

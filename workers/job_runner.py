@@ -126,10 +126,11 @@ class JobRunner:
             for delivery in deliveries:
                 self._settle(delivery, acked=True)
             return
+        first = [(job, delivery) for delivery, job in zip(deliveries, claimed, strict=True)
+                 if job is not None]
+        self._start(first)
         for delivery, job in zip(deliveries, claimed, strict=True):
-            if job is not None:
-                self._start(job, delivery)
-            else:  # not a first delivery (or not claimable at all)
+            if job is None:  # not a first delivery (or not claimable at all)
                 self._deliver_again(delivery)
 
     def run(self, job_id: str) -> None:
@@ -157,30 +158,36 @@ class JobRunner:
             self._quarantine.release()
             self._settle(delivery, acked=True)
             return
-        self._start(job, delivery, release=self._quarantine.release)
+        self._start([(job, delivery)], release=self._quarantine.release)
 
-    def _start(self, job: Row, delivery: Delivery,
+    def _start(self, claimed: list[tuple[Row, Delivery]],
                release: Callable[[], None] | None = None) -> None:
-        """Hand a claimed job to the engine; its outcome is written when the engine is done."""
-        run_hook(self.middleware, "before_job", job)
-        deadline = (time.monotonic() + (job.deadline_at - utcnow()).total_seconds()
-                    if job.deadline_at is not None else None)
-        running = _Running(job, delivery, deadline, release)
-        if deadline is not None and deadline <= time.monotonic():
-            self._then(self.writes.submit(self._finish(job.id, JobStatus.EXPIRED)), job.id,
-                       partial(self._ended, running))
+        """Hand claimed jobs to the engine (one message for all); each job's outcome is
+        written when the engine is done with it."""
+        requests, runs = [], []
+        for job, delivery in claimed:
+            run_hook(self.middleware, "before_job", job)
+            deadline = (time.monotonic() + (job.deadline_at - utcnow()).total_seconds()
+                        if job.deadline_at is not None else None)
+            running = _Running(job, delivery, deadline, release)
+            if deadline is not None and deadline <= time.monotonic():
+                self._then(self.writes.submit(self._finish(job.id, JobStatus.EXPIRED)), job.id,
+                           partial(self._ended, running))
+                continue
+            requests.append(EngineRequest(
+                request_id=job.id,
+                prompt=job.messages if job.messages is not None else job.prompt or "",
+                params=SamplingParams(**job.sampling_params),
+                priority=Priority(job.priority).rank,
+                isolated=release is not None,
+            ))
+            runs.append(running)
+        if not requests:
             return
-        request = EngineRequest(
-            request_id=job.id,
-            prompt=job.messages if job.messages is not None else job.prompt or "",
-            params=SamplingParams(**job.sampling_params),
-            priority=Priority(job.priority).rank,
-            isolated=release is not None,
-        )
         with self._lock:
-            self._running[job.id] = running
-        self.loop.submit(request).add_done_callback(
-            lambda future: self._on_engine_done(running, future))
+            self._running.update((running.job.id, running) for running in runs)
+        for running, future in zip(runs, self.loop.submit_many(requests), strict=True):
+            future.add_done_callback(partial(self._on_engine_done, running))
 
     def _on_engine_done(self, running: _Running, future: Future[RequestOutput]) -> None:
         """Called when the engine is done with the job (by the engine loop's thread, or the

@@ -66,8 +66,10 @@ class JobIntake(bootsteps.StartStopStep):
         settings = get_runtime().settings
         if is_amqp(settings.broker_url):
             return
+        # Refill once half the standby jobs have started: the engine never runs short.
         self.fetcher = RedisJobFetcher(app, job_queues(settings.broker_url, settings.model),
-                                       settings.worker_window, get_runtime().batcher.receive_many)
+                                       settings.worker_window, get_runtime().batcher.receive_many,
+                                       refill_at=settings.worker_standby_jobs // 2)
         self.fetcher.start()
 
     def stop(self, worker) -> None:

@@ -63,10 +63,12 @@ def model() -> str:
 def start_fetcher(broker_url, model):
     fetchers: list[RedisJobFetcher] = []
 
-    def start(window: int, received: Received, **transport_options) -> RedisJobFetcher:
+    def start(window: int, received: Received, refill_at: int = 1,
+              **transport_options) -> RedisJobFetcher:
         app = make_celery(Settings(broker_url=broker_url, model=model))
         app.conf.broker_transport_options.update(transport_options)
-        fetcher = RedisJobFetcher(app, job_queues(broker_url, model), window, received)
+        fetcher = RedisJobFetcher(app, job_queues(broker_url, model), window, received,
+                                  refill_at=refill_at)
         fetcher.start()
         fetchers.append(fetcher)
         return fetcher
@@ -115,6 +117,28 @@ def test_the_fetcher_takes_classes_in_order_up_to_its_window_and_acks_in_rounds(
     for message in received.messages[2:]:
         message.ack()
     assert _eventually(lambda: _unacked(broker_url) == (0, 0))
+
+
+def test_with_refill_at_the_fetcher_waits_for_that_many_free_slots_and_acks_with_them(
+        broker_url, model, start_fetcher):
+    # given 12 queued jobs and a fetcher holding 8, which refills once 3 slots are free
+    for index in range(12):
+        publish_job(broker_url, f"job-{index}", queue_for(model, Priority.BATCH))
+    received = Received()
+    start_fetcher(8, received, refill_at=3)
+    assert received.wait_for(8) == [f"job-{index}" for index in range(8)]
+
+    # when two jobs are settled, nothing moves: no new message, and their acks wait
+    received.messages[0].ack()
+    received.messages[1].ack()
+    time.sleep(0.5)
+    assert len(received.messages) == 8
+    assert _unacked(broker_url) == (8, 8)
+
+    # when the third is settled, one round acks all three and takes three more
+    received.messages[2].ack()
+    assert received.wait_for(11) == [f"job-{index}" for index in range(11)]
+    assert _unacked(broker_url) == (8, 8)  # 11 taken, 3 acked (in the same atomic round)
 
 
 def test_a_message_published_while_the_fetcher_waits_arrives_at_once(broker_url, model,

@@ -119,3 +119,21 @@ def test_an_engine_that_fails_to_build_fails_start():
 
     with pytest.raises(RuntimeError, match="no such model"):
         EngineLoop(make_engine).start()
+
+
+def test_after_each_pass_every_request_its_step_finished_is_resolved():
+    # (the engine process sends each pass's outcomes as one message from this hook)
+    futures = []
+    resolved_at_each_pass: list[int] = []
+    loop = EngineLoop(lambda: EchoEngine(cache_dir=MODEL_CACHE_DIR), after_pass=lambda:
+                      resolved_at_each_pass.append(sum(future.done() for future in futures)))
+    futures += loop.submit_many([EngineRequest(f"r{i}", f"hello {i}", PARAMS, 1)
+                                 for i in range(8)])
+    loop.start()
+    try:
+        assert [future.result(timeout=10).request_id for future in futures] == [
+            f"r{i}" for i in range(8)]
+    finally:
+        loop.stop(timeout=5)
+
+    assert resolved_at_each_pass[0] == 8  # the echo engine finishes all 8 in its first step
