@@ -66,9 +66,19 @@ def feed_batches(settings: Settings) -> None:
         active = session.scalars(select(Batch).where(
             Batch.status.in_([state.value for state in ACTIVE_STATES])).order_by(Batch.id)).all()
     for batch_id in validating:
-        ingest_batch(settings, batch_id)
+        _for_one_batch(f"ingesting batch {batch_id}", ingest_batch, settings, batch_id)
     for batch in active:
-        advance_batch(settings, batch)
+        _for_one_batch(f"advancing batch {batch.id}", advance_batch, settings, batch)
+
+
+def _for_one_batch(what: str, step, *args) -> None:
+    """Run one batch's step; if it raises, log it and go on with the other batches (the next
+    round tries this one again). Without this, one batch that failed every round (a file that
+    crashes the ingest, a result file that cannot be written) stalled every batch after it."""
+    try:
+        step(*args)
+    except Exception:
+        log.exception("batch feeder: %s failed; the next round tries it again", what)
 
 
 def ingest_batch(settings: Settings, batch_id: str) -> bool:

@@ -120,3 +120,56 @@ def test_lines_with_nul_characters_are_line_errors_not_a_stuck_ingest(database_u
     assert count(database_url, in_batch, Job.status == JobStatus.FAILED.value) == 2
     errors = api.get(f"/v1/files/{batch['error_file_id']}/content").data.decode().splitlines()
     assert len(errors) == 2 and all("NUL" in line for line in errors)
+
+
+def test_a_batch_whose_ingest_or_finalize_fails_does_not_stall_the_others(
+        database_url, broker, tmp_path, monkeypatch):
+    # given two batches, and a fault in the first one's ingest (e.g. a disk error)
+    settings = Settings(database_url=database_url, broker_url=broker, model=TINY_MODEL,
+                        data_dir=tmp_path)
+    api = create_app({"GENQ_SETTINGS": settings}).test_client()
+    api.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {make_key(database_url)}"
+    broken = _create_batch(api, [("a", "hi")])
+    healthy = _create_batch(api, [("b", "hi")])
+    from producer import batch_feeder
+
+    insert_lines = batch_feeder._insert_lines
+
+    def failing_for_the_first(settings, batch, lines):
+        if batch.id == broken:
+            raise OSError("disk I/O error (injected by the test)")
+        return insert_lines(settings, batch, lines)
+
+    monkeypatch.setattr(batch_feeder, "_insert_lines", failing_for_the_first)
+
+    # when the feeder runs (twice: a round enqueues what earlier rounds ingested), the second
+    # batch is ingested and enqueued all the same (the first one's claim is not stale yet)
+    feed_batches(settings)
+    feed_batches(settings)
+    assert api.get(f"/v1/batches/{broken}").get_json()["status"] == "validating"
+    assert api.get(f"/v1/batches/{healthy}").get_json()["status"] == "in_progress"
+    assert len(redis_queue_messages(broker, BATCH_QUEUE)) == 1
+
+    # when the first batch's result files cannot be written, the second one still finalizes
+    monkeypatch.setattr(batch_feeder, "_insert_lines", insert_lines)
+    monkeypatch.setattr(batch_feeder, "INGEST_CLAIM_STALE", batch_feeder.timedelta(0))
+    feed_batches(settings)  # the first batch's ingest is retried (its claim is stale)
+    assert api.get(f"/v1/batches/{broken}").get_json()["status"] == "in_progress"
+    write_result_files = batch_feeder.write_result_files
+
+    def failing_finalize(settings, batch):
+        if batch.id == broken:
+            raise OSError("No space left on device (injected by the test)")
+        return write_result_files(settings, batch)
+
+    monkeypatch.setattr(batch_feeder, "write_result_files", failing_finalize)
+    for batch_id in (broken, healthy):
+        assert api.post(f"/v1/batches/{batch_id}/cancel").status_code == 200
+    feed_batches(settings)
+    assert api.get(f"/v1/batches/{broken}").get_json()["status"] == "finalizing"
+    assert api.get(f"/v1/batches/{healthy}").get_json()["status"] == "cancelled"
+
+    # and once the fault is gone, the next round finalizes the first one too
+    monkeypatch.setattr(batch_feeder, "write_result_files", write_result_files)
+    feed_batches(settings)
+    assert api.get(f"/v1/batches/{broken}").get_json()["status"] == "cancelled"
