@@ -3,10 +3,10 @@
 Delivery settings, and why:
 - run_job messages do not go through Celery's pool. On Redis the batch fetcher
   (workers.redis_fetcher) takes them and Celery's consumer takes no job queue; on RabbitMQ the
-  task's strategy (workers.tasks) hands them on. Either way they reach the micro-batcher, which
-  acks each one only after its job's result is committed. A worker killed mid-job leaves its
-  messages unacked, so the broker delivers them again. `task_acks_late` and
-  `task_reject_on_worker_lost` say the same for any other task.
+  task's strategy (workers.tasks) hands them to the micro-batcher. Either way they reach the
+  JobRunner in micro-batches, and each is acked only after its job's result is committed. A
+  worker killed mid-job leaves its messages unacked, so the broker delivers them again.
+  `task_acks_late` and `task_reject_on_worker_lost` say the same for any other task.
 - `worker_prefetch_multiplier` (default 1) times `worker_concurrency + worker_standby_jobs` is
   how many messages a worker holds (the fetcher's window; on RabbitMQ Celery's prefetch, as
   `genq worker` sizes the unused thread pool to it): the engine's batch plus a few claimed

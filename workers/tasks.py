@@ -12,7 +12,7 @@ from celery.signals import worker_init, worker_shutdown
 
 from genq.queues import RUN_JOB_TASK, is_amqp, job_queues
 from workers.celery_app import app
-from workers.micro_batch import JobMessage
+from workers.micro_batch import JobMessage, deliver_now
 from workers.redis_fetcher import RedisJobFetcher
 from workers.runtime import get_runtime
 
@@ -68,7 +68,8 @@ class JobIntake(bootsteps.StartStopStep):
             return
         # Refill once half the standby jobs have started: the engine never runs short.
         self.fetcher = RedisJobFetcher(app, job_queues(settings.broker_url, settings.model),
-                                       settings.worker_window, get_runtime().batcher.receive_many,
+                                       settings.worker_window,
+                                       partial(deliver_now, get_runtime().runner),
                                        refill_at=settings.worker_standby_jobs // 2)
         self.fetcher.start()
 
