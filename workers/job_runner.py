@@ -150,10 +150,14 @@ class JobRunner:
             return
         try:
             job = self.claim(delivery.job_id)
-        except BaseException:
+        except Exception:
+            # Not raised: the rest of the micro-batch still needs handling (raising here left
+            # those deliveries unsettled, their window slots lost for good). Unacked, this one
+            # is delivered again.
+            log.exception("job %s: claiming the redelivered job failed", delivery.job_id)
             self._quarantine.release()
             self._settle(delivery, acked=False)
-            raise
+            return
         if job is None:
             self._quarantine.release()
             self._settle(delivery, acked=True)

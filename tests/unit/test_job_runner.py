@@ -190,3 +190,42 @@ def test_generated_nul_characters_do_not_block_the_result_on_postgresql(postgres
     job = _job(postgres_url, job_id)
     assert job.status == JobStatus.SUCCEEDED
     assert job.output_text == "zero\ufffdbyte"
+
+
+def test_a_failed_claim_of_a_redelivered_job_leaves_the_rest_of_its_batch_handled(
+        sqlite_url, echo_runner, monkeypatch):
+    # Regression: the claim's error escaped `deliver`, and the deliveries after it in the
+    # micro-batch were never settled: their window slots were lost for good.
+    from sqlalchemy.exc import OperationalError
+
+    from workers.job_runner import Delivery
+
+    # given a micro-batch of three redelivered jobs, the first one's claim hitting a DB error
+    job_ids = [_queued_job(sqlite_url, tenant_name=f"t{i}", attempts=1) for i in range(3)]
+    claim = echo_runner.claim
+
+    def failing_claim(job_id: str):
+        if job_id == job_ids[0]:
+            raise OperationalError("UPDATE jobs …", {}, Exception("disk I/O error"))
+        return claim(job_id)
+
+    monkeypatch.setattr(echo_runner, "claim", failing_claim)
+    settled: dict[str, bool] = {}
+    all_settled = threading.Event()
+
+    def settle(job_id: str, acked: bool) -> None:
+        settled[job_id] = acked
+        if len(settled) == len(job_ids):
+            all_settled.set()
+
+    # when the batch is delivered
+    echo_runner.deliver([Delivery(job_id, lambda j=job_id: settle(j, True),
+                                  lambda j=job_id: settle(j, False)) for job_id in job_ids])
+
+    # then every delivery is settled: the failed one unacked (the broker delivers it again),
+    # the second run (redelivered jobs run one at a time), the third handed back to its queue
+    assert all_settled.wait(10), settled
+    assert settled == {job_ids[0]: False, job_ids[1]: True, job_ids[2]: True}
+    assert [_job(sqlite_url, job_id).status for job_id in job_ids] == [
+        JobStatus.QUEUED, JobStatus.SUCCEEDED, JobStatus.QUEUED]
+    assert echo_runner.is_idle()
