@@ -170,10 +170,18 @@ class JobRunner:
         written when the engine is done with it."""
         requests, runs = [], []
         for job, delivery in claimed:
-            run_hook(self.middleware, "before_job", job)
             deadline = (time.monotonic() + (job.deadline_at - utcnow()).total_seconds()
                         if job.deadline_at is not None else None)
             running = _Running(job, delivery, deadline, release)
+            try:
+                run_hook(self.middleware, "before_job", job)
+            except Exception as exc:  # a broken hook fails its job, not the micro-batch
+                log.exception("job %s: a before_job hook raised; the job fails", job.id)
+                self._then(self.writes.submit(self._fail(
+                    job.id, ErrorCode.INTERNAL,
+                    f"worker middleware before_job: {type(exc).__name__}: {exc}")),
+                    job.id, partial(self._ended, running))
+                continue
             if deadline is not None and deadline <= time.monotonic():
                 self._then(self.writes.submit(self._finish(job.id, JobStatus.EXPIRED)), job.id,
                            partial(self._ended, running))

@@ -2,7 +2,9 @@
 
 `GENQ_WORKER_MIDDLEWARE="pkg.module:object,…"` names objects with any of these hooks (`job` is
 the jobs table's row as the claim left it: attributes named as the columns, read-only):
-- `before_job(job)`: called after the job was claimed, before it goes to the engine.
+- `before_job(job)`: called after the job was claimed, before it goes to the engine. If it
+  raises, that job fails (`internal_error`, the hook's error as its message); the rest of its
+  micro-batch runs.
 - `after_job(job)`: called once the job's outcome is committed, however it ended (on the
   worker's writer thread: keep it quick).
 """

@@ -229,3 +229,36 @@ def test_a_failed_claim_of_a_redelivered_job_leaves_the_rest_of_its_batch_handle
     assert [_job(sqlite_url, job_id).status for job_id in job_ids] == [
         JobStatus.QUEUED, JobStatus.SUCCEEDED, JobStatus.QUEUED]
     assert echo_runner.is_idle()
+
+
+def test_a_before_job_hook_that_raises_fails_its_job_and_not_its_batch(sqlite_url, echo_runner):
+    # Regression: the hook's error escaped `deliver`, leaving the rest of the micro-batch
+    # claimed but never started or settled.
+    from workers.job_runner import Delivery
+
+    job_ids = [_queued_job(sqlite_url, tenant_name=f"t{i}") for i in range(3)]
+
+    class Picky:
+        def before_job(self, job) -> None:
+            if job.id == job_ids[0]:
+                raise RuntimeError("this hook is broken")
+
+    echo_runner.middleware.append(Picky())
+    settled: dict[str, bool] = {}
+    all_settled = threading.Event()
+
+    def settle(job_id: str, acked: bool) -> None:
+        settled[job_id] = acked
+        if len(settled) == len(job_ids):
+            all_settled.set()
+
+    echo_runner.deliver([Delivery(job_id, lambda j=job_id: settle(j, True),
+                                  lambda j=job_id: settle(j, False)) for job_id in job_ids])
+
+    assert all_settled.wait(10), settled
+    assert settled == dict.fromkeys(job_ids, True)
+    failed, *others = [_job(sqlite_url, job_id) for job_id in job_ids]
+    assert (failed.status, failed.error_code) == (JobStatus.FAILED, "internal_error")
+    assert "this hook is broken" in failed.error_message
+    assert [job.status for job in others] == [JobStatus.SUCCEEDED] * 2
+    assert echo_runner.is_idle()
