@@ -192,13 +192,30 @@ def test_generated_nul_characters_do_not_block_the_result_on_postgresql(postgres
     assert job.output_text == "zero\ufffdbyte"
 
 
+def _deliver_and_settle(runner, job_ids: list[str]) -> dict[str, bool]:
+    """Deliver the jobs as one micro-batch; wait until each delivery is settled and return
+    how: True acked, False left unacked (for the broker to deliver again)."""
+    from workers.job_runner import Delivery
+
+    settled: dict[str, bool] = {}
+    all_settled = threading.Event()
+
+    def settle(job_id: str, acked: bool) -> None:
+        settled[job_id] = acked
+        if len(settled) == len(job_ids):
+            all_settled.set()
+
+    runner.deliver([Delivery(job_id, lambda j=job_id: settle(j, True),
+                             lambda j=job_id: settle(j, False)) for job_id in job_ids])
+    assert all_settled.wait(10), settled
+    return settled
+
+
 def test_a_failed_claim_of_a_redelivered_job_leaves_the_rest_of_its_batch_handled(
         sqlite_url, echo_runner, monkeypatch):
     # Regression: the claim's error escaped `deliver`, and the deliveries after it in the
     # micro-batch were never settled: their window slots were lost for good.
     from sqlalchemy.exc import OperationalError
-
-    from workers.job_runner import Delivery
 
     # given a micro-batch of three redelivered jobs, the first one's claim hitting a DB error
     job_ids = [_queued_job(sqlite_url, tenant_name=f"t{i}", attempts=1) for i in range(3)]
@@ -210,21 +227,11 @@ def test_a_failed_claim_of_a_redelivered_job_leaves_the_rest_of_its_batch_handle
         return claim(job_id)
 
     monkeypatch.setattr(echo_runner, "claim", failing_claim)
-    settled: dict[str, bool] = {}
-    all_settled = threading.Event()
 
-    def settle(job_id: str, acked: bool) -> None:
-        settled[job_id] = acked
-        if len(settled) == len(job_ids):
-            all_settled.set()
-
-    # when the batch is delivered
-    echo_runner.deliver([Delivery(job_id, lambda j=job_id: settle(j, True),
-                                  lambda j=job_id: settle(j, False)) for job_id in job_ids])
-
-    # then every delivery is settled: the failed one unacked (the broker delivers it again),
-    # the second run (redelivered jobs run one at a time), the third handed back to its queue
-    assert all_settled.wait(10), settled
+    # when the batch is delivered, then every delivery is settled: the failed one unacked (the
+    # broker delivers it again), the second run (redelivered jobs run one at a time), the third
+    # handed back to its queue
+    settled = _deliver_and_settle(echo_runner, job_ids)
     assert settled == {job_ids[0]: False, job_ids[1]: True, job_ids[2]: True}
     assert [_job(sqlite_url, job_id).status for job_id in job_ids] == [
         JobStatus.QUEUED, JobStatus.SUCCEEDED, JobStatus.QUEUED]
@@ -234,8 +241,6 @@ def test_a_failed_claim_of_a_redelivered_job_leaves_the_rest_of_its_batch_handle
 def test_a_before_job_hook_that_raises_fails_its_job_and_not_its_batch(sqlite_url, echo_runner):
     # Regression: the hook's error escaped `deliver`, leaving the rest of the micro-batch
     # claimed but never started or settled.
-    from workers.job_runner import Delivery
-
     job_ids = [_queued_job(sqlite_url, tenant_name=f"t{i}") for i in range(3)]
 
     class Picky:
@@ -244,19 +249,8 @@ def test_a_before_job_hook_that_raises_fails_its_job_and_not_its_batch(sqlite_ur
                 raise RuntimeError("this hook is broken")
 
     echo_runner.middleware.append(Picky())
-    settled: dict[str, bool] = {}
-    all_settled = threading.Event()
 
-    def settle(job_id: str, acked: bool) -> None:
-        settled[job_id] = acked
-        if len(settled) == len(job_ids):
-            all_settled.set()
-
-    echo_runner.deliver([Delivery(job_id, lambda j=job_id: settle(j, True),
-                                  lambda j=job_id: settle(j, False)) for job_id in job_ids])
-
-    assert all_settled.wait(10), settled
-    assert settled == dict.fromkeys(job_ids, True)
+    assert _deliver_and_settle(echo_runner, job_ids) == dict.fromkeys(job_ids, True)
     failed, *others = [_job(sqlite_url, job_id) for job_id in job_ids]
     assert (failed.status, failed.error_code) == (JobStatus.FAILED, "internal_error")
     assert "this hook is broken" in failed.error_message
