@@ -89,8 +89,8 @@ class RedisJobFetcher:
     A round runs once `refill_at` slots are free; the acks of jobs settled meanwhile wait for
     it. With standby jobs queued in the engine (the window is larger than the engine's batch),
     waiting for a few free slots costs the engine nothing and turns many one-job rounds (each
-    a wake-up of this thread and of the group committer, for a claim)
-    into fewer, larger ones: on a machine with few cores each wake-up preempts the engine."""
+    a wake-up of this thread and of the group committer, for a claim) into fewer, larger ones:
+    on a machine with few cores each wake-up preempts the engine."""
 
     def __init__(self, app: Celery, queues: list[Queue], window: int,
                  deliver: Callable[[list[JobMessage]], None], refill_at: int = 1) -> None:
