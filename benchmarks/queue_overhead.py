@@ -11,14 +11,16 @@
 - plain Celery: a no-op task with acks_late, sent N times, drained by one default worker.
 - idle submit→start latency: one job at a time, `started_at - created_at` from the DB.
 - with --engine-model: the same prompts through the whole system vs the engine's own
-  `LLM.generate` in this process (the job system's share of end-to-end time), in
-  --engine-rounds rounds of offline, single submits, bulk submits, back to back with the
-  worker up. This VM's speed drifts by 10-25% over minutes, so each system run is compared
-  with the offline run just before it, and the ratios are the medians over the rounds. Beside
-  each run: the engine steps it took (the batches the engine ran: equal counts mean the system
-  fed it as well as `generate` does) and the CPU seconds of each process (worker, engine
-  process, this one: the producer and the polling; during offline runs, the idle worker's),
-  which on a machine with few cores is where the difference goes.
+  `LLM.generate` in this process (the job system's share of end-to-end time), with the worker
+  up: --engine-rounds rounds of single submits and bulk submits, with an offline run before
+  and after each system run (offline, single, offline, bulk, offline, single, ...). A VM's
+  speed drifts by 10-25% over minutes, so each system run is compared with the mean of the
+  two offline runs around it (which cancels a steady drift; comparing with the run before
+  only did not), and the ratios are the medians over the rounds. Beside each run: the engine
+  steps it took (the batches the engine ran: equal counts mean the system fed it as well as
+  `generate` does) and the CPU seconds of each process (worker, engine process, this one: the
+  producer and the polling; during offline runs, the idle worker's), which on a machine with
+  few cores is where the difference goes.
 Everything runs in one invocation so the ratios compare like with like.
 """
 
@@ -227,6 +229,31 @@ class OfflineEngine:
                 "engine_steps": self.llm.engine.stats.num_steps - steps}
 
 
+def engine_runs(meter: RunMeter, offline: OfflineEngine, settings: Settings, tenant_id: str,
+                prompts: list[str], args) -> list[dict]:
+    """Offline and system runs in turn, offline first and last: offline, single submits,
+    offline, bulk submits, offline, ... (--engine-rounds of single and bulk), each with its
+    "name"."""
+    def offline_run() -> dict:
+        return {"name": "offline", **meter.measure(offline.run, prompts)}
+
+    runs = [offline_run()]
+    for _ in range(args.engine_rounds):
+        for name, bulk_size in (("system", 1), ("system_bulk", args.bulk_size)):
+            runs.append({"name": name, **meter.measure(
+                run_genq, settings, tenant_id, prompts, args.engine_max_tokens,
+                bulk_size=bulk_size)})
+            runs.append(offline_run())
+    return runs
+
+
+def ratios_to_offline(runs: list[dict], name: str) -> list[float]:
+    """Each `name` run's speed relative to the mean of the offline runs on either side of it
+    (above 1: the system was faster)."""
+    return [(runs[index - 1]["seconds"] + runs[index + 1]["seconds"]) / 2 / run["seconds"]
+            for index, run in enumerate(runs) if run["name"] == name]
+
+
 def make_settings(args, workdir: Path, model: str) -> Settings:
     url = args.database_url or f"sqlite:///{workdir / 'bench.db'}"
     return Settings(database_url=url, broker_url=args.broker_url, model=model,
@@ -281,14 +308,8 @@ def main(argv: list[str] | None = None) -> dict:
                         results[name] = meter.measure(run_genq, settings, tenant_id, prompts,
                                                       8, bulk_size=bulk_size)
                     continue
-                results["engine_rounds"] = []
-                for _ in range(args.engine_rounds):
-                    results["engine_rounds"].append({
-                        "offline": meter.measure(offline.run, engine_prompts),
-                        **{name: meter.measure(run_genq, settings, tenant_id, engine_prompts,
-                                               args.engine_max_tokens, bulk_size=bulk_size)
-                           for name, bulk_size in (("system", 1),
-                                                   ("system_bulk", args.bulk_size))}})
+                results["engine_runs"] = engine_runs(
+                    meter, offline, settings, tenant_id, engine_prompts, args)
             finally:
                 worker.terminate()
                 worker.wait(60)
@@ -298,8 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
               "genq_echo_bulk_vs_plain_celery":
               results["genq_echo_bulk"]["jobs_per_s"] / celery_jobs_per_s}
     for name in ("system", "system_bulk") if args.engine_model else ():
-        per_round = [run["offline"]["seconds"] / run[name]["seconds"]
-                     for run in results["engine_rounds"]]
+        per_round = ratios_to_offline(results["engine_runs"], name)
         ratios[f"{name}_vs_engine_offline"] = statistics.median(per_round)
         ratios[f"{name}_vs_engine_offline_per_round"] = per_round
     report = {"num_jobs": args.num_jobs, "broker": args.broker_url, "results": results,
@@ -331,11 +351,10 @@ def _print_table(report: dict) -> None:
                   f"{row['enqueued_per_s']:>12.1f}")
     latency = report["results"]["idle_submit_to_start"]
     print(f"idle submit->start: p50 {latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms")
-    for index, run in enumerate(report["results"].get("engine_rounds", []), 1):
-        for name, row in run.items():
-            cpu = ", ".join(f"{k} {v:.1f}" for k, v in row["cpu_seconds"].items())
-            print(f"round {index} {name:<12} {row['seconds']:7.2f} s, {row['output_tokens']} "
-                  f"tokens, {row['engine_steps']} steps; CPU s: {cpu}")
+    for row in report["results"].get("engine_runs", []):
+        cpu = ", ".join(f"{k} {v:.1f}" for k, v in row["cpu_seconds"].items())
+        print(f"{row['name']:<12} {row['seconds']:7.2f} s, {row['output_tokens']} tokens, "
+              f"{row['engine_steps']} steps; CPU s: {cpu}")
     for name, value in report["ratios"].items():
         shown = ", ".join(f"{v:.2f}" for v in value) if isinstance(value, list) else f"{value:.2f}"
         print(f"{name}: {shown}x")
