@@ -11,6 +11,7 @@ from functools import lru_cache
 
 from engine.sampling_params import SamplingParams
 from genq import db
+from genq.queues import is_amqp
 from genq.settings import Settings, get_settings
 from workers import heartbeat
 from workers.engine_loop import EngineRequest
@@ -54,7 +55,9 @@ class WorkerRuntime:
         self.loop.start()
         self.runner = JobRunner(settings, self.loop)
         self.runner.middleware.append(JobTimingMiddleware())
-        self.batcher = MicroBatcher(self.runner)
+        # RabbitMQ's consumer hands messages over one by one, to be gathered into micro-batches;
+        # on Redis each round of the fetcher is one already (workers.tasks.JobIntake).
+        self.batcher = MicroBatcher(self.runner) if is_amqp(settings.broker_url) else None
         if settings.worker_metrics_port:
             start_metrics_server(settings.worker_metrics_port, self.loop, settings.model)
         self._warm_up()
@@ -100,7 +103,7 @@ class WorkerRuntime:
         finish, then go back to the queue; returns when every delivery is acked."""
         self.runner.begin_drain(seconds)
         deadline = time.monotonic() + seconds + DRAIN_GRACE_SECONDS
-        while not (self.batcher.is_idle() and self.runner.is_idle()):
+        while not ((self.batcher is None or self.batcher.is_idle()) and self.runner.is_idle()):
             if time.monotonic() > deadline:
                 log.warning("drain: jobs still in flight after %.0f s; their messages are "
                             "redelivered", seconds)

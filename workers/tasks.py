@@ -34,12 +34,16 @@ def job_message_strategy(task, app, consumer, **_kwargs):
     """Celery's hook for how a task's messages are handled (RabbitMQ): run_job messages skip
     the pool and go to the micro-batcher (workers.micro_batch), which acks each once its job
     is done."""
-    batcher = get_runtime().batcher
+    runtime = get_runtime()
     connection_errors = consumer.connection_errors
 
     def on_message(message, body, ack, reject, callbacks, **_kw) -> None:
         # `ack` schedules Message.ack_log_error on the consumer's thread (thread-safe).
-        batcher.receive(JobMessage(message.payload, partial(ack, log, connection_errors)))
+        job_message = JobMessage(message.payload, partial(ack, log, connection_errors))
+        if runtime.batcher is None:  # Redis, where Celery's consumer takes no job queue
+            deliver_now(runtime.runner, [job_message])
+        else:
+            runtime.batcher.receive(job_message)
 
     return on_message
 
