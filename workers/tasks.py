@@ -1,5 +1,6 @@
-"""Celery tasks, how job messages reach the micro-batcher (the Redis fetcher, or the run_job
-strategy on RabbitMQ) and the intake step that starts and drains it. The model loads (and
+"""Celery tasks, how job messages reach the job runner in micro-batches (on Redis the fetcher's
+rounds, on RabbitMQ the run_job strategy's micro-batcher) and the intake step that starts and
+drains them. The model loads (and
 warms up) when the worker starts, before the first message is taken."""
 
 from __future__ import annotations
