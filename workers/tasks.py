@@ -1,7 +1,7 @@
 """Celery tasks, how job messages reach the job runner in micro-batches (on Redis the fetcher's
 rounds, on RabbitMQ the run_job strategy's micro-batcher) and the intake step that starts and
-drains them. The model loads (and
-warms up) when the worker starts, before the first message is taken."""
+drains them. The model loads (and warms up) when the worker starts, before the first message
+is taken."""
 
 from __future__ import annotations
 
