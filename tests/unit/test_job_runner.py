@@ -256,3 +256,25 @@ def test_a_before_job_hook_that_raises_fails_its_job_and_not_its_batch(sqlite_ur
     assert "this hook is broken" in failed.error_message
     assert [job.status for job in others] == [JobStatus.SUCCEEDED] * 2
     assert echo_runner.is_idle()
+
+
+def test_a_run_job_message_reaching_celerys_consumer_on_redis_is_run_and_acked(
+        sqlite_url, echo_runner, monkeypatch):
+    # A Redis worker builds no micro-batcher (each round of its fetcher is a micro-batch). A
+    # run_job message that still reaches Celery's consumer there (a plain `celery worker`
+    # consuming a job queue) goes to the runner directly, and is acked once its result is in.
+    from types import SimpleNamespace
+
+    import workers.tasks as tasks
+
+    monkeypatch.setattr(tasks, "get_runtime",
+                        lambda: SimpleNamespace(batcher=None, runner=echo_runner))
+    job_id = _queued_job(sqlite_url)
+    acked = threading.Event()
+    on_message = tasks.job_message_strategy(None, None, SimpleNamespace(connection_errors=()))
+
+    on_message(SimpleNamespace(payload=[[job_id], {}, {}]), None,
+               lambda *_args: acked.set(), None, None)
+
+    assert acked.wait(10)
+    assert _job(sqlite_url, job_id).status == JobStatus.SUCCEEDED
