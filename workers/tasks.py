@@ -34,7 +34,8 @@ def _stop_engine(**_kwargs) -> None:
 def job_message_strategy(task, app, consumer, **_kwargs):
     """Celery's hook for how a task's messages are handled (RabbitMQ): run_job messages skip
     the pool and go to the micro-batcher (workers.micro_batch), which acks each once its job
-    is done."""
+    is done. A Redis worker has no micro-batcher (its fetcher takes the job queues): a message
+    that reaches Celery's consumer there anyway goes straight to the runner."""
     runtime = get_runtime()
     connection_errors = consumer.connection_errors
 
