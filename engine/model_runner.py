@@ -1,7 +1,7 @@
 """ModelRunner: owns the model and the KV pool; turns a schedule into one packed forward + sample.
 
-All per-step metadata (positions, slot rows, gather indices, masks) is built here once and shared
-by every layer. Rows are packed decode-first, then each prefill chunk, with no padding.
+All per-step metadata (positions, slots, gather indices, masks) is built here once and shared by
+every layer. Rows are packed decode-first, then each prefill chunk, with no padding.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import ctypes.util
 
 import torch
 
+from engine.attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from engine.config import EngineConfig, available_memory_bytes
-from engine.models.llama import DecodeGroup, LlamaForCausalLM, PrefillSlice, StepInputs
+from engine.models.llama import LlamaForCausalLM
 from engine.sampler import Sampler
 from engine.sequence import Sequence
 
@@ -51,9 +52,10 @@ class ModelRunner:
         return (self.plane_offsets + slots.view(1, -1)).view(-1)
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]
-                ) -> tuple[StepInputs, list[tuple[Sequence, int]]]:
-        """Step inputs plus the schedule in packed order (decodes by context length, then
-        prefill chunks)."""
+                ) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor,
+                           list[tuple[Sequence, int]]]:
+        """(input ids, attention metadata, logits rows, the schedule in packed order: decodes
+        by context length, then prefill chunks)."""
         decodes = sorted(((seq, n) for seq, n in scheduled if n == 1), key=lambda e: len(e[0]))
         packed = decodes + [(seq, n) for seq, n in scheduled if n > 1]
         input_ids, positions, slots, logits_rows = [], [], [], []
@@ -66,18 +68,22 @@ class ModelRunner:
                 logits_rows.append(len(input_ids) - 1)
         long = dict(dtype=torch.long)
         positions_t = torch.tensor(positions, **long).to(self.model.cos_table.device)
-        step = StepInputs(
-            input_ids=torch.tensor(input_ids, **long),
+        meta = AttentionMetadata(
+            num_slots=self.num_slots, slots=torch.tensor(slots, **long),
             cos=self.model.cos_table[positions_t].unsqueeze(1),
             sin=self.model.sin_table[positions_t].unsqueeze(1),
-            write_index=self._pool_rows(torch.tensor(slots, **long)),
-            decode_groups=self._decode_groups([seq for seq, _ in decodes]),
-            prefills=[], logits_index=torch.tensor(logits_rows, **long))
+            decode_groups=self._decode_groups([seq for seq, _ in decodes]))
         row = len(decodes)
         for seq, n in packed[len(decodes):]:
-            step.prefills.append(self._prefill_slice(seq, row, n))
+            meta.prefills.append(self._prefill_chunk(seq, row, n))
             row += n
-        return self._to_device(step), packed
+        input_ids_t = torch.tensor(input_ids, **long)
+        logits_index = torch.tensor(logits_rows, **long)
+        if self.device.type != "cpu":
+            meta.to(self.device)
+            input_ids_t = input_ids_t.to(self.device, non_blocking=True)
+            logits_index = logits_index.to(self.device, non_blocking=True)
+        return input_ids_t, meta, logits_index, packed
 
     def _decode_groups(self, seqs: list[Sequence]) -> list[DecodeGroup]:
         """Split decode rows (sorted by length) in two where that saves at least a quarter of
@@ -103,43 +109,31 @@ class ModelRunner:
         offsets = torch.arange(self.block_size)
         slots = (tables.unsqueeze(-1) * self.block_size + offsets).view(len(seqs), -1)[:, :length]
         valid = torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)
-        bias = torch.zeros(len(seqs), 1, length).masked_fill_(~valid.unsqueeze(1), float("-inf"))
+        bias = None
+        if not bool(valid.all()):
+            kv_heads = self.model.num_kv_heads
+            bias = torch.zeros(len(seqs), 1, length, dtype=self.model.dtype)
+            bias = bias.masked_fill_(~valid.unsqueeze(1), float("-inf"))
+            bias = bias.expand(kv_heads, -1, -1, -1).reshape(kv_heads * len(seqs), 1, length)
         return DecodeGroup(start, len(seqs), length, self._pool_rows(slots.masked_fill(~valid, 0)),
                            bias)
 
-    def _prefill_slice(self, seq: Sequence, row: int, n: int) -> PrefillSlice:
+    def _prefill_chunk(self, seq: Sequence, row: int, n: int) -> PrefillChunk:
         cached = seq.num_computed_tokens
+        if not cached:
+            return PrefillChunk(row, n, 0, None, None)
         context = cached + n
         keys = torch.arange(context).unsqueeze(0)
         queries = torch.arange(cached, context).unsqueeze(1)
-        bias = torch.zeros(n, context).masked_fill_(keys > queries, float("-inf"))
-        gather_index = None
-        if cached:
-            slots = torch.tensor(self._slots(seq, 0, context), dtype=torch.long)
-            gather_index = self._pool_rows(slots)
-        return PrefillSlice(row, n, cached, gather_index, bias)
-
-    def _to_device(self, step: StepInputs) -> StepInputs:
-        if self.device.type == "cpu":
-            return step
-        move = dict(device=self.device, non_blocking=True)
-        for name in ("input_ids", "write_index", "logits_index"):
-            setattr(step, name, getattr(step, name).to(**move))
-        for group in step.decode_groups:
-            group.gather_index = group.gather_index.to(**move)
-            group.bias = group.bias.to(**move)
-        for piece in step.prefills:
-            piece.bias = piece.bias.to(**move)
-            if piece.gather_index is not None:
-                piece.gather_index = piece.gather_index.to(**move)
-        return step
+        slots = torch.tensor(self._slots(seq, 0, context), dtype=torch.long)
+        return PrefillChunk(row, n, cached, self._pool_rows(slots), keys <= queries)
 
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]]
             ) -> tuple[list[Sequence], list[int], list[dict[int, float] | None]]:
         """Forward the scheduled chunks; sample for sequences whose chunk reached their end."""
-        step, packed = self.prepare(scheduled)
-        logits = self.model.forward(step, self.kv_cache)
+        input_ids, meta, logits_index, packed = self.prepare(scheduled)
+        logits = self.model.forward(input_ids, meta, self.kv_cache, logits_index)
         sampling = [seq for seq, n in packed if seq.num_computed_tokens + n == len(seq)]
         if not sampling:
             return [], [], []

@@ -1,0 +1,97 @@
+"""Weight-only int8 / int4 on the CPU: the kernels agree with the dequantized weights, the int4
+codes are the bundled GGUF's own Q4_1 blocks, and perplexity stays within 2% of bf16."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.model_loader import bundled_gguf_path, load_model
+from engine.perplexity import perplexity
+from engine.quantization import INT4_GROUP_SIZE, Linear, quantize_int4, quantize_int8
+from tests.conftest import MODEL_CACHE_DIR
+from tests.engine.conftest import run_to_completion
+
+TEXT = (Path(__file__).parent / "data" / "perplexity.txt").read_text()
+
+
+def _dequantized_int4(weight: torch.Tensor) -> torch.Tensor:
+    codes, scales, minimums = quantize_int4(weight)
+    n, k = weight.shape
+    groups = codes.view(n, k // INT4_GROUP_SIZE, INT4_GROUP_SIZE).float()
+    return (groups * scales[..., None] + minimums[..., None]).view(n, k)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_quantized_linears_compute_with_their_dequantized_weights(rows):
+    torch.manual_seed(0)
+    weight = (torch.randn(96, 128) * 0.05).to(torch.bfloat16)
+    x = torch.randn(rows, 128).to(torch.bfloat16)
+    codes, scales = quantize_int8(weight)
+    int8_reference = x.float() @ (codes.float() * scales[:, None]).T
+    int4_reference = x.float() @ _dequantized_int4(weight).T
+    for quantization, reference in (("int8", int8_reference), ("int4", int4_reference)):
+        linear = Linear(weight, quantization=quantization, max_quantized_rows=10**6)
+        out = linear(x).float()
+        assert torch.allclose(out, reference, atol=0.05, rtol=0.02), quantization
+        # Past max_quantized_rows the same layer uses the bf16 weights.
+        wide = Linear(weight, quantization=quantization, max_quantized_rows=0)
+        assert torch.allclose(wide(x).float(), x.float() @ weight.float().T, atol=0.05, rtol=0.02)
+
+
+def test_auto_quantization_is_int4_in_bf16_on_the_cpu_and_off_in_fp32():
+    assert EngineConfig(model="dummy:tiny-llama", device="cpu", dtype="bfloat16",
+                        quantization="auto").quantization == "int4"
+    assert EngineConfig(model="dummy:tiny-llama", device="cpu", dtype="float32",
+                        quantization="auto").quantization == "none"
+    with pytest.raises(ValueError, match="quantization"):
+        EngineConfig(model="dummy:tiny-llama", device="cpu", quantization="int3")
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_a_quantized_engine_generates_and_repeats_itself(tiny_engine_factory, quantization):
+    engine = tiny_engine_factory(dtype="bfloat16", quantization=quantization)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(f"r{i}", [5, 6, 7, 8 + i], params)
+    first = run_to_completion(engine)
+    for i in range(3):
+        engine.add_request(f"s{i}", [5, 6, 7, 8 + i], params)
+    second = run_to_completion(engine)
+    for i in range(3):
+        assert len(first[f"r{i}"].outputs[0].token_ids) == 12
+        assert first[f"r{i}"].outputs[0].token_ids == second[f"s{i}"].outputs[0].token_ids
+
+
+@pytest.mark.slow
+def test_int4_codes_are_the_bundled_gguf_q4_1_blocks():
+    """Requantizing the dequantized bundled model gives back the file's own Q4_1 codes."""
+    from gguf import GGUFReader
+
+    tensor = next(t for t in GGUFReader(bundled_gguf_path()).tensors
+                  if t.name == "blk.0.ffn_down.weight")
+    blocks = np.asarray(tensor.data).reshape(tensor.data.shape[0], -1, 20)  # d, m, 16 bytes
+    packed = blocks[..., 4:].astype(np.int32)
+    file_codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1)  # q[j], q[j + 16]
+    _, state_dict, _ = load_model("smollm2-135m", MODEL_CACHE_DIR)
+    codes, _, _ = quantize_int4(state_dict["model.layers.0.mlp.down_proj.weight"])
+    ours = codes.view(file_codes.shape).numpy()
+    assert (ours == file_codes).mean() > 0.999
+
+
+@pytest.mark.slow
+def test_quantized_perplexity_stays_within_two_percent_of_bf16():
+    def engine(quantization: str) -> LLMEngine:
+        # Every row through the quantized weights, so the figure is theirs alone.
+        return LLMEngine.from_model("smollm2-135m", dtype="bfloat16", device="cpu",
+                                    quantization=quantization, max_quantized_rows=10**9,
+                                    kv_cache_tokens=2048, cache_dir=MODEL_CACHE_DIR)
+
+    reference = perplexity(engine("none"), TEXT)
+    assert 10 < reference < 60  # SmolLM2-135M on plain English prose
+    for quantization in ("int8", "int4"):
+        assert perplexity(engine(quantization), TEXT) <= 1.02 * reference, quantization
