@@ -14,7 +14,7 @@ from producer.client import GenqClient
 from tests.conftest import MODEL_CACHE_DIR, free_port
 from tests.processes import Process, ProcessGroup, http_ok, wait_for
 
-GRACEFUL_TIMEOUT_SECONDS = 5  # genq.cli._api_command
+GRACEFUL_TIMEOUT_SECONDS = 5  # cli.main._api_command
 
 
 def _has_exited(process: psutil.Process) -> bool:
@@ -48,9 +48,9 @@ def _start_genq_up(tmp_path, **env: str) -> tuple[ProcessGroup, Process, GenqCli
         "GENQ_MODEL_CACHE_DIR": MODEL_CACHE_DIR, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
         **env,
     })
-    up = group.start("genq-up", [sys.executable, "-m", "genq.cli", "up", "--port", str(port)])
+    up = group.start("genq-up", [sys.executable, "-m", "cli", "up", "--port", str(port)])
     wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), 90, "the API", up)
-    keys = group.start("keys", [sys.executable, "-m", "genq.cli", "keys", "create", "demo"])
+    keys = group.start("keys", [sys.executable, "-m", "cli", "keys", "create", "demo"])
     assert keys.popen.wait(60) == 0, keys.log()
     return group, up, GenqClient(f"http://127.0.0.1:{port}", keys.log().strip().splitlines()[-1])
 
@@ -128,7 +128,7 @@ def test_ctrl_c_on_genq_api_reaches_its_workers_only_through_their_master(tmp_pa
         "GENQ_DATA_DIR": str(tmp_path / "data"), "GENQ_MODEL_CACHE_DIR": MODEL_CACHE_DIR,
         "GENQ_API_WORKERS": "2", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
     })
-    api = group.start("genq-api", [sys.executable, "-m", "genq.cli", "api", "--port", str(port)])
+    api = group.start("genq-api", [sys.executable, "-m", "cli", "api", "--port", str(port)])
     try:
         wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), 90, "the API", api)
         workers = psutil.Process(api.popen.pid).children()

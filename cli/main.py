@@ -13,8 +13,8 @@ import threading
 import click
 from rich.console import Console
 
+from cli.batch import batch
 from genq import db
-from genq.cli_batch import batch
 from genq.settings import Settings, get_settings
 from genq.states import Priority
 
@@ -57,8 +57,8 @@ def up(host: str | None, port: int | None) -> None:
     console.print(f"[green]database[/] {settings.database_url_resolved} is up to date")
     commands = [
         (_api_command(settings, host, port), _api_env(settings, env)),
-        ([sys.executable, "-m", "genq.cli", "worker"], env),
-        ([sys.executable, "-m", "genq.cli", "webhook-worker"], env),
+        ([sys.executable, "-m", "cli", "worker"], env),
+        ([sys.executable, "-m", "cli", "webhook-worker"], env),
     ]
     stopping, received = threading.Event(), []
 
@@ -296,7 +296,7 @@ def get(job_id: str) -> None:
     click.echo(json.dumps(_client().get(job_id), indent=2))
 
 
-main.add_command(batch)  # `genq batch submit | status | download` (genq/cli_batch.py)
+main.add_command(batch)  # `genq batch submit | status | download` (cli/batch.py)
 
 
 if __name__ == "__main__":
