@@ -10,7 +10,7 @@ from rich.console import Console
 
 from genq.settings import Settings
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a log line stays one line
 
 
 class CommandFailed(click.ClickException):

@@ -53,6 +53,9 @@ def main() -> None:
     Run commands from the directory where `genq up` runs, or set GENQ_DATA_DIR.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # The progress bars of loading weights and of a GGUF conversion (hundreds of redraws in a
+    # log) are Hugging Face's; the services below log one line per step instead.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 for command in (up, api, worker, webhook_worker, db_group, keys, tenants,

@@ -65,7 +65,7 @@ def up(host: str | None, port: int | None) -> None:
     broker = None
     env = dict(os.environ, GENQ_DATA_DIR=str(data_dir))
     if not settings.broker_url:
-        broker = EmbeddedRedis(data_dir)
+        broker = EmbeddedRedis(data_dir, settings.embedded_broker_port)
         env["GENQ_BROKER_URL"] = broker.url
         console.print(f"[green]embedded Redis[/] on {broker.url} (address in {broker.url_file})")
     if not settings.broker_url and not settings.database_url and \
@@ -190,13 +190,16 @@ def worker(model: str | None, concurrency: int | None, hostname: str | None) -> 
                      name="genq-batch-feeder").start()
     from workers.tasks import app  # registers the task and the engine-loading signals
 
+    queue_names = ",".join(q.name for q in job_queues(served.broker_url, served.model))
+    # Celery's banner lists only the queues its own consumer takes, none on Redis.
+    console.print(f"[green]worker[/] for model {served.model} takes jobs from {queue_names} "
+                  f"({'Celery' if is_amqp(served.broker_url) else 'the batch fetcher'})")
     argv = [
         "worker", "--pool", "threads",
         "--concurrency", str(served.worker_concurrency + served.worker_standby_jobs),
         # RabbitMQ: Celery's consumer takes the job queue. Redis: the batch fetcher does
         # (workers.redis_fetcher), and Celery's consumer takes none.
-        "--exclude-queues" if not is_amqp(served.broker_url) else "--queues",
-        ",".join(q.name for q in job_queues(served.broker_url, served.model)),
+        "--exclude-queues" if not is_amqp(served.broker_url) else "--queues", queue_names,
         "--loglevel", "INFO",
         "--without-gossip", "--without-mingle",
     ]

@@ -114,7 +114,7 @@ def test_malformed_lines_go_to_the_error_file_and_the_good_lines_run(
 
     assert cli_batch["status"] == "completed"
     assert cli_batch["request_counts"] == {"total": 10, "completed": 3, "failed": 7}
-    assert "done 3 / failed 7 / total 10" in submitted.stderr
+    assert "done 3 failed 7 of 10" in submitted.stderr
     assert downloaded.returncode == 0, downloaded.stderr
     saved = tmp_path / "out" / cli_batch["id"]
     cli_output = [json.loads(line) for line in open(f"{saved}_output.jsonl")]
