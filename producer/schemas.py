@@ -54,7 +54,15 @@ StopSequence = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STO
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 WebhookUrl = stored_text(min_length=1, max_length=2048)
-WebhookEventName = Literal["running", "succeeded", "failed", "canceled", "expired"]
+
+
+def _short_event_name(value: Any) -> Any:
+    # Payloads name events `job.succeeded`; subscriptions take that name or the short one.
+    return value.removeprefix("job.") if isinstance(value, str) else value
+
+
+WebhookEventName = Annotated[Literal["running", "succeeded", "failed", "canceled", "expired"],
+                             BeforeValidator(_short_event_name)]
 
 
 def _stop_as_list(value: Any) -> Any:

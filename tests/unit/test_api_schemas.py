@@ -105,3 +105,11 @@ def test_the_largest_allowed_values_reach_the_engine_as_given():
     params = request.sampling_params()
     assert (params["presence_penalty"], params["frequency_penalty"]) == (2, -2)
     SamplingParams(**params)  # the engine takes every bounded value
+
+
+def test_webhook_events_take_the_payload_names_too():
+    request = parse({"prompt": "Hi", "webhook_url": "https://example.com/hook",
+                     "webhook_events": ["job.succeeded", "failed"]})
+    assert request.webhook_events == ["succeeded", "failed"]
+    assert first_error({"prompt": "Hi", "webhook_url": "https://example.com/hook",
+                        "webhook_events": ["job.done"]}).param == "webhook_events.0"
