@@ -41,6 +41,14 @@ def test_api_errors_are_one_line_with_their_code(api, tmp_path):
     assert_one_line_error(genq("cancel", "job_nope", cwd=tmp_path, **api), "not_found")
     assert_one_line_error(genq("batch", "status", "batch_nope", cwd=tmp_path, **api),
                           "not_found")
+    assert_one_line_error(genq("batch", "download", "batch_nope", cwd=tmp_path, **api),
+                          "not_found")
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text("")
+    refused_window = genq("batch", "submit", str(lines), "--window", "forever", cwd=tmp_path,
+                          **api)
+    assert_one_line_error(refused_window, "invalid_request")
+    assert "completion_window" in refused_window.stderr
     refused = genq("submit", "x", "--max-tokens", "-1", cwd=tmp_path, **api)
     assert_one_line_error(refused, "invalid_request")
     assert "max_tokens" in refused.stderr and "HTTP 422" in refused.stderr
