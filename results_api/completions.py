@@ -59,8 +59,14 @@ def _request_for(endpoint: str) -> CompletionRequest:
 def _complete(completion: CompletionRequest) -> Response:
     """One job per choice, all submitted first (they run side by side), then waited for."""
     settings, tenant_id = current_settings(), current_tenant_id()
-    jobs = [submit_job(settings, tenant_id, completion.choice(index)).job
-            for index in range(completion.num_choices)]
+    jobs: list[Job] = []
+    try:
+        for index in range(completion.num_choices):
+            jobs.append(submit_job(settings, tenant_id, completion.choice(index)).job)
+    except GenqError:  # e.g. a rate limit after the first choices: none of them is answered
+        for job in jobs:
+            _cancel_quietly(job)
+        raise
     deadline = time.monotonic() + settings.completion_timeout_seconds
     while not all(JobStatus(job.status).is_terminal for job in jobs):
         if time.monotonic() >= deadline:
