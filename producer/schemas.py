@@ -20,6 +20,15 @@ from genq.job_view import JobResponse
 from genq.states import Priority
 
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_LENGTH = 256
+# Every numeric sampling field is bounded here, at submit: an out-of-range value (top_k=10**30,
+# a seed past int64) used to pass and overflow inside the engine step, which aborts the whole
+# batch of neighbours (issue 18). top_k at or above a model's vocabulary means "off" to the
+# engine, so one bound above every vocabulary serves every model without loading a tokenizer.
+MAX_TOP_K = 1_000_000
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_PENALTY = 2.0  # presence and frequency penalties: OpenAI's [-2, 2]
+MAX_REPETITION_PENALTY = 10.0
 MAX_METADATA_KEYS = 16
 # Jobs per bulk submit: one transaction and one publish batch for all of them.
 MAX_JOBS_PER_BULK = 1000
@@ -41,11 +50,19 @@ def _refuse_nul(value: str) -> str:
     return value
 
 
-NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
+StopSequence = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_LENGTH)]
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 WebhookUrl = stored_text(min_length=1, max_length=2048)
-WebhookEventName = Literal["running", "succeeded", "failed", "canceled", "expired"]
+
+
+def _short_event_name(value: Any) -> Any:
+    # Payloads name events `job.succeeded`; subscriptions take that name or the short one.
+    return value.removeprefix("job.") if isinstance(value, str) else value
+
+
+WebhookEventName = Annotated[Literal["running", "succeeded", "failed", "canceled", "expired"],
+                             BeforeValidator(_short_event_name)]
 
 
 def _stop_as_list(value: Any) -> Any:
@@ -71,15 +88,20 @@ class JobRequest(BaseModel):
     max_tokens: int = Field(256, ge=1, le=8192)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(-1, ge=-1, description="-1 disables top-k.")
-    seed: int | None = None
+    top_k: int = Field(-1, ge=-1, le=MAX_TOP_K, description="-1 disables top-k.")
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: Annotated[
         # The length limit sits on the list itself: on the optional it would be applied to
         # an explicit `null` too, and fail there with a TypeError (a 500).
-        Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_SEQUENCES)] | None,
+        Annotated[list[StopSequence], Field(max_length=MAX_STOP_SEQUENCES)] | None,
         BeforeValidator(_stop_as_list),
-        Field(description="A string or up to 4 strings."),
+        Field(description=f"A string or up to {MAX_STOP_SEQUENCES} strings of at most "
+                          f"{MAX_STOP_LENGTH} characters."),
     ] = None
+    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    repetition_penalty: float = Field(1.0, gt=0, le=MAX_REPETITION_PENALTY,
+                                      description="vLLM's; 1 is off.")
     priority: Priority = Priority.DEFAULT
     timeout_s: int | None = Field(
         None, ge=1, le=7 * 24 * 3600,
@@ -119,7 +141,15 @@ class JobRequest(BaseModel):
             "top_k": self.top_k,
             "seed": self.seed,
             "stop": self.stop,
+            **self._penalties(),
         }
+
+    def _penalties(self) -> dict[str, float]:
+        """Only the penalties that are set: a job row without them stays as before, and a worker
+        not yet knowing them still runs it."""
+        defaults = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+        return {name: getattr(self, name) for name, default in defaults.items()
+                if getattr(self, name) != default}
 
 
 class BulkJobRequest(BaseModel):

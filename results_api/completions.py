@@ -16,8 +16,13 @@ from genq.errors import ErrorCode, GenqError
 from genq.models import Job
 from genq.states import JobStatus, Priority
 from producer.jobs import cancel_job, get_job
-from producer.openai_compat import CHAT_COMPLETIONS, COMPLETIONS, completion_object, parse_body
-from producer.schemas import JobRequest
+from producer.openai_compat import (
+    CHAT_COMPLETIONS,
+    COMPLETIONS,
+    CompletionRequest,
+    completion_object,
+    parse_request,
+)
 from producer.submit import submit_job
 from results_api.context import authenticate, current_settings, current_tenant_id
 from results_api.jobs import WAIT_POLL_SECONDS
@@ -38,12 +43,12 @@ def completions() -> Response:
     return _complete(_request_for(COMPLETIONS))
 
 
-def _request_for(endpoint: str) -> JobRequest:
+def _request_for(endpoint: str) -> CompletionRequest:
     if request.mimetype != "application/json":
         raise GenqError(ErrorCode.UNSUPPORTED_MEDIA_TYPE,
                         "send the body as JSON with `Content-Type: application/json`")
     try:
-        return parse_body(endpoint, request.get_data(cache=False), Priority.INTERACTIVE)
+        return parse_request(endpoint, request.get_data(cache=False), Priority.INTERACTIVE)
     except ValidationError as exc:
         if exc.errors()[0]["type"] != "json_invalid":
             raise
@@ -51,21 +56,32 @@ def _request_for(endpoint: str) -> JobRequest:
                         f"the body is not valid JSON: {exc.errors()[0]['msg']}") from None
 
 
-def _complete(job_request: JobRequest) -> Response:
+def _complete(completion: CompletionRequest) -> Response:
+    """One job per choice, all submitted first (they run side by side), then waited for."""
     settings, tenant_id = current_settings(), current_tenant_id()
-    job = submit_job(settings, tenant_id, job_request).job
-    deadline = time.monotonic() + settings.completion_timeout_seconds
-    while not JobStatus(job.status).is_terminal:
-        if time.monotonic() >= deadline:
+    jobs: list[Job] = []
+    try:
+        for index in range(completion.num_choices):
+            jobs.append(submit_job(settings, tenant_id, completion.choice(index)).job)
+    except GenqError:  # e.g. a rate limit after the first choices: none of them is answered
+        for job in jobs:
             _cancel_quietly(job)
+        raise
+    deadline = time.monotonic() + settings.completion_timeout_seconds
+    while not all(JobStatus(job.status).is_terminal for job in jobs):
+        if time.monotonic() >= deadline:
+            for job in jobs:
+                _cancel_quietly(job)
             raise GenqError(ErrorCode.SERVICE_UNAVAILABLE,
                             f"the completion did not finish within "
                             f"{settings.completion_timeout_seconds:g} s; retry later")
         time.sleep(WAIT_POLL_SECONDS)
-        job = get_job(settings, tenant_id, job.id)
-    if job.status != JobStatus.SUCCEEDED.value:
-        raise _job_error(job)
-    return jsonify(completion_object(job).model_dump(mode="json"))
+        jobs = [job if JobStatus(job.status).is_terminal else get_job(settings, tenant_id, job.id)
+                for job in jobs]
+    for job in jobs:
+        if job.status != JobStatus.SUCCEEDED.value:
+            raise _job_error(job)
+    return jsonify(completion_object(*jobs).model_dump(mode="json"))
 
 
 def _job_error(job: Job) -> GenqError:

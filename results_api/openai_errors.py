@@ -18,9 +18,19 @@ ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_f
 def register_openai_errors(bp: Blueprint) -> None:
     """Blueprint-level handlers win over the app's, for errors raised in this blueprint."""
     bp.register_error_handler(GenqError, openai_error_response)
-    bp.register_error_handler(ValidationError,
-                              lambda exc: openai_error_response(validation_error(exc)))
+    bp.register_error_handler(ValidationError, _validation_error)
     bp.register_error_handler(HTTPException, _http_error)
+
+
+def _validation_error(exc: ValidationError) -> tuple[Response, int]:
+    """An OpenAI parameter genq does not implement gets OpenAI's own answer for one: 400,
+    `invalid_request_error`, code `unsupported_parameter`, `param` naming it."""
+    first = exc.errors()[0]
+    if first["type"] != "unsupported_parameter":
+        return openai_error_response(validation_error(exc))
+    body = {"error": {"message": first["msg"], "type": "invalid_request_error",
+                      "param": first["ctx"]["param"], "code": "unsupported_parameter"}}
+    return jsonify(body), 400
 
 
 def openai_error_response(error: GenqError) -> tuple[Response, int]:

@@ -96,7 +96,7 @@ def start_worker(group: ProcessGroup, name: str = "worker", concurrency: int = 8
                  model: str | None = None) -> Process:
     """A `genq worker` serving `model` (default: the group's GENQ_MODEL), once it is ready."""
     process = group.start(name, [
-        sys.executable, "-m", "genq.cli", "worker", "--concurrency", str(concurrency),
+        sys.executable, "-m", "cli", "worker", "--concurrency", str(concurrency),
         "--hostname", f"{name}-{os.getpid()}@%h", *(["--model", model] if model else []),
     ], env)
     wait_for(lambda: " ready." in process.log(), ready_timeout, f"{name} to be ready", process)

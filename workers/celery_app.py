@@ -33,13 +33,16 @@ REDIS_VISIBILITY_TIMEOUT_SECONDS = 3600
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("genq", broker=settings.broker_url or None, include=["workers.tasks"])
+    # broker_url_resolved: beside `genq up` (embedded Redis) Celery's own commands find the
+    # broker with no GENQ_BROKER_URL, e.g. `celery -A workers.celery_app inspect ping`.
+    broker_url = settings.broker_url_resolved
+    app = Celery("genq", broker=broker_url or None, include=["workers.tasks"])
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=settings.worker_prefetch_multiplier,
         task_ignore_result=True,
-        task_queues=job_queues(settings.broker_url, settings.model),
+        task_queues=job_queues(broker_url, settings.model),
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": REDIS_VISIBILITY_TIMEOUT_SECONDS,

@@ -102,19 +102,19 @@ def test_malformed_lines_go_to_the_error_file_and_the_good_lines_run(
     env = {**os.environ, "GENQ_API_URL": stack.api_url, "GENQ_API_KEY": stack.key,
            "COLUMNS": "200"}
 
-    submitted = subprocess.run([sys.executable, "-m", "genq.cli", "batch", "submit", str(path),
+    submitted = subprocess.run([sys.executable, "-m", "cli", "batch", "submit", str(path),
                                 "--wait"], env=env, capture_output=True, text=True, timeout=120)
     assert submitted.returncode == 0, submitted.stderr
     cli_batch = json.loads(submitted.stdout)
-    downloaded = subprocess.run([sys.executable, "-m", "genq.cli", "batch", "download",
+    downloaded = subprocess.run([sys.executable, "-m", "cli", "batch", "download",
                                  cli_batch["id"], "-o", str(tmp_path / "out")],
                                 env=env, capture_output=True, text=True, timeout=60)
-    status = subprocess.run([sys.executable, "-m", "genq.cli", "batch", "status", cli_batch["id"]],
+    status = subprocess.run([sys.executable, "-m", "cli", "batch", "status", cli_batch["id"]],
                             env=env, capture_output=True, text=True, timeout=60)
 
     assert cli_batch["status"] == "completed"
     assert cli_batch["request_counts"] == {"total": 10, "completed": 3, "failed": 7}
-    assert "done 3 / failed 7 / total 10" in submitted.stderr
+    assert "done 3 failed 7 of 10" in submitted.stderr
     assert downloaded.returncode == 0, downloaded.stderr
     saved = tmp_path / "out" / cli_batch["id"]
     cli_output = [json.loads(line) for line in open(f"{saved}_output.jsonl")]

@@ -5,16 +5,20 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
 
+from cli.services import worker_stop_seconds
+from genq.settings import Settings
 from producer.client import GenqClient
 from tests.conftest import MODEL_CACHE_DIR, free_port
 from tests.processes import Process, ProcessGroup, http_ok, wait_for
 
-GRACEFUL_TIMEOUT_SECONDS = 5  # genq.cli._api_command
+GRACEFUL_TIMEOUT_SECONDS = 5  # cli.main._api_command
 
 
 def _has_exited(process: psutil.Process) -> bool:
@@ -48,9 +52,9 @@ def _start_genq_up(tmp_path, **env: str) -> tuple[ProcessGroup, Process, GenqCli
         "GENQ_MODEL_CACHE_DIR": MODEL_CACHE_DIR, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
         **env,
     })
-    up = group.start("genq-up", [sys.executable, "-m", "genq.cli", "up", "--port", str(port)])
+    up = group.start("genq-up", [sys.executable, "-m", "cli", "up", "--port", str(port)])
     wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), 90, "the API", up)
-    keys = group.start("keys", [sys.executable, "-m", "genq.cli", "keys", "create", "demo"])
+    keys = group.start("keys", [sys.executable, "-m", "cli", "keys", "create", "demo"])
     assert keys.popen.wait(60) == 0, keys.log()
     return group, up, GenqClient(f"http://127.0.0.1:{port}", keys.log().strip().splitlines()[-1])
 
@@ -128,7 +132,7 @@ def test_ctrl_c_on_genq_api_reaches_its_workers_only_through_their_master(tmp_pa
         "GENQ_DATA_DIR": str(tmp_path / "data"), "GENQ_MODEL_CACHE_DIR": MODEL_CACHE_DIR,
         "GENQ_API_WORKERS": "2", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
     })
-    api = group.start("genq-api", [sys.executable, "-m", "genq.cli", "api", "--port", str(port)])
+    api = group.start("genq-api", [sys.executable, "-m", "cli", "api", "--port", str(port)])
     try:
         wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), 90, "the API", api)
         workers = psutil.Process(api.popen.pid).children()
@@ -143,3 +147,42 @@ def test_ctrl_c_on_genq_api_reaches_its_workers_only_through_their_master(tmp_pa
     finally:
         group.stop_all()
         print(group.logs())
+
+
+def test_genq_up_tells_where_its_data_and_broker_live_and_celery_finds_them(tmp_path):
+    """Celery's own tools found nothing under `genq up`: the embedded Redis took a random port
+    printed once, and without GENQ_BROKER_URL the Celery app fell back to amqp://localhost."""
+    group, up, client = _start_genq_up(tmp_path, GENQ_MODEL="echo", GENQ_API_WORKERS="1")
+    data_dir = tmp_path / "data"
+    try:
+        wait_for(lambda: " ready." in up.log(), 120, "the worker", up)
+        log = up.log()
+        assert f"data in {data_dir}" in log and "GENQ_DATA_DIR" in log
+        broker_url = (data_dir / "broker_url").read_text().strip()
+        assert f"embedded Redis on {broker_url}" in log
+        assert "may target private and loopback addresses" in log
+        assert re.search(r"worker for model echo takes jobs from genq\.echo\.interactive", log)
+
+        # When: Celery's own command runs with the data dir but no broker setting.
+        env = {key: value for key, value in os.environ.items()
+               if not key.startswith("GENQ_")}
+        ping = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "workers.celery_app", "inspect", "ping",
+             "--timeout", "10"], capture_output=True, text=True, timeout=90,
+            cwd=Path(__file__).parents[2], env={**env, "GENQ_DATA_DIR": str(data_dir)})
+        # Then: the genq worker answers.
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        assert "pong" in ping.stdout, ping.stdout
+        assert up.stop(signal.SIGINT, timeout=90) == 0, up.log()
+        assert not (data_dir / "broker_url").exists()
+    finally:
+        group.stop_all()
+        print(group.logs())
+
+
+def test_genq_up_waits_for_the_worker_drain_and_its_grace():
+    """It killed the worker at 30 s while the worker's drain takes 30 s plus a 5 s grace, so a
+    clean stop left jobs running under a live lease (issue 20, bug 1)."""
+    settings = Settings(worker_drain_seconds=30)
+    assert worker_stop_seconds(settings) >= 30 + 5 + 5
+    assert worker_stop_seconds(Settings(worker_drain_seconds=120)) >= 120 + 5

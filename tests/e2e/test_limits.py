@@ -20,7 +20,7 @@ LIMITS_REDIS_DB = 11
 
 
 def _set_limits(stack, tenant: str, *options: str) -> None:
-    subprocess.run([sys.executable, "-m", "genq.cli", "tenants", "set-limits", tenant, *options],
+    subprocess.run([sys.executable, "-m", "cli", "tenants", "set-limits", tenant, *options],
                    env=stack.group.env, check=True, capture_output=True, timeout=60)
 
 

@@ -123,3 +123,58 @@ def test_partial_output_is_downloadable_while_the_batch_runs_and_cancel_keeps_it
     assert len(output) == counts.completed and len(errors) == counts.failed
     assert {error["error"]["code"] for error in errors} == {"batch_cancelled"}
     assert client.files.retrieve(final.output_file_id).bytes > 0
+
+
+def test_openai_parameters_people_send(stack_factory, sqlite_url, redis_url):
+    """Penalties reach the engine, n > 1 gives n choices, stream_options passes; parameters
+    genq does not implement get OpenAI's 400 `unsupported_parameter` naming them; a sampling
+    value the engine could overflow on is refused at submit."""
+    from sqlalchemy import select
+
+    from genq import db
+    from genq.models import Job
+
+    stack = stack_factory(sqlite_url, batch_redis(redis_url))
+    client = openai_client(stack)
+    hello = [{"role": "user", "content": "Hello"}]
+
+    # given penalties: the job carries them to the engine and succeeds
+    chat = client.chat.completions.create(model=TINY_MODEL, messages=hello, max_tokens=4,
+                                          presence_penalty=1.5, frequency_penalty=-0.5,
+                                          stream_options=None)
+    with db.transaction(stack.database_url) as session:
+        params = session.scalar(select(Job.sampling_params)
+                                .where(Job.id == chat.id.removeprefix("chatcmpl-")))
+    assert (params["presence_penalty"], params["frequency_penalty"]) == (1.5, -0.5)
+
+    # n = 3 with a seed: three choices, prompt counted once
+    three = client.chat.completions.create(model=TINY_MODEL, messages=hello, max_tokens=3,
+                                           n=3, seed=7, temperature=1.0)
+    assert [choice.index for choice in three.choices] == [0, 1, 2]
+    assert 3 <= three.usage.completion_tokens <= 9
+    single = client.chat.completions.create(model=TINY_MODEL, messages=hello, max_tokens=3)
+    assert three.usage.prompt_tokens == single.usage.prompt_tokens
+    texts = client.completions.create(model=TINY_MODEL, prompt="Once", max_tokens=2, n=2)
+    assert len(texts.choices) == 2 and texts.usage.completion_tokens == 4
+
+    # parameters genq does not implement: OpenAI's error naming each one
+    unsupported = {
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "response_format": {"type": "json_object"}, "store": True,
+        "parallel_tool_calls": True, "logprobs": True, "stream": True,
+    }
+    for name, value in unsupported.items():
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=TINY_MODEL, messages=hello, max_tokens=2,
+                                           **{name: value})
+        assert refused.value.body["code"] == "unsupported_parameter", refused.value.body
+        assert refused.value.body["param"] == name
+        assert f"`{name}` is not supported" in refused.value.body["message"]
+
+    # out-of-range sampling values: 422 before anything is queued
+    for extra in ({"top_k": 10**30}, {"seed": -(10**26)}, {"presence_penalty": 3},
+                  {"n": 9}, {"stop": ["x" * 1000]}):
+        with pytest.raises(openai.UnprocessableEntityError) as bad:
+            client.chat.completions.create(model=TINY_MODEL, messages=hello, max_tokens=2,
+                                           extra_body=extra)
+        assert bad.value.body["param"].split(".")[0] == next(iter(extra)), bad.value.body

@@ -21,7 +21,7 @@ def test_a_finished_job_calls_its_webhook_signed(stack_factory, sqlite_url, redi
     monkeypatch.setenv("GENQ_WEBHOOK_POLL_SECONDS", "0.2")
     # Its own Redis database: other e2e runs on this broker flush theirs (13) at start.
     stack = stack_factory(sqlite_url, redis_db(redis_url, WEBHOOK_E2E_REDIS_DB))
-    webhooks = stack.group.start("webhook-worker", [sys.executable, "-m", "genq.cli",
+    webhooks = stack.group.start("webhook-worker", [sys.executable, "-m", "cli",
                                                     "webhook-worker", "--concurrency", "4"])
     wait_for(lambda: " ready." in webhooks.log(), 60, "the webhook worker", webhooks)
     auth = {"Authorization": f"Bearer {stack.key}"}

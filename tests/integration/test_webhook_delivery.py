@@ -55,7 +55,7 @@ def stack(tmp_path_factory):
                                "GENQ_BROKER_URL": broker_url, "PYTHONUNBUFFERED": "1",
                                **WORKER_ENV})
     worker = group.start("webhook-worker", [
-        sys.executable, "-m", "genq.cli", "webhook-worker",
+        sys.executable, "-m", "cli", "webhook-worker",
         "--hostname", f"webhooks-test-{uuid.uuid4().hex[:6]}@%h",
     ])
     wait_for(lambda: " ready." in worker.log(), 60, "the webhook worker", worker)

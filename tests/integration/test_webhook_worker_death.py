@@ -45,7 +45,7 @@ def test_killed_webhook_worker_loses_no_delivery(tmp_path, postgres_url, rabbitm
     })
 
     def start_webhook_worker(name: str):
-        process = group.start(name, [sys.executable, "-m", "genq.cli", "webhook-worker",
+        process = group.start(name, [sys.executable, "-m", "cli", "webhook-worker",
                                      "--hostname", f"{name}-{uuid.uuid4().hex[:6]}@%h"])
         wait_for(lambda: " ready." in process.log(), 60, name, process)
         return process

@@ -81,3 +81,35 @@ def test_both_prompt_and_messages_is_rejected():
 
 def test_neither_prompt_nor_messages_is_rejected():
     assert first_error({"max_tokens": 5}).param == "prompt"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("top_k", 10**30), ("seed", -(10**26)), ("seed", 2**63), ("presence_penalty", 2.5),
+    ("frequency_penalty", -3), ("repetition_penalty", 0), ("repetition_penalty", 11),
+    ("stop", ["x" * 257]), ("stop", ["a", "b", "c", "d", "e"]),
+])
+def test_every_numeric_sampling_field_is_bounded_at_submit(field, value):
+    """Out-of-range values used to pass and overflow inside the engine step, aborting every
+    neighbour of the batch (issue 18)."""
+    error = first_error({"prompt": "Hi", field: value})
+    assert error.code == ErrorCode.INVALID_REQUEST
+    assert error.param.split(".")[0] == field
+
+
+def test_the_largest_allowed_values_reach_the_engine_as_given():
+    from engine.sampling_params import SamplingParams
+
+    request = parse({"prompt": "Hi", "top_k": 1_000_000, "seed": 2**63 - 1,
+                     "presence_penalty": 2, "frequency_penalty": -2, "repetition_penalty": 10,
+                     "stop": ["x" * 256] * 4})
+    params = request.sampling_params()
+    assert (params["presence_penalty"], params["frequency_penalty"]) == (2, -2)
+    SamplingParams(**params)  # the engine takes every bounded value
+
+
+def test_webhook_events_take_the_payload_names_too():
+    request = parse({"prompt": "Hi", "webhook_url": "https://example.com/hook",
+                     "webhook_events": ["job.succeeded", "failed"]})
+    assert request.webhook_events == ["succeeded", "failed"]
+    assert first_error({"prompt": "Hi", "webhook_url": "https://example.com/hook",
+                        "webhook_events": ["job.done"]}).param == "webhook_events.0"

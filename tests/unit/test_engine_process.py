@@ -158,7 +158,7 @@ def test_the_worker_exits_when_its_engine_process_dies():
 def test_the_worker_process_imports_no_torch():
     """Only the engine process needs torch: the worker's own modules (and the engine's request
     and output types they use) load without it (~1.4 s and ~280 MB less per worker)."""
-    code = ("import sys; import genq.cli, workers.tasks, workers.runtime, workers.job_runner, "
+    code = ("import sys; import cli.main, workers.tasks, workers.runtime, workers.job_runner, "
             "workers.engine_process, workers.metrics; "
             "from engine import SamplingParams, RequestOutput, EngineStats; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")

@@ -8,28 +8,22 @@ import time
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn
 
+from cli.context import api_client, console
 from genq.batch_states import BatchStatus
 from genq.settings import get_settings
 
-console = Console(stderr=True)
 POLL_SECONDS = 1.0
 
 
 def _client():
-    from producer.batch_client import BatchClient
-
-    settings = get_settings()
-    if not settings.api_key:
-        raise click.UsageError("set GENQ_API_KEY (create one with `genq keys create NAME`)")
-    return BatchClient(settings.api_url, settings.api_key)
+    return api_client(get_settings())
 
 
 @click.group()
 def batch() -> None:
-    """Bulk generation: OpenAI-Batch-compatible JSONL files."""
+    """Bulk generation from OpenAI Batch JSONL files."""
 
 
 @batch.command("submit")
@@ -40,7 +34,9 @@ def batch() -> None:
 @click.option("--strict", is_flag=True, help="Fail the whole batch if any line is malformed.")
 @click.option("--wait/--no-wait", default=False, help="Show progress until the batch ends.")
 def submit(file: Path, endpoint: str, completion_window: str, strict: bool, wait: bool) -> None:
-    """Upload FILE and start a batch; prints the batch as JSON (at the end with --wait)."""
+    """Upload FILE and start a batch; print it.
+
+    With --wait, show progress and print the batch when it ends."""
     client = _client()
     with console.status(f"uploading {file.name}…"):
         uploaded = client.upload_file(file)
@@ -61,7 +57,9 @@ def status(batch_id: str) -> None:
 @click.argument("batch_id")
 @click.option("-o", "--output-dir", default=".", type=click.Path(file_okay=False, path_type=Path))
 def download(batch_id: str, output_dir: Path) -> None:
-    """Save the batch's output and error files (partial while it runs) into a directory."""
+    """Save a batch's output and error files.
+
+    While the batch runs they hold what is done so far."""
     client = _client()
     current = client.get_batch(batch_id)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -72,23 +70,43 @@ def download(batch_id: str, output_dir: Path) -> None:
 
 
 def _follow(client, batch_id: str) -> dict:
-    columns = (TextColumn("{task.description}"), BarColumn(),
-               TextColumn("{task.fields[counts]}"), TextColumn("{task.fields[rate]}"),
-               TextColumn("ETA {task.fields[eta]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task(batch_id, total=None, counts="", rate="", eta="–")
+    console.print(f"following batch [bold]{batch_id}[/] (Ctrl-C stops following, not the batch)")
+    with Progress(*progress_columns(), console=console) as progress:
+        task = progress.add_task(batch_id, total=None, status="", counts="", rate="", eta="")
         while True:
             current = client.get_batch(batch_id)
-            counts, extra = current["request_counts"], current["progress"]
-            progress.update(
-                task, total=counts["total"] or None,
-                completed=counts["completed"] + counts["failed"],
-                description=f"{batch_id} {current['status']}",
-                counts=f"done {counts['completed']} / failed {counts['failed']} / "
-                       f"total {counts['total']}",
-                rate=f"{extra['tokens_per_second'] or 0:.0f} tok/s",
-                eta="–" if extra["eta_seconds"] is None else f"{extra['eta_seconds']:.0f}s",
-            )
+            counts = current["request_counts"]
+            progress.update(task, total=counts["total"] or None,
+                            completed=counts["completed"] + counts["failed"],
+                            **progress_fields(current))
             if BatchStatus(current["status"]).is_terminal:
                 return current
             time.sleep(POLL_SECONDS)
+
+
+def progress_columns() -> tuple:
+    """One line that fits 80 columns for a 50,000-line batch: status, bar, done / failed /
+    total, tokens per second and ETA (the batch id is printed once above it)."""
+    return (TextColumn("{task.fields[status]:<11}"), BarColumn(bar_width=14),
+            TextColumn("{task.fields[counts]}"), TextColumn("{task.fields[rate]}"),
+            TextColumn("{task.fields[eta]}"))
+
+
+def progress_fields(current: dict) -> dict[str, str]:
+    counts, extra = current["request_counts"], current["progress"]
+    eta = extra["eta_seconds"]
+    return {
+        "status": current["status"],
+        "counts": f"done {counts['completed']} failed {counts['failed']} of {counts['total']}",
+        "rate": f"{extra['tokens_per_second'] or 0:.0f} tok/s",
+        "eta": "ETA –" if eta is None else f"ETA {_duration(eta)}",
+    }
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

@@ -1,30 +1,30 @@
-"""The `genq` command line: run the services (up, api, worker), manage the DB and keys, and
-submit or fetch jobs through the HTTP API."""
+"""`genq up | api | worker | webhook-worker | db upgrade`: run genq's processes. `genq up` runs
+them all on one host, on embedded defaults (SQLite and an embedded Redis) unless configured."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 
 import click
-from rich.console import Console
 
-from genq import db
-from genq.cli_batch import batch
+from cli.context import console, existing_database_url
 from genq.settings import Settings, get_settings
-from genq.states import Priority
 
-console = Console(stderr=True)
+# A worker stopping takes its drain (GENQ_WORKER_DRAIN_SECONDS), the 5 s grace after it in
+# which unfinished jobs go back to the queue, and a few seconds to close its engine and broker
+# connection. `genq up` waits that long before it kills it: killed sooner, its jobs stay
+# `running` under a live lease and a clean stop costs them an attempt.
+WORKER_STOP_MARGIN_SECONDS = 15.0
+OTHER_CHILD_STOP_SECONDS = 30.0
 
 
-@click.group()
-def main() -> None:
-    """genq: a self-hosted job system for LLM text generation."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def worker_stop_seconds(settings: Settings) -> float:
+    return settings.worker_drain_seconds + WORKER_STOP_MARGIN_SECONDS
 
 
 def _api_command(settings: Settings, host: str, port: int) -> list[str]:
@@ -36,29 +36,50 @@ def _api_command(settings: Settings, host: str, port: int) -> list[str]:
     ]
 
 
-@main.command()
+def _api_env(settings: Settings, env: dict[str, str]) -> dict[str, str]:
+    """The API's gunicorn processes share one prometheus_client multiprocess directory, so
+    /metrics counts the HTTP requests of all of them (results_api/metrics.py)."""
+    from genq.metrics import MULTIPROCESS_ENV, prepare_multiprocess_dir
+
+    return {**env, MULTIPROCESS_ENV: str(prepare_multiprocess_dir(settings.data_dir))}
+
+
+@click.command()
 @click.option("--host", default=None, help="API bind address (default GENQ_API_HOST).")
 @click.option("--port", default=None, type=int, help="API port (default GENQ_API_PORT).")
 def up(host: str | None, port: int | None) -> None:
-    """Start everything: broker (embedded Redis unless GENQ_BROKER_URL), DB, API, one worker,
-    one webhook worker."""
+    """Run broker, database, API and workers here.
+
+    On embedded defaults (no GENQ_BROKER_URL, no GENQ_DATABASE_URL) the data lives in
+    GENQ_DATA_DIR (default ./.genq): the SQLite database, the embedded Redis and its address.
+    """
+    from genq import db
     from genq.embedded_broker import EmbeddedRedis
 
     settings = get_settings()
     host, port = host or settings.api_host, port or settings.api_port
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"[green]data[/] in {data_dir} (run genq commands from {os.getcwd()}, "
+                  f"or set GENQ_DATA_DIR={data_dir})")
     broker = None
-    env = dict(os.environ, GENQ_DATA_DIR=str(settings.data_dir.resolve()))
+    env = dict(os.environ, GENQ_DATA_DIR=str(data_dir))
     if not settings.broker_url:
-        broker = EmbeddedRedis(settings.data_dir)
+        broker = EmbeddedRedis(data_dir, settings.embedded_broker_port)
         env["GENQ_BROKER_URL"] = broker.url
-        console.print(f"[green]embedded Redis[/] on {broker.url}")
+        console.print(f"[green]embedded Redis[/] on {broker.url} (address in {broker.url_file})")
+    if not settings.broker_url and not settings.database_url and \
+            "GENQ_WEBHOOK_ALLOW_PRIVATE" not in os.environ:
+        env["GENQ_WEBHOOK_ALLOW_PRIVATE"] = "true"
+        console.print("[yellow]webhooks[/] may target private and loopback addresses (local "
+                      "development on embedded defaults; set GENQ_WEBHOOK_ALLOW_PRIVATE=false "
+                      "to refuse them)")
     db.upgrade(settings.database_url_resolved)
     console.print(f"[green]database[/] {settings.database_url_resolved} is up to date")
     commands = [
         (_api_command(settings, host, port), _api_env(settings, env)),
-        ([sys.executable, "-m", "genq.cli", "worker"], env),
-        ([sys.executable, "-m", "genq.cli", "webhook-worker"], env),
+        ([sys.executable, "-m", "cli", "worker"], env),
+        ([sys.executable, "-m", "cli", "webhook-worker"], env),
     ]
     stopping, received = threading.Event(), []
 
@@ -81,20 +102,31 @@ def up(host: str | None, port: int | None) -> None:
                 console.print(f"[red]{commands[index][0][-1]} exited ({child.returncode}); "
                               "restarting it[/]")
                 children[index] = _start_child(*commands[index])
-    console.print("[yellow]stopping genq…[/]")
+    console.print(f"[yellow]stopping genq…[/] (the worker drains for up to "
+                  f"{worker_stop_seconds(settings):.0f} s)")
     # Ctrl-C goes on as SIGINT, each child's own Ctrl-C: gunicorn's quick shutdown, Celery's warm
     # one (a second Ctrl-C too: Celery's cold shutdown). SIGTERM (and a closed terminal's SIGHUP)
     # as SIGTERM: gunicorn's graceful shutdown.
     _signal_all(children, signal.SIGINT if received[0] == signal.SIGINT else signal.SIGTERM)
     signal.signal(signal.SIGINT, lambda *_: _signal_all(children, signal.SIGINT))
-    for child in children:
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+    stop_seconds = [OTHER_CHILD_STOP_SECONDS, worker_stop_seconds(settings),
+                    OTHER_CHILD_STOP_SECONDS]
+    wait_or_kill(children, stop_seconds)
     if broker is not None:
         broker.stop()
+
+
+def wait_or_kill(children: list[subprocess.Popen], seconds: list[float]) -> None:
+    """Wait for each child up to its own number of seconds (counted from now, all together),
+    then SIGKILL it."""
+    started = time.monotonic()
+    for child, limit in zip(children, seconds, strict=True):
+        try:
+            child.wait(timeout=max(0.0, started + limit - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            console.print(f"[red]{child.args[-1]} still running after {limit:.0f} s; killing it")
+            child.kill()
+            child.wait()
 
 
 def _signal_all(children: list[subprocess.Popen], sig: int) -> None:
@@ -112,9 +144,9 @@ def _start_child(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(argv, env=env, process_group=0)
 
 
-@main.command()
-@click.option("--host", default=None)
-@click.option("--port", default=None, type=int)
+@click.command()
+@click.option("--host", default=None, help="Bind address (default GENQ_API_HOST).")
+@click.option("--port", default=None, type=int, help="Port (default GENQ_API_PORT).")
 def api(host: str | None, port: int | None) -> None:
     """Run the HTTP API under gunicorn."""
     settings = get_settings()
@@ -122,30 +154,23 @@ def api(host: str | None, port: int | None) -> None:
     os.execve(sys.executable, command, _api_env(settings, dict(os.environ)))
 
 
-def _api_env(settings: Settings, env: dict[str, str]) -> dict[str, str]:
-    """The API's gunicorn processes share one prometheus_client multiprocess directory, so
-    /metrics counts the HTTP requests of all of them (results_api/metrics.py)."""
-    from genq.metrics import MULTIPROCESS_ENV, prepare_multiprocess_dir
-
-    return {**env, MULTIPROCESS_ENV: str(prepare_multiprocess_dir(settings.data_dir))}
+def _require_broker(settings: Settings) -> None:
+    if not settings.broker_url:
+        raise click.UsageError("set GENQ_BROKER_URL (or use `genq up`, which embeds Redis)")
 
 
-@main.command()
-@click.option("--model", default=None,
-              help="The model this worker serves (default GENQ_MODEL); it consumes only that "
-                   "model's queues.")
+@click.command()
+@click.option("--model", default=None, help="The model served (default GENQ_MODEL).")
 @click.option("--concurrency", default=None, type=int, help="Jobs in flight (engine batch).")
 @click.option("--hostname", default=None, help="Celery node name.")
 def worker(model: str | None, concurrency: int | None, hostname: str | None) -> None:
-    """Run a worker: one engine for one model fed in micro-batches (by the batch fetcher on
-    Redis, Celery's consumer on RabbitMQ), plus the outbox relay and the batch feeder."""
+    """Run a worker for one model (micro-batches)."""
     from genq.queues import is_amqp, job_queues
     from producer.outbox import run_relay
 
     settings = get_settings()
-    if not settings.broker_url:
-        raise click.UsageError("set GENQ_BROKER_URL (or use `genq up`, which embeds Redis)")
-    db.ensure_schema_current(settings.database_url_resolved)
+    _require_broker(settings)
+    existing_database_url(settings)
     # The relay and the batch feeder serve the whole deployment: they keep GENQ_MODEL as the
     # default model of batch lines. Everything else in this process (Celery app, engine,
     # heartbeat) reads get_settings() and must see the served model, so it goes into the
@@ -165,13 +190,16 @@ def worker(model: str | None, concurrency: int | None, hostname: str | None) -> 
                      name="genq-batch-feeder").start()
     from workers.tasks import app  # registers the task and the engine-loading signals
 
+    queue_names = ",".join(q.name for q in job_queues(served.broker_url, served.model))
+    # Celery's banner lists only the queues its own consumer takes, none on Redis.
+    console.print(f"[green]worker[/] for model {served.model} takes jobs from {queue_names} "
+                  f"({'Celery' if is_amqp(served.broker_url) else 'the batch fetcher'})")
     argv = [
         "worker", "--pool", "threads",
         "--concurrency", str(served.worker_concurrency + served.worker_standby_jobs),
         # RabbitMQ: Celery's consumer takes the job queue. Redis: the batch fetcher does
         # (workers.redis_fetcher), and Celery's consumer takes none.
-        "--exclude-queues" if not is_amqp(served.broker_url) else "--queues",
-        ",".join(q.name for q in job_queues(served.broker_url, served.model)),
+        "--exclude-queues" if not is_amqp(served.broker_url) else "--queues", queue_names,
         "--loglevel", "INFO",
         "--without-gossip", "--without-mingle",
     ]
@@ -183,121 +211,30 @@ def worker(model: str | None, concurrency: int | None, hostname: str | None) -> 
         stop_relay.set()
 
 
-@main.command("webhook-worker")
+@click.command("webhook-worker")
 @click.option("--concurrency", default=None, type=int,
-              help="HTTP requests in flight (default GENQ_WEBHOOK_CONCURRENCY).")
+              help="Requests in flight (default GENQ_WEBHOOK_CONCURRENCY).")
 @click.option("--hostname", default=None, help="Celery node name.")
 def webhook_worker(concurrency: int | None, hostname: str | None) -> None:
-    """Run the webhook worker: signed HTTP deliveries from the genq.webhooks queue (no model)."""
+    """Run the webhook worker (signed deliveries)."""
     from workers.webhook_worker import run_webhook_worker
 
     settings = get_settings()
-    if not settings.broker_url:
-        raise click.UsageError("set GENQ_BROKER_URL (or use `genq up`, which embeds Redis)")
+    _require_broker(settings)
     run_webhook_worker(settings, concurrency, hostname)
 
 
-@main.group(name="db")
+@click.group(name="db")
 def db_group() -> None:
     """Database schema commands."""
 
 
 @db_group.command()
 def upgrade() -> None:
-    """Upgrade the database schema to the latest revision (Alembic)."""
+    """Create the database or upgrade its schema (Alembic)."""
+    from genq import db
+
     url = get_settings().database_url_resolved
     db.upgrade(url)
-    console.print(f"database at revision {db.current_revision(url)}")
+    console.print(f"database {url} at revision {db.current_revision(url)}")
 
-
-@main.group()
-def keys() -> None:
-    """API keys."""
-
-
-@keys.command("create")
-@click.argument("tenant")
-def keys_create(tenant: str) -> None:
-    """Create an API key for TENANT (created if new). The key is printed once, last line."""
-    from genq.api_keys import create_api_key
-
-    url = get_settings().database_url_resolved
-    db.ensure_schema_current(url)
-    with db.transaction(url) as session:
-        key = create_api_key(session, tenant)
-    console.print(f"API key for tenant [bold]{tenant}[/] (shown once, store it now):")
-    click.echo(key)
-
-
-@main.group()
-def tenants() -> None:
-    """Tenants and their admission limits."""
-
-
-@tenants.command("set-limits")
-@click.argument("tenant")
-@click.option("--requests-per-minute", "--rpm", type=click.IntRange(min=0), default=None)
-@click.option("--tokens-per-minute", "--tpm", type=click.IntRange(min=0), default=None,
-              help="Prompt tokens + max_tokens, counted at admission.")
-@click.option("--max-queued-jobs", type=click.IntRange(min=0), default=None)
-@click.option("--max-tokens-per-job", type=click.IntRange(min=1), default=None,
-              help="The largest max_tokens a job may ask for.")
-def tenants_set_limits(tenant: str, **limits: int | None) -> None:
-    """Set TENANT's limits; an option left out is unlimited, 0 (where allowed) blocks."""
-    from dataclasses import asdict
-
-    from genq.limits import TenantLimits, limits_of, set_limits
-
-    url = get_settings().database_url_resolved
-    db.ensure_schema_current(url)
-    try:
-        with db.transaction(url) as session:
-            saved = limits_of(set_limits(session, tenant, TenantLimits(**limits)))
-    except LookupError as exc:
-        raise click.UsageError(str(exc)) from None
-    click.echo(json.dumps({"tenant": tenant, **asdict(saved)}, indent=2))
-
-
-def _client():
-    from producer.client import GenqClient
-
-    settings = get_settings()
-    if not settings.api_key:
-        raise click.UsageError("set GENQ_API_KEY (create one with `genq keys create NAME`)")
-    return GenqClient(settings.api_url, settings.api_key)
-
-
-@main.command()
-@click.argument("prompt")
-@click.option("--chat/--raw", default=True, help="Send as a chat message (default) or raw prompt.")
-@click.option("--max-tokens", default=128, type=int)
-@click.option("--temperature", default=0.0, type=float)
-@click.option("--priority", default="default", type=click.Choice([p.value for p in Priority]))
-@click.option("--model", default=None, help="The model (default: the API's GENQ_MODEL).")
-@click.option("--wait/--no-wait", default=False, help="Wait for the job to finish.")
-def submit(prompt: str, chat: bool, max_tokens: int, temperature: float, priority: str,
-           model: str | None, wait: bool) -> None:
-    """Submit a job and print it as JSON."""
-    client = _client()
-    body = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
-    if model:
-        body["model"] = model
-    job = client.submit(**body, max_tokens=max_tokens, temperature=temperature, priority=priority)
-    if wait:
-        with console.status(f"waiting for {job['id']}…"):
-            job = client.wait(job["id"], timeout=600)
-    click.echo(json.dumps(job, indent=2))
-
-
-@main.command()
-@click.argument("job_id")
-def get(job_id: str) -> None:
-    """Print a job as JSON."""
-    click.echo(json.dumps(_client().get(job_id), indent=2))
-
-
-main.add_command(batch)  # `genq batch submit | status | download` (genq/cli_batch.py)
-
-
-if __name__ == "__main__":
-    main()

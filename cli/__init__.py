@@ -1,0 +1,1 @@
+"""The `genq` command line: the one place that wires settings into the other packages."""
