@@ -58,6 +58,21 @@ class LLMEngine:
         self._num_prompt_tokens = 0
         self._num_generated_tokens = 0
         self._num_steps = 0
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One short request through every path (prefill, decode, sampling) before the first
+        user's: the kernels' one-time set-up (oneDNN primitives, the paged decode kernel's
+        build) lands here, at start, not on a request. Leaves the counters at zero."""
+        length = max(1, min(self.config.block_size + 1, self.runner.num_slots - 2))
+        # A fixed seed: the warm-up must not draw from the engine's seed source.
+        self.add_request("genq-warm-up", list(range(1, length + 1)),
+                         SamplingParams(max_tokens=2, ignore_eos=True, seed=0))
+        while self.has_unfinished_requests():
+            self.step()
+        self._num_prompt_tokens = self._num_generated_tokens = self._num_steps = 0
+        self.block_manager.num_prefix_query_tokens = 0
+        self.block_manager.num_prefix_hit_tokens = 0
 
     @classmethod
     def from_model(cls, model: str, **overrides) -> LLMEngine:
