@@ -8,6 +8,8 @@ system prompt stays cached while the pool has room.
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from engine.sequence import Sequence
@@ -17,12 +19,19 @@ class Block:
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
-        self.hash: int | None = None
+        self.hash: bytes | None = None
         self.token_ids: tuple[int, ...] = ()
 
 
-def chain_hash(previous: int | None, token_ids: list[int] | tuple[int, ...]) -> int:
-    return hash((previous, tuple(token_ids)))
+def chain_hash(previous: bytes | None, token_ids: list[int] | tuple[int, ...]) -> bytes:
+    """SHA-256 over the previous block's digest and this block's ids as 8-byte integers.
+
+    A key shared by two different token chains would let one request read another's K/V, so
+    the key is collision-resistant; Python's 64-bit ``hash`` is not (``hash(5) ==
+    hash(5 + 2**61 - 1)``, and a birthday search over 2**61 residues is within reach).
+    About 2 us per 16-token block on a 2-core Zen 4, against 0.3 us for ``hash``.
+    """
+    return hashlib.sha256((previous or bytes(32)) + array("q", token_ids).tobytes()).digest()
 
 
 class BlockManager:
@@ -31,7 +40,7 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.hash_to_block_id: dict[int, int] = {}
+        self.hash_to_block_id: dict[bytes, int] = {}
         self.num_prefix_query_tokens = 0
         self.num_prefix_hit_tokens = 0
 

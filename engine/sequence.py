@@ -40,7 +40,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
         self.num_hashed_blocks = 0
-        self.last_block_hash: int | None = None
+        self.last_block_hash: bytes | None = None
         self.finish_reason: str | None = None
         self.stop_text: str | None = None  # output text cut before a matched stop string
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None

@@ -1,0 +1,85 @@
+"""Regression tests for the engine fixes found in review (issue 22, item 4)."""
+
+from __future__ import annotations
+
+from engine import SamplingParams
+from engine.block_manager import BlockManager, chain_hash
+from engine.sequence import Sequence
+from tests.engine.conftest import run_to_completion
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+BLOCK = 16
+
+
+def greedy_tokens(engine, prompts, max_tokens=4, **params):
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, SamplingParams(max_tokens=max_tokens, **GREEDY,
+                                                          **params))
+    outputs = run_to_completion(engine)
+    return [outputs[str(i)].outputs[0].token_ids for i in range(len(prompts))]
+
+
+# --- prefix-cache keys ---------------------------------------------------------------------
+
+def test_block_keys_differ_where_python_hash_collides():
+    # Given token blocks whose Python hashes are equal (int hashes are taken mod 2**61 - 1,
+    # and hash(-1) == hash(-2)); a 64-bit key space admits crafted collisions like these
+    modulus = 2**61 - 1
+    assert hash((None, (5, 6))) == hash((None, (5 + modulus, 6)))
+    assert hash((None, (-1,))) == hash((None, (-2,)))
+
+    # Then their block keys differ
+    assert chain_hash(None, [5, 6]) != chain_hash(None, [5 + modulus, 6])
+    assert chain_hash(None, [-1]) != chain_hash(None, [-2])
+
+
+def test_block_key_depends_on_the_whole_chain_and_every_token():
+    block = list(range(100, 100 + BLOCK))
+    first = chain_hash(None, block)
+    assert chain_hash(first, block) != chain_hash(chain_hash(None, block[::-1]), block)
+    assert chain_hash(None, block) == first  # deterministic across calls and processes
+    for i in range(BLOCK):
+        changed = block[:i] + [block[i] + 1] + block[i + 1:]
+        assert chain_hash(None, changed) != first
+    # Token ids are fixed-width: [1, 256] and [256, 1] must not share a byte encoding
+    assert chain_hash(None, [1, 256]) != chain_hash(None, [256, 1])
+    assert len(first) == 32
+
+
+def cached_manager(token_ids: list[int]) -> BlockManager:
+    """A manager in which ``token_ids`` were computed and their full blocks registered."""
+    manager = BlockManager(num_blocks=16, block_size=BLOCK)
+    seq = Sequence("cached", token_ids, SamplingParams())
+    manager.allocate(seq)
+    seq.num_computed_tokens = len(seq)
+    manager.cache_full_blocks(seq)
+    manager.deallocate(seq)
+    return manager
+
+
+def test_only_an_identical_block_aligned_prefix_hits_the_cache():
+    first, second, tail = [7] * BLOCK, list(range(200, 200 + BLOCK)), [1, 2, 3]
+    manager = cached_manager(first + second + tail)
+
+    same_prefix = Sequence("same", first + second + [9], SamplingParams())
+    manager.allocate(same_prefix)
+    assert same_prefix.num_computed_tokens == 2 * BLOCK
+
+    # The same second block after a different first one is a miss: its key chains the first
+    other_first = Sequence("other", [8] * BLOCK + second + [9], SamplingParams())
+    manager.allocate(other_first)
+    assert other_first.num_computed_tokens == 0
+
+
+def test_engine_reuses_a_shared_system_prompt_but_not_a_different_one(tiny_engine_factory):
+    engine = tiny_engine_factory(block_size=BLOCK)
+    system = list(range(300, 300 + 2 * BLOCK))
+    [alone] = greedy_tokens(engine, [system + [11, 12]])
+    before = engine.stats.prefix_cache_hit_tokens
+    [shared] = greedy_tokens(engine, [system + [11, 12]])
+    assert engine.stats.prefix_cache_hit_tokens - before == 2 * BLOCK
+    assert shared == alone
+
+    before = engine.stats.prefix_cache_hit_tokens
+    greedy_tokens(engine, [[301] + system[1:] + [11, 12]])
+    assert engine.stats.prefix_cache_hit_tokens == before
