@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 from engine.sequence import Sequence
 
@@ -70,11 +70,25 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def can_allocate(self, seq: Sequence) -> bool:
+    def num_blocks_to_allocate(self, seq: Sequence) -> int:
+        """Free blocks ``allocate(seq)`` would take (cached hits that are free count too)."""
         hits = self._match_prefix(seq)
         revived = sum(1 for block_id in hits if self.blocks[block_id].ref_count == 0)
-        needed = self.num_blocks_for(len(seq)) - len(hits) + revived
-        return needed <= self.num_free_blocks
+        return self.num_blocks_for(len(seq)) - len(hits) + revived
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        return self.num_blocks_to_allocate(seq) <= self.num_free_blocks
+
+    def num_to_deallocate_for(self, seqs: list[Sequence], num_blocks: int) -> int | None:
+        """The fewest leading ``seqs`` whose deallocation leaves ``num_blocks`` free, or None."""
+        free, holders = self.num_free_blocks, Counter()
+        for count, seq in enumerate(seqs, start=1):
+            for block_id in seq.block_table:
+                holders[block_id] += 1
+                free += holders[block_id] == self.blocks[block_id].ref_count
+            if free >= num_blocks:
+                return count
+        return None
 
     def allocate(self, seq: Sequence) -> None:
         assert not seq.block_table

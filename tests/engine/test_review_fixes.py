@@ -83,3 +83,56 @@ def test_engine_reuses_a_shared_system_prompt_but_not_a_different_one(tiny_engin
     before = engine.stats.prefix_cache_hit_tokens
     greedy_tokens(engine, [[301] + system[1:] + [11, 12]])
     assert engine.stats.prefix_cache_hit_tokens == before
+
+
+# --- KV-block preemption for a higher class ------------------------------------------------
+
+BATCH_PROMPTS = [list(range(1000, 1040)), list(range(2000, 2040))]  # 3 blocks each
+
+
+def engine_full_of_batch_sequences(tiny_engine_factory):
+    """Two batch-class (priority 5) sequences decoding in a pool of 6 blocks, all taken."""
+    engine = tiny_engine_factory(block_size=BLOCK, kv_cache_tokens=6 * BLOCK)
+    batch = SamplingParams(max_tokens=8, **GREEDY)
+    for i, prompt in enumerate(BATCH_PROMPTS):
+        engine.add_request(f"batch-{i}", prompt, batch, priority=5)
+    engine.step()
+    engine.step()
+    assert engine.block_manager.num_free_blocks == 0
+    assert engine.stats.num_running == 2
+    return engine
+
+
+def test_an_urgent_request_preempts_batch_sequences_when_blocks_run_out(tiny_engine_factory):
+    reference = greedy_tokens(tiny_engine_factory(), BATCH_PROMPTS, max_tokens=8)
+    # Given a KV pool full of batch-class sequences
+    engine = engine_full_of_batch_sequences(tiny_engine_factory)
+
+    # When an interactive request arrives
+    engine.add_request("urgent", list(range(3000, 3010)),
+                       SamplingParams(max_tokens=2, **GREEDY), priority=0)
+    engine.step()
+
+    # Then it runs at the next step, by preempting one batch sequence (the newest)
+    assert engine.stats.num_preemptions == 1
+    running = {seq.request_id for seq in engine.scheduler.running}
+    assert running == {"batch-0", "urgent"}
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            outputs.setdefault("order", []).append(output.request_id)
+            outputs[output.request_id] = output.outputs[0].token_ids
+    assert outputs["order"][0] == "urgent"
+    assert [outputs["batch-0"], outputs["batch-1"]] == reference
+
+
+def test_an_equal_class_request_waits_for_blocks_without_preempting(tiny_engine_factory):
+    engine = engine_full_of_batch_sequences(tiny_engine_factory)
+    engine.add_request("same-class", list(range(3000, 3010)),
+                       SamplingParams(max_tokens=2, **GREEDY), priority=5)
+    engine.step()
+    assert engine.stats.num_preemptions == 0
+    assert engine.stats.num_waiting == 1
+    outputs = run_to_completion(engine)
+    assert engine.stats.num_preemptions == 0
+    assert set(outputs) == {"batch-0", "batch-1", "same-class"}
