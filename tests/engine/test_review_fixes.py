@@ -136,3 +136,65 @@ def test_an_equal_class_request_waits_for_blocks_without_preempting(tiny_engine_
     outputs = run_to_completion(engine)
     assert engine.stats.num_preemptions == 0
     assert set(outputs) == {"batch-0", "batch-1", "same-class"}
+
+
+# --- incremental stop strings ---------------------------------------------------------------
+
+def stop_by_full_decode(tokenizer, tokens, stops, min_tokens=0):
+    """(tokens kept, text) as the old engine found them: the whole output decoded each step."""
+    window = max(len(stop) for stop in stops) + 16
+    for count in range(max(1, min_tokens), len(tokens) + 1):
+        text = tokenizer.decode(tokens[:count], skip_special_tokens=True)
+        hits = [i for stop in stops if (i := text.find(stop, max(0, len(text) - window))) != -1]
+        if hits:
+            return tokens[:count], text[:min(hits)]
+    return tokens, tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_incremental_stop_strings_match_full_decoding(tiny_engine_factory):
+    engine = tiny_engine_factory()
+    prompts = [list(range(4000 + 97 * i, 4000 + 97 * i + 9)) for i in range(3)]
+    references = greedy_tokens(engine, prompts, max_tokens=30)
+    cases = []  # (prompt, stops, min_tokens), stops cut from the reference text across tokens
+    for prompt, tokens in zip(prompts, references, strict=True):
+        text = engine.tokenizer.decode(tokens, skip_special_tokens=True)
+        middle = len(text) // 2
+        cases += [(prompt, [text[middle:middle + 5]], 0),
+                  (prompt, ["\x00absent", text[middle + 3:middle + 4]], 0),
+                  (prompt, [text[2:9]], 12)]  # met before min_tokens: a later match counts
+    for i, (prompt, stops, min_tokens) in enumerate(cases):
+        engine.add_request(str(i), prompt, SamplingParams(max_tokens=30, stop=stops,
+                                                          min_tokens=min_tokens, **GREEDY))
+    outputs = run_to_completion(engine)
+    assert sum(o.outputs[0].finish_reason == "stop" for o in outputs.values()) >= len(cases) // 2
+    for i, (prompt, stops, min_tokens) in enumerate(cases):
+        tokens = references[prompts.index(prompt)]
+        expected_tokens, expected_text = stop_by_full_decode(engine.tokenizer, tokens, stops,
+                                                             min_tokens)
+        output = outputs[str(i)].outputs[0]
+        assert (output.token_ids, output.text) == (expected_tokens, expected_text), (i, stops)
+        assert output.finish_reason == ("stop" if expected_tokens != tokens else "length")
+
+
+def test_stop_string_checks_decode_a_bounded_window_per_token(tiny_engine_factory):
+    # Given a long output that never meets its stop string
+    engine = tiny_engine_factory()
+    decoded_ids = []
+    decode = engine.tokenizer.decode
+
+    def counting_decode(token_ids, **kwargs):
+        decoded_ids.append(len(token_ids))
+        return decode(token_ids, **kwargs)
+
+    engine.tokenizer.decode = counting_decode
+    num_tokens = 120
+    engine.add_request("long", list(range(5000, 5010)),
+                       SamplingParams(max_tokens=num_tokens, stop="\x00never", **GREEDY))
+    run_to_completion(engine)
+
+    # Then each step decoded a few tokens, however long the output already was
+    # (the final text is decoded once, whole)
+    per_step = decoded_ids[:-1]
+    assert decoded_ids[-1] == num_tokens
+    assert max(per_step) <= 8
+    assert sum(per_step) <= 4 * num_tokens
