@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from engine import SamplingParams
 from engine.block_manager import BlockManager, chain_hash
+from engine.sampler import Sampler
 from engine.sequence import Sequence
 from tests.engine.conftest import run_to_completion
 
@@ -198,3 +202,74 @@ def test_stop_string_checks_decode_a_bounded_window_per_token(tiny_engine_factor
     assert decoded_ids[-1] == num_tokens
     assert max(per_step) <= 8
     assert sum(per_step) <= 4 * num_tokens
+
+
+# --- bounded top-k / top-p ------------------------------------------------------------------
+
+VOCAB = 49152
+
+
+def full_sort_sample(logits, params, uniform):
+    """The old sampler's draw for filtered rows: sort the whole vocabulary, filter, draw."""
+    logits = logits / torch.tensor([p.temperature for p in params]).unsqueeze(1)
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else VOCAB for p in params])
+    top_p = torch.tensor([p.top_p for p in params])
+    min_p = torch.tensor([p.min_p for p in params])
+    logits, order = logits.sort(dim=-1, descending=True)
+    logits = logits.masked_fill(torch.arange(VOCAB) >= top_k.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    before = probs.cumsum(dim=-1) - probs
+    drop = (before > top_p.unsqueeze(1)) | (probs < min_p.unsqueeze(1) * probs[:, :1])
+    drop[:, 0] = False
+    cdf = torch.softmax(logits.masked_fill(drop, float("-inf")), dim=-1).cumsum(dim=-1)
+    picks = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1)).clamp_(max=VOCAB - 1)
+    return order.gather(1, picks).squeeze(1).tolist()
+
+
+def seeded_rows(params, seed):
+    return [Sequence(str(i), [1], p, generator=torch.Generator().manual_seed(seed * 100 + i))
+            for i, p in enumerate(params)]
+
+
+def peaked_logits(rows, seed):
+    """Logits shaped like a trained model's: a few strong candidates above a long flat tail."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, VOCAB, generator=generator) * 2
+    logits[:, :64] += torch.rand(rows, 64, generator=generator) * 12
+    return logits
+
+
+FILTERS = [dict(temperature=0.8, top_k=50), dict(temperature=0.8, top_k=50, top_p=0.9),
+           dict(temperature=1.0, top_p=0.9), dict(temperature=0.7, min_p=0.05),
+           dict(temperature=1.0, top_k=3000, top_p=0.95), dict(temperature=1.0, top_k=10**6)]
+
+
+@pytest.mark.parametrize("params", FILTERS, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()
+                                                                 if k != "temperature"))
+def test_bounded_filters_draw_what_a_full_sort_drew(params):
+    sampler = Sampler(set())
+    for seed in range(4):
+        logits = peaked_logits(16, seed)
+        batch = [SamplingParams(**params)] * 16
+        uniform = torch.cat([torch.rand(1, generator=seq.generator)
+                             for seq in seeded_rows(batch, seed)])
+        expected = full_sort_sample(logits, batch, uniform)
+        tokens, _ = sampler.sample(logits.clone(), seeded_rows(batch, seed))
+        assert tokens == expected
+
+
+def test_top_k_and_a_peaked_top_p_do_not_sort_the_vocabulary():
+    params = [SamplingParams(temperature=0.8, top_k=50, top_p=0.9),
+              SamplingParams(temperature=1.0, top_p=0.9)] * 8
+    with torch.profiler.profile() as profile:
+        Sampler(set()).sample(peaked_logits(16, 0), seeded_rows(params, 0))
+    assert "aten::sort" not in {event.key for event in profile.key_averages()}
+
+
+def test_an_unfiltered_row_draws_the_same_beside_filtered_rows():
+    logits = peaked_logits(2, 5)
+    plain = SamplingParams(temperature=1.0)
+    [alone], _ = Sampler(set()).sample(logits[:1].clone(), seeded_rows([plain], 1))
+    beside, _ = Sampler(set()).sample(logits.clone(),
+                                      seeded_rows([plain, SamplingParams(top_k=5)], 1))
+    assert beside[0] == alone
