@@ -34,11 +34,13 @@ class Sampler:
         return token_ids, self._logprob_dicts(logprobs, token_ids, params)
 
     def _ban_stop_tokens_before_min(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        vocab = logits.shape[1]
         for row, seq in enumerate(seqs):
             if seq.num_output_tokens < seq.params.min_tokens:
                 banned = set(seq.params.stop_token_ids)
                 if not seq.params.ignore_eos:
                     banned |= self.eos_token_ids
+                banned = {token for token in banned if token < vocab}  # others never come
                 if banned:
                     logits[row, list(banned)] = float("-inf")
 
