@@ -8,7 +8,9 @@ system prompt stays cached while the pool has room.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import hashlib
+from array import array
+from collections import Counter, OrderedDict
 
 from engine.sequence import Sequence
 
@@ -17,12 +19,19 @@ class Block:
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
-        self.hash: int | None = None
+        self.hash: bytes | None = None
         self.token_ids: tuple[int, ...] = ()
 
 
-def chain_hash(previous: int | None, token_ids: list[int] | tuple[int, ...]) -> int:
-    return hash((previous, tuple(token_ids)))
+def chain_hash(previous: bytes | None, token_ids: list[int] | tuple[int, ...]) -> bytes:
+    """SHA-256 over the previous block's digest and this block's ids as 8-byte integers.
+
+    A key shared by two different token chains would let one request read another's K/V, so
+    the key is collision-resistant; Python's 64-bit ``hash`` is not (``hash(5) ==
+    hash(5 + 2**61 - 1)``, and a birthday search over 2**61 residues is within reach).
+    About 2 us per 16-token block on a 2-core Zen 4, against 0.3 us for ``hash``.
+    """
+    return hashlib.sha256((previous or bytes(32)) + array("q", token_ids).tobytes()).digest()
 
 
 class BlockManager:
@@ -31,7 +40,7 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.hash_to_block_id: dict[int, int] = {}
+        self.hash_to_block_id: dict[bytes, int] = {}
         self.num_prefix_query_tokens = 0
         self.num_prefix_hit_tokens = 0
 
@@ -61,11 +70,25 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def can_allocate(self, seq: Sequence) -> bool:
+    def num_blocks_to_allocate(self, seq: Sequence) -> int:
+        """Free blocks ``allocate(seq)`` would take (cached hits that are free count too)."""
         hits = self._match_prefix(seq)
         revived = sum(1 for block_id in hits if self.blocks[block_id].ref_count == 0)
-        needed = self.num_blocks_for(len(seq)) - len(hits) + revived
-        return needed <= self.num_free_blocks
+        return self.num_blocks_for(len(seq)) - len(hits) + revived
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        return self.num_blocks_to_allocate(seq) <= self.num_free_blocks
+
+    def num_to_deallocate_for(self, seqs: list[Sequence], num_blocks: int) -> int | None:
+        """The fewest leading ``seqs`` whose deallocation leaves ``num_blocks`` free, or None."""
+        free, holders = self.num_free_blocks, Counter()
+        for count, seq in enumerate(seqs, start=1):
+            for block_id in seq.block_table:
+                holders[block_id] += 1
+                free += holders[block_id] == self.blocks[block_id].ref_count
+            if free >= num_blocks:
+                return count
+        return None
 
     def allocate(self, seq: Sequence) -> None:
         assert not seq.block_table

@@ -192,20 +192,42 @@ class LLMEngine:
         return True
 
     def _truncate_at_stop_string(self, seq: Sequence) -> bool:
+        new_text = self._decode_new_text(seq)
         if seq.num_output_tokens < seq.params.min_tokens:
             return False
-        text = self._decode(seq)
-        # Only the tail can hold a stop string completed by this token.
-        window = max(len(stop) for stop in seq.params.stop) + 16
-        hits = [i for stop in seq.params.stop
-                if (i := text.find(stop, max(0, len(text) - window))) != -1]
+        text = seq.output_text
+        # Earlier steps found no stop, so a match ends in the new text; the 16 characters keep
+        # matches that straddle the min_tokens boundary, as a tail search of the full text did.
+        start = max(0, len(text) - max(len(new_text), 16) - max(map(len, seq.params.stop)))
+        hits = [i for stop in seq.params.stop if (i := text.find(stop, start)) != -1]
         if not hits:
             return False
         seq.stop_text = text[:min(hits)]
         return True
 
+    def _decode_new_text(self, seq: Sequence) -> str:
+        """Append the text of the newest output token to ``seq.output_text`` and return it.
+
+        Decodes a window of a few tokens (the previous step's ones as context), as vLLM's
+        incremental detokenizer does, instead of the whole output at every step (O(n^2)).
+        """
+        start = seq.num_prompt_tokens
+        context = self._decode_ids(seq.token_ids[start + seq.prefix_offset:
+                                                 start + seq.read_offset])
+        window = self._decode_ids(seq.token_ids[start + seq.prefix_offset:])
+        # A byte-level token may end inside a UTF-8 character (at most 4 bytes): wait for the rest.
+        if window.endswith("\ufffd") and seq.num_output_tokens - seq.read_offset < 4:
+            return ""
+        new_text = window[len(context):]
+        seq.output_text += new_text
+        seq.prefix_offset, seq.read_offset = seq.read_offset, seq.num_output_tokens
+        return new_text
+
     def _decode(self, seq: Sequence) -> str:
-        return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        return self._decode_ids(seq.output_token_ids)
+
+    def _decode_ids(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def _finish_output(self, seq: Sequence) -> RequestOutput:
         with self._lock:

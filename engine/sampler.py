@@ -34,11 +34,13 @@ class Sampler:
         return token_ids, self._logprob_dicts(logprobs, token_ids, params)
 
     def _ban_stop_tokens_before_min(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        vocab = logits.shape[1]
         for row, seq in enumerate(seqs):
             if seq.num_output_tokens < seq.params.min_tokens:
                 banned = set(seq.params.stop_token_ids)
                 if not seq.params.ignore_eos:
                     banned |= self.eos_token_ids
+                banned = {token for token in banned if token < vocab}  # others never come
                 if banned:
                     logits[row, list(banned)] = float("-inf")
 
@@ -63,35 +65,31 @@ class Sampler:
     @staticmethod
     def _sample_random(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [seq.params for seq in seqs]
-        vocab, device = logits.shape[1], logits.device
-
-        def column(values: list) -> torch.Tensor:
-            return torch.tensor(values, device=device)
-
-        greedy = column([p.is_greedy for p in params])
-        greedy_tokens = logits.argmax(dim=-1)
-        logits = logits / column([p.temperature or 1.0 for p in params]).unsqueeze(1)
+        device = logits.device
         # Drawn on the CPU from each request's own generator: reproducible on any device.
         uniform = torch.cat([torch.rand(1, generator=seq.generator) for seq in seqs]).to(device)
-        top_k = column([p.top_k if p.top_k > 0 else vocab for p in params])
-        top_p = column([p.top_p for p in params])
-        min_p = column([p.min_p for p in params])
-        filtered = any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params)
-        order = None
-        if filtered:
-            logits, order = logits.sort(dim=-1, descending=True)
-            ranks = torch.arange(vocab, device=device).unsqueeze(0)
-            logits = logits.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-            drop = (before > top_p.unsqueeze(1)) | (probs < min_p.unsqueeze(1) * probs[:, :1])
-            drop[:, 0] = False  # the most likely token always survives
-            logits = logits.masked_fill(drop, float("-inf"))
-        cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
-        picks = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1)).clamp_(max=vocab - 1)
-        if order is not None:
-            picks = order.gather(1, picks)
-        return torch.where(greedy, greedy_tokens, picks.squeeze(1))
+        temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
+        groups: dict[str, list[int]] = {"greedy": [], "plain": [], "filtered": []}
+        for row, p in enumerate(params):
+            kind = ("greedy" if p.is_greedy else
+                    "filtered" if p.top_k > 0 or p.top_p < 1 or p.min_p > 0 else "plain")
+            groups[kind].append(row)
+        tokens = torch.zeros(len(seqs), dtype=torch.long, device=device)
+        for kind, rows in groups.items():
+            if not rows:
+                continue
+            index = torch.tensor(rows, device=device)
+            # All rows of one kind (the usual batch) skip the copy that indexing makes.
+            group = logits if len(rows) == len(seqs) else logits[index]
+            if kind == "greedy":
+                tokens[index] = group.argmax(dim=-1)
+            elif kind == "plain":
+                scaled = group / temperature[index].unsqueeze(1)
+                tokens[index] = _pick(scaled, uniform[index]).squeeze(1)
+            else:
+                tokens[index] = _sample_filtered(group, temperature[index], uniform[index],
+                                                 [params[row] for row in rows])
+        return tokens
 
     @staticmethod
     def _logprob_dicts(logprobs: torch.Tensor | None, token_ids: list[int],
@@ -109,3 +107,79 @@ class Sampler:
                 entry.update(zip(ids.tolist(), values.tolist(), strict=True))
             result.append(entry)
         return result
+
+
+# Top-k / top-p / min-p keep only the head of the distribution, so the filtered rows rank a
+# bounded number of candidates with topk instead of sorting the whole vocabulary (49k for
+# SmolLM2): 1024 covers the top-p mass of almost every step of a trained model. A row whose
+# cutoff may fall beyond the candidates (a flat distribution under top-p alone) is sorted whole.
+NUM_CANDIDATES = 4096
+
+
+def _sample_filtered(logits: torch.Tensor, temperature: torch.Tensor, uniform: torch.Tensor,
+                     params: list) -> torch.Tensor:
+    """Tokens for rows that use top-k, top-p or min-p: the filters applied in descending
+    order of probability, then an inverse-CDF draw over the survivors in that order.
+
+    Ranks are taken on the unscaled ``logits`` (a positive temperature keeps their order), so
+    only the candidates are divided, unless a row's top-p needs its whole mass.
+    """
+    vocab, device = logits.shape[1], logits.device
+    ks = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
+    top_k = torch.tensor(ks, device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
+    min_p = torch.tensor([p.min_p for p in params], device=device)
+    inverse_temperature = temperature.reciprocal().unsqueeze(1)
+    log_mass = None  # log of each row's whole mass, for rows whose top-k does not bound it
+    width = max(k for k in ks if k < vocab) if any(k < vocab for k in ks) else 0
+    if any(k == vocab for k in ks):
+        log_mass = (logits * inverse_temperature).logsumexp(dim=-1, keepdim=True)
+        width = max(width, NUM_CANDIDATES)
+    if width + 1 >= vocab // 2:  # topk of half the vocabulary is no cheaper than a sort
+        values, order = logits.sort(dim=-1, descending=True)
+        return _pick_sorted(values * inverse_temperature, order, top_k, top_p, min_p, uniform,
+                            log_mass, vocab)
+    # One candidate past the width tells whether min-p drops everything beyond it.
+    values, order = logits.topk(width + 1, dim=-1)
+    values = values * inverse_temperature
+    tokens = _pick_sorted(values[:, :width], order[:, :width], top_k, top_p, min_p, uniform,
+                          log_mass, vocab)
+    exact = top_k <= width
+    if log_mass is not None:
+        head_mass = torch.exp(values[:, :width] - log_mass).sum(dim=-1)
+        exact |= (head_mass > top_p) | (values[:, width] - values[:, 0] < min_p.log())
+    if not exact.all():
+        rows = (~exact).nonzero().squeeze(1)
+        full, full_order = logits[rows].sort(dim=-1, descending=True)
+        tokens[rows] = _pick_sorted(full * inverse_temperature[rows], full_order, top_k[rows],
+                                    top_p[rows], min_p[rows], uniform[rows], log_mass[rows],
+                                    vocab)
+    return tokens
+
+
+def _pick_sorted(values: torch.Tensor, order: torch.Tensor, top_k: torch.Tensor,
+                 top_p: torch.Tensor, min_p: torch.Tensor, uniform: torch.Tensor,
+                 log_mass: torch.Tensor | None, logits_width: int) -> torch.Tensor:
+    """Filter descending ``values`` (the head of each row, or all of it) and draw.
+
+    Top-p weighs each candidate against the row's mass after top-k: the candidates' own when
+    top-k keeps no more than them, ``log_mass`` (the whole row's) otherwise.
+    """
+    ranks = torch.arange(values.shape[1], device=values.device).unsqueeze(0)
+    values = values.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(values, dim=-1)
+    if log_mass is not None and values.shape[1] < logits_width:
+        # Candidates of a row that top-k does not bound: scale to their share of the row.
+        share = torch.exp(values.logsumexp(dim=-1, keepdim=True) - log_mass)
+        probs = torch.where((top_k <= values.shape[1]).unsqueeze(1), probs, probs * share)
+    before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
+    drop = (before > top_p.unsqueeze(1)) | (probs < min_p.unsqueeze(1) * probs[:, :1])
+    drop[:, 0] = False  # the most likely token always survives
+    return order.gather(1, _pick(values.masked_fill(drop, float("-inf")), uniform)).squeeze(1)
+
+
+def _pick(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw per row: the token where the row's CDF passes its uniform."""
+    cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
+    picks = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1))
+    return picks.clamp_(max=logits.shape[1] - 1)

@@ -8,9 +8,10 @@ does not fit blocks the ones behind it, so a low-priority flood cannot starve a 
 When a running sequence needs a block and none is free, the lowest-priority, newest running
 sequence not yet scheduled this step is preempted: its blocks are freed and it re-enters the
 waiting queue with all its tokens as prompt, to be recomputed (prefix caching makes that cheap).
-Seats are preempted the same way: when all are taken and a request of a higher class waits,
-the lowest-class, newest running sequence gives up its seat, so an interactive request starts
-at the next step instead of waiting for a batch sequence to finish.
+Seats and blocks are preempted the same way for a waiting request of a higher class: when all
+seats are taken, or its blocks do not fit, the lowest-class, newest running sequences give them
+up, so an interactive request starts at the next step instead of waiting for a batch sequence to
+finish. A request never preempts its own class or a higher one, so equals do not thrash.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ class Scheduler:
         while self.waiting and budget and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0][1]
             if not self.block_manager.can_allocate(seq):
-                break
+                budget += self._free_blocks_for_higher_class(seq, scheduled)
+                if not self.block_manager.can_allocate(seq):
+                    break
             heapq.heappop(self.waiting)
             self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
@@ -77,6 +80,23 @@ class Scheduler:
             if self.waiting[0][1].priority >= victim.priority:
                 return
             self._preempt(victim)
+
+    def _free_blocks_for_higher_class(self, seq: Sequence,
+                                      scheduled: list[tuple[Sequence, int]]) -> int:
+        """Preempt the fewest lowest-class running sequences whose blocks make room for ``seq``;
+        none when even all of them would not. Returns the token budget they gave back."""
+        lower = sorted((s for s in self.running if s.priority > seq.priority),
+                       key=lambda s: s.sort_key, reverse=True)
+        count = self.block_manager.num_to_deallocate_for(
+            lower, self.block_manager.num_blocks_to_allocate(seq))
+        if count is None:
+            return 0
+        victims = lower[:count]
+        refund = sum(n for s, n in scheduled if s in victims)
+        scheduled[:] = [(s, n) for s, n in scheduled if s not in victims]
+        for victim in victims:
+            self._preempt(victim)
+        return refund
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

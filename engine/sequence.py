@@ -40,9 +40,13 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
         self.num_hashed_blocks = 0
-        self.last_block_hash: int | None = None
+        self.last_block_hash: bytes | None = None
         self.finish_reason: str | None = None
         self.stop_text: str | None = None  # output text cut before a matched stop string
+        # Incremental detokenization, kept only for requests with stop strings: the text of
+        # the first ``read_offset`` output tokens, and where the next decode window starts.
+        self.output_text = ""
+        self.prefix_offset = self.read_offset = 0
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
 
     def __len__(self) -> int:
