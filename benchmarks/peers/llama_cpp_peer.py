@@ -92,5 +92,6 @@ def run_llama_cpp(binary: str, gguf_path: str, threads: int) -> dict:
         return dict(skipped=f"llama-batched-bench exited {completed.returncode}: "
                             + " | ".join(output.strip().splitlines()[-3:]))
     summary = summarize(parse_batched_bench(output))
-    summary.update(command=" ".join(command), threads=threads, model=os.path.basename(gguf_path))
+    summary.update(command=" ".join(command), threads=threads, model=os.path.basename(gguf_path),
+                   table=[line for line in output.splitlines() if line.startswith("|")])
     return summary
