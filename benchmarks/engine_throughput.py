@@ -337,8 +337,9 @@ def print_table(report: dict) -> None:
                      r["peak_rss_mb"], f"{genq / r['output_tok_s']:.2f}"))
     fixed = report["fixed_length"]
     rows.append(("fixed 128/64: genq", "", "", fixed["genq_tok_s"], "", ""))
-    rows.append(("fixed 128/64: hf_static", "", "", fixed["hf_static_tok_s"], "",
-                 fixed["ratio"] if fixed["ratio"] is not None else ""))
+    if fixed["hf_static_tok_s"] is not None:
+        rows.append(("fixed 128/64: hf_static", "", "", fixed["hf_static_tok_s"], "",
+                     fixed["ratio"]))
     rows.append(("one stream: genq ms/token", "", "", report["one_stream"]["genq"]["ms_per_token"],
                  "", ""))
     _print_rows(rows)
