@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["hf_generate_batch"] = measure("hf_generate_batch", args, workload)
     peers = run_peers([b for b in baselines if b in PEERS], model=args.model, dtype=args.dtype,
                       workloads=dict(mixed=workload, fixed=fixed), one_stream=one_stream_requests,
-                      vllm_python=args.vllm_python, llama_binary=args.llama_batched_bench)
+                      device=args.device, vllm_python=args.vllm_python,
+                      llama_binary=args.llama_batched_bench)
 
     genq_rate = results["genq"]["output_tok_s"]
     genq_figures = dict(mixed=results["genq"], fixed=fixed_genq, one_stream=one_stream)

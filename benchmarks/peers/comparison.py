@@ -40,8 +40,8 @@ def peer_ratios(genq: dict, peer: dict) -> dict[str, float | None]:
 
 
 def run_peers(peers: list[str], *, model: str, dtype: str, workloads: dict, one_stream,
-              vllm_python: str = DEFAULT_PYTHON, llama_binary: str = DEFAULT_BINARY
-              ) -> dict[str, dict]:
+              device: str = "cpu", vllm_python: str = DEFAULT_PYTHON,
+              llama_binary: str = DEFAULT_BINARY) -> dict[str, dict]:
     """{peer: its figures or {"skipped": reason}}, one peer after the other.
 
     ``workloads`` maps names to objects with ``prompts`` and ``output_lengths``; ``one_stream``
@@ -51,8 +51,11 @@ def run_peers(peers: list[str], *, model: str, dtype: str, workloads: dict, one_
     if model != "smollm2-135m":
         return {peer: dict(skipped=f"peers run smollm2-135m only, not {model}") for peer in peers}
     # Imported here: the benchmark's parent process loads torch only when a peer runs.
-    from engine.config import resolve_dtype
+    from engine.config import resolve_device, resolve_dtype
     from engine.model_loader import bundled_gguf_path, default_cache_dir
+    if resolve_device(device) != "cpu":
+        return {peer: dict(skipped=f"peers are CPU baselines; genq ran on {device}")
+                for peer in peers}
     num_cpus = len(os.sched_getaffinity(0))
     requests = dict(
         max_model_len=2048,

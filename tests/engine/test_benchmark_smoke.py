@@ -71,11 +71,14 @@ def test_llama_cpp_peer_runs_the_binary_and_reads_its_table(tmp_path):
     assert arguments[arguments.index("-t") + 1] == "2"
 
 
-def test_peers_skip_a_model_they_cannot_load():
-    results = run_peers(["vllm", "llama_cpp"], model="dummy:tiny-llama", dtype="auto",
-                        workloads={}, one_stream=None)
+def test_peers_skip_a_model_they_cannot_load_and_a_gpu_run():
+    dummy = run_peers(["vllm", "llama_cpp"], model="dummy:tiny-llama", dtype="auto",
+                      workloads={}, one_stream=None)
+    on_gpu = run_peers(["vllm", "llama_cpp"], model="smollm2-135m", dtype="auto",
+                       workloads={}, one_stream=None, device="cuda")
 
-    assert all("smollm2-135m only" in r["skipped"] for r in results.values())
+    assert all("smollm2-135m only" in r["skipped"] for r in dummy.values())
+    assert all("CPU baselines" in r["skipped"] for r in on_gpu.values())
 
 
 def test_engine_options_are_typed():
