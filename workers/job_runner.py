@@ -6,15 +6,13 @@ to the group committer, and the commit's callback acks. So one worker needs no t
 
 Every write is a conditional transition (genq.job_store), so a duplicate delivery, a stale
 worker or a cancel that raced us cannot produce a second result or overwrite a finished job.
-A job handed back (drain, quarantine busy) goes through the outbox, so it is republished even
-if this process's broker connection is already gone.
+A job handed back (drain) goes through the outbox, so it is republished even if this process's
+broker connection is already gone, and gets its attempt back.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +22,7 @@ from datetime import datetime, timedelta
 from enum import Enum
 from functools import partial
 
-from sqlalchemy import Row, func, select, update
+from sqlalchemy import Row, select, update
 from sqlalchemy.orm import Session
 
 from engine.outputs import RequestOutput
@@ -32,11 +30,11 @@ from engine.sampling_params import SamplingParams
 from genq import db
 from genq.errors import ErrorCode
 from genq.job_store import (
-    claim_first_deliveries,
+    claim_deliveries,
     enqueue_run_message,
+    hand_back,
     store_results,
     transition,
-    transition_returning,
 )
 from genq.models import Job, utcnow
 from genq.settings import Settings
@@ -44,12 +42,16 @@ from genq.states import JobStatus, Priority
 from workers.engine_loop import EngineLoop, EngineRequest, RequestAborted
 from workers.engine_process import EngineProcess
 from workers.group_commit import BatchedWrite, GroupCommitter
+from workers.leases import WORKER_ID, is_dead_local_worker
 from workers.middleware import load_middleware, run_hook
 
 log = logging.getLogger(__name__)
 
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 WAIT_TICK_SECONDS = 0.25
+# A redelivered job runs in the micro-batch like any other: one lost delivery is what any job
+# of a worker that died (a deploy, the OOM killer, a lost host) has. Lost this often, the job
+# itself is the suspect, and it runs alone.
+LOST_DELIVERIES_BEFORE_ISOLATION = 2
 
 
 class StopReason(Enum):
@@ -72,7 +74,6 @@ class _Running:
     job: Row  # the jobs table's row as the claim left it
     delivery: Delivery
     deadline: float | None  # time.monotonic() at which the job expires
-    release: Callable[[], None] | None = None  # frees the quarantine, for a redelivered job
     stop_reason: StopReason | None = None
 
 
@@ -86,9 +87,6 @@ class JobRunner:
         self.writes = GroupCommitter(self.url)
         self._outputs = BatchedWrite(self._store_outputs)
         self.middleware = load_middleware(settings.worker_middleware)
-        # Jobs that were delivered before (their worker died) run one at a time per process,
-        # so a job that kills its process cannot take the same neighbours down twice.
-        self._quarantine = threading.Lock()
         self._drain_deadline: float | None = None
         self._running: dict[str, _Running] = {}
         self._unsettled = 0  # deliveries neither acked nor given up on yet
@@ -104,34 +102,43 @@ class JobRunner:
             return self._unsettled == 0
 
     def deliver(self, deliveries: list[Delivery]) -> None:
-        """Start a micro-batch of delivered jobs: first deliveries are claimed in one UPDATE;
-        a job delivered before goes through the quarantine; while draining, all go back."""
+        """Start a micro-batch of delivered jobs, claimed in one UPDATE, first deliveries and
+        redeliveries alike; while draining, none is claimed and all stay unacked."""
         if not deliveries:
             return
         with self._lock:
             self._unsettled += len(deliveries)
         if self._drain_deadline is not None:
+            # Left unacked, the broker delivers them again (Redis: the fetcher hands them back
+            # when it closes; RabbitMQ: when the channel closes). Their jobs stay queued.
             for delivery in deliveries:
-                self._then(self.writes.submit(self._requeue(delivery.job_id, claimed=False)),
-                           delivery.job_id, partial(self._settle, delivery))
+                self._settle(delivery, acked=False)
             return
         try:
-            claimed = self.writes.write(lambda session: self._claim_first_deliveries(
+            claimed = self.writes.write(lambda session: self._claim(
                 session, [d.job_id for d in deliveries]))
         except Exception:
-            # The jobs stay queued in the DB: the reaper republishes a queued job whose message
-            # is gone, so acking here loses nothing and keeps the prefetch window open.
+            # The jobs stay as they were in the DB: the reaper republishes a queued job whose
+            # message is gone and requeues a running one whose holder is gone, so acking here
+            # loses nothing and keeps the prefetch window open.
             log.exception("claiming %d delivered jobs failed; acking them for the reaper",
                           len(deliveries))
             for delivery in deliveries:
                 self._settle(delivery, acked=True)
             return
-        first = [(job, delivery) for delivery, job in zip(deliveries, claimed, strict=True)
-                 if job is not None]
-        self._start(first)
+        runnable = []
         for delivery, job in zip(deliveries, claimed, strict=True):
-            if job is None:  # not a first delivery (or not claimable at all)
-                self._deliver_again(delivery)
+            if job is None:  # finished, canceled, running elsewhere, or a duplicate
+                self._settle(delivery, acked=True)
+            elif job.attempts > self.settings.job_max_attempts:
+                running = _Running(job, delivery, deadline=None)
+                self._then(self.writes.submit(self._fail(
+                    job.id, ErrorCode.WORKER_LOST,
+                    f"gave up after {job.attempts - 1} deliveries that did not finish")),
+                    job.id, partial(self._ended, running))
+            else:
+                runnable.append((job, delivery))
+        self._start(runnable)
 
     def run(self, job_id: str) -> None:
         """Deliver one job and wait until its outcome is committed (a direct call of the
@@ -143,36 +150,16 @@ class JobRunner:
                 raise RuntimeError(f"job {job_id}: its outcome could not be written")
             self.enforce_deadlines()
 
-    def _deliver_again(self, delivery: Delivery) -> None:
-        if not self._quarantine.acquire(blocking=False):
-            self._then(self.writes.submit(self._requeue(delivery.job_id, claimed=False)),
-                       delivery.job_id, partial(self._settle, delivery))
-            return
-        try:
-            job = self.claim(delivery.job_id)
-        except Exception:
-            # Not raised: the rest of the micro-batch still needs handling (raising here left
-            # those deliveries unsettled, their window slots lost for good). Unacked, this one
-            # is delivered again.
-            log.exception("job %s: claiming the redelivered job failed", delivery.job_id)
-            self._quarantine.release()
-            self._settle(delivery, acked=False)
-            return
-        if job is None:
-            self._quarantine.release()
-            self._settle(delivery, acked=True)
-            return
-        self._start([(job, delivery)], release=self._quarantine.release)
-
-    def _start(self, claimed: list[tuple[Row, Delivery]],
-               release: Callable[[], None] | None = None) -> None:
+    def _start(self, claimed: list[tuple[Row, Delivery]]) -> None:
         """Hand claimed jobs to the engine (one message for all); each job's outcome is
-        written when the engine is done with it."""
+        written when the engine is done with it. A job whose deliveries were lost twice
+        (its worker died each time) runs alone in the engine: if it is what kills workers,
+        it takes no neighbour down a third time."""
         requests, runs = [], []
         for job, delivery in claimed:
             deadline = (time.monotonic() + (job.deadline_at - utcnow()).total_seconds()
                         if job.deadline_at is not None else None)
-            running = _Running(job, delivery, deadline, release)
+            running = _Running(job, delivery, deadline)
             try:
                 run_hook(self.middleware, "before_job", job)
             except Exception as exc:  # a broken hook fails its job, not the micro-batch
@@ -191,14 +178,26 @@ class JobRunner:
                 prompt=job.messages if job.messages is not None else job.prompt or "",
                 params=SamplingParams(**job.sampling_params),
                 priority=Priority(job.priority).rank,
-                isolated=release is not None,
+                isolated=job.attempts - 1 >= LOST_DELIVERIES_BEFORE_ISOLATION,
             ))
             runs.append(running)
         if not requests:
             return
         with self._lock:
             self._running.update((running.job.id, running) for running in runs)
-        for running, future in zip(runs, self.loop.submit_many(requests), strict=True):
+        try:
+            futures = self.loop.submit_many(requests)
+        except Exception:
+            # The engine is unreachable (its process is gone; this worker exits soon): hand
+            # the jobs back without spending an attempt, so every delivery settles.
+            log.exception("handing %d jobs to the engine failed; handing them back", len(runs))
+            for running in runs:
+                with self._lock:
+                    self._running.pop(running.job.id, None)
+                self._then(self.writes.submit(self._requeue(running.job.id)), running.job.id,
+                           partial(self._ended, running))
+            return
+        for running, future in zip(runs, futures, strict=True):
             future.add_done_callback(partial(self._on_engine_done, running))
 
     def _on_engine_done(self, running: _Running, future: Future[RequestOutput]) -> None:
@@ -226,7 +225,7 @@ class JobRunner:
             return self.writes.submit(self._fail(job_id, ErrorCode.ENGINE_ERROR,
                                                  f"{type(exc).__name__}: {exc}"))
         if running.stop_reason is StopReason.DRAIN:
-            return self.writes.submit(self._requeue(job_id, claimed=True))
+            return self.writes.submit(self._requeue(job_id))
         if running.stop_reason is StopReason.DEADLINE:
             return self.writes.submit(self._finish(job_id, JobStatus.EXPIRED, output))
         if output is not None:
@@ -250,8 +249,6 @@ class JobRunner:
         try:
             run_hook(self.middleware, "after_job", running.job)
         finally:
-            if running.release is not None:
-                running.release()
             self._settle(running.delivery, acked=committed)
 
     def _settle(self, delivery: Delivery, acked: bool) -> None:
@@ -280,53 +277,19 @@ class JobRunner:
             if item.stop_reason is not None:
                 self.loop.abort(item.job.id)
 
-    def claim(self, job_id: str) -> Row | None:
-        """Take a redelivered job for this worker, or return None when it is not ours to run:
-        still queued (handed back), or running under an expired lease (its worker died)."""
-        job = self.writes.write(lambda session: self._reclaim(session, job_id))
-        if job is None:
-            log.info("job %s not claimed: finished, canceled, unknown or running elsewhere",
-                     job_id)
-            return None
-        if job.attempts > self.settings.job_max_attempts:
-            self.writes.write(self._fail(job_id, ErrorCode.WORKER_LOST,
-                                         f"gave up after {job.attempts - 1} deliveries that "
-                                         "did not finish"))
-            return None
-        return job
-
-    def _claim_first_deliveries(self, session: Session, job_ids: list[str]) -> list[Row | None]:
-        """Claim a micro-batch of jobs that never ran, in one UPDATE; an id delivered twice in
-        the batch is claimed once (its second copy gets None, like any duplicate)."""
-        claimed = claim_first_deliveries(
+    def _claim(self, session: Session, job_ids: list[str]) -> list[Row | None]:
+        """Claim a micro-batch of delivered jobs in one UPDATE (see job_store.claim_deliveries);
+        an id delivered twice in the batch is claimed once (its second copy gets None, like
+        any job that is not ours to run)."""
+        claimed = claim_deliveries(
             session, list(dict.fromkeys(job_ids)), model=self.settings.model,
-            worker_id=self.worker_id, lease_expires_at=self._lease_expiry())
+            worker_id=self.worker_id, lease_expires_at=self._lease_expiry(),
+            is_holder_dead=is_dead_local_worker)
         by_id = {job.id: job for job in claimed}
         return [by_id.pop(job_id, None) for job_id in job_ids]
 
-    def _reclaim(self, session: Session, job_id: str) -> Row | None:
-        return transition_returning(
-            session, job_id, JobStatus.RUNNING, only_from={JobStatus.QUEUED},
-            extra_where=self._model_is_ours(), **self._lease(),
-        ) or transition_returning(
-            session, job_id, JobStatus.RUNNING, only_from={JobStatus.RUNNING},
-            extra_where=(*self._model_is_ours(), Job.lease_expires_at < utcnow()),
-            **self._lease(),
-        )
-
-    def _lease(self) -> dict:
-        return {
-            "worker_id": self.worker_id,
-            "lease_expires_at": self._lease_expiry(),
-            "attempts": Job.attempts + 1,
-            "started_at": func.coalesce(Job.started_at, utcnow()),
-        }
-
     def _lease_expiry(self) -> datetime:
         return utcnow() + timedelta(seconds=self.settings.job_lease_seconds)
-
-    def _model_is_ours(self) -> tuple:
-        return (Job.model == self.settings.model,)  # a stray message of another model
 
     def _store_outputs(self, session: Session, outputs: list[tuple[str, dict]]) -> list[None]:
         """Store a micro-batch of finished jobs' outputs in one UPDATE."""
@@ -356,16 +319,13 @@ class JobRunner:
             session, job_id, JobStatus.FAILED, extra_where=self._ours(),
             error_code=code.value, error_message=message[:2000])
 
-    def _requeue(self, job_id: str, claimed: bool) -> Callable[[Session], None]:
-        """Put the job back in its queue through the outbox (this worker will not run it)."""
+    def _requeue(self, job_id: str) -> Callable[[Session], None]:
+        """Hand a claimed job back to its queue through the outbox (so it is republished even
+        if this process's broker connection is gone), with its attempt given back: a clean
+        stop loses no delivery."""
 
         def requeue(session: Session) -> None:
-            if claimed:
-                moved = transition(session, job_id, JobStatus.QUEUED, extra_where=self._ours(),
-                                   worker_id=None, lease_expires_at=None)
-            else:
-                moved = session.scalar(select(Job.status).where(Job.id == job_id)) == "queued"
-            if moved:
+            if hand_back(session, job_id, worker_id=self.worker_id):
                 model, priority = session.execute(
                     select(Job.model, Job.priority).where(Job.id == job_id)).one()
                 enqueue_run_message(session, job_id, model, Priority(priority))
