@@ -4,11 +4,12 @@ state, in one UPDATE, so a stale or duplicate worker can never overwrite a finis
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Row, bindparam, case, func, select, update
+from sqlalchemy import Row, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from genq.models import Job, Outbox, utcnow
@@ -105,40 +106,53 @@ def transition_many_returning(
 # parameters: building and cache-keying the statement each time cost three times the SQL
 # (measured on SQLite: claiming 3 jobs 1.9 ms of CPU built per call, 0.55 ms prebuilt).
 
+@dataclass(frozen=True)
+class Claimed:
+    jobs: list[Row]  # the rows moved to RUNNING, as the claim left them, in no particular order
+    suspects: set[str]  # claimable, but lost `suspect_after` times or more: left as they are
+
+
 def claim_deliveries(session: Session, job_ids: list[str], *, model: str, worker_id: str,
                      lease_expires_at: datetime,
-                     is_holder_dead: Callable[[str], bool] = lambda _holder: False) -> list[Row]:
+                     is_holder_dead: Callable[[str], bool] = lambda _holder: False,
+                     suspect_after: int | None = None) -> Claimed:
     """Claim a worker's micro-batch of delivered jobs of `model` → RUNNING under `worker_id`,
-    each with one more attempt; returns the rows moved (attributes named as the columns), in
-    no particular order. A queued job is claimed whatever its attempts (a redelivered job runs
-    in the micro-batch like any other). A running job is claimed again only when its holder
-    is gone: its lease ran out, or `is_holder_dead(its worker_id)` (a dead process on this
-    host: no need to wait for its lease). Usually one UPDATE; a second statement pair only
-    when some of the ids were not queued."""
+    each with one more attempt. A queued job is claimed whatever its attempts (a redelivered
+    job runs in the micro-batch like any other), unless it has `suspect_after` attempts or
+    more: then it is only reported as a suspect (the worker runs it alone). A running job is
+    claimed again only when its holder is gone: its lease ran out, or `is_holder_dead(its
+    worker_id)` (a dead process on this host: no need to wait for its lease). Usually one
+    UPDATE; a SELECT (and an UPDATE per re-claim) only when some ids were not claimable."""
     params = {"claim_ids": job_ids, "claim_model": model, "claim_worker": worker_id,
-              "claim_lease": lease_expires_at, "claim_now": utcnow()}
+              "claim_lease": lease_expires_at, "claim_now": utcnow(),
+              "claim_below": suspect_after if suspect_after is not None else 2**31 - 1}
     jobs = list(session.execute(_claim_statement(JobStatus.QUEUED), params).all())
     for job in jobs:
         _announce(session, job.id, JobStatus.RUNNING, {JobStatus.QUEUED},
                   Listeners(job.tenant_id, job.webhook_url, job.webhook_events))
-    left = [job_id for job_id in job_ids if job_id not in {job.id for job in jobs}]
+    claimed = {job.id for job in jobs}
+    left = [job_id for job_id in job_ids if job_id not in claimed]
     if not left:
-        return jobs
-    holders = session.execute(
-        select(_JOBS.c.id, _JOBS.c.worker_id, _JOBS.c.lease_expires_at)
-        .where(_JOBS.c.id.in_(left), _JOBS.c.status == JobStatus.RUNNING.value,
-               _JOBS.c.model == model, _JOBS.c.worker_id != worker_id)).all()
-    now = utcnow()
-    dead = {holder for _id, holder, _lease in holders
-            if holder is not None and is_holder_dead(holder)}
-    gone = [(job_id, holder) for job_id, holder, lease in holders
-            if holder in dead or (lease is not None and lease < now)]
-    for job_id, holder in gone:  # a re-claim changes no state: it announces nothing
-        job = session.execute(_claim_statement(JobStatus.RUNNING), {
-            **params, "claim_ids": [job_id], "claim_holder": holder}).one_or_none()
-        if job is not None:
-            jobs.append(job)
-    return jobs
+        return Claimed(jobs, set())
+    rows = session.execute(
+        select(_JOBS.c.id, _JOBS.c.status, _JOBS.c.worker_id, _JOBS.c.lease_expires_at,
+               _JOBS.c.attempts)
+        .where(_JOBS.c.id.in_(left), _JOBS.c.model == model,
+               _JOBS.c.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
+               or_(_JOBS.c.worker_id.is_(None), _JOBS.c.worker_id != worker_id))).all()
+    now, suspects = utcnow(), set()
+    for job_id, status, holder, lease, attempts in rows:
+        if status == JobStatus.RUNNING.value and not (
+                (lease is not None and lease < now) or is_holder_dead(holder)):
+            continue  # its holder may be alive
+        if attempts >= params["claim_below"]:
+            suspects.add(job_id)
+        elif status == JobStatus.RUNNING.value:  # a re-claim changes no state: no event
+            job = session.execute(_claim_statement(JobStatus.RUNNING), {
+                **params, "claim_ids": [job_id], "claim_holder": holder}).one_or_none()
+            if job is not None:
+                jobs.append(job)
+    return Claimed(jobs, suspects)
 
 
 def hand_back(session: Session, job_id: str, *, worker_id: str) -> bool:
@@ -170,7 +184,8 @@ def store_results(session: Session, results: dict[str, dict[str, Any]], *,
 def _claim_statement(source: JobStatus):
     """QUEUED → RUNNING, or RUNNING → RUNNING from a given (gone) holder."""
     where = [_JOBS.c.id.in_(bindparam("claim_ids", expanding=True)),
-             _JOBS.c.status == source.value, _JOBS.c.model == bindparam("claim_model")]
+             _JOBS.c.status == source.value, _JOBS.c.model == bindparam("claim_model"),
+             _JOBS.c.attempts < bindparam("claim_below")]
     if source is JobStatus.RUNNING:
         where.append(_JOBS.c.worker_id == bindparam("claim_holder"))
     return (

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from engine.sampling_params import SamplingParams
 from genq import db
 from genq.errors import ErrorCode
 from genq.job_store import (
+    Claimed,
     claim_deliveries,
     enqueue_run_message,
     hand_back,
@@ -50,7 +52,7 @@ log = logging.getLogger(__name__)
 WAIT_TICK_SECONDS = 0.25
 # A redelivered job runs in the micro-batch like any other: one lost delivery is what any job
 # of a worker that died (a deploy, the OOM killer, a lost host) has. Lost this often, the job
-# itself is the suspect, and it runs alone.
+# itself is the suspect: it waits, unclaimed, for its worker to hold no other job.
 LOST_DELIVERIES_BEFORE_ISOLATION = 2
 
 
@@ -90,10 +92,16 @@ class JobRunner:
         self._drain_deadline: float | None = None
         self._running: dict[str, _Running] = {}
         self._unsettled = 0  # deliveries neither acked nor given up on yet
+        self._suspects: deque[Delivery] = deque()  # lost twice: each waits for an idle worker
         self._lock = threading.Lock()
 
     def begin_drain(self, seconds: float) -> None:
+        """No more claims; the jobs in flight get `seconds`, then go back (enforce_deadlines)."""
         self._drain_deadline = time.monotonic() + seconds
+        with self._lock:
+            waiting, self._suspects = list(self._suspects), deque()
+        for delivery in waiting:  # never claimed: the broker delivers them again
+            self._settle(delivery, acked=False)
 
     def is_idle(self) -> bool:
         """True when every delivery handed to `deliver` is settled (its outcome committed and
@@ -126,19 +134,20 @@ class JobRunner:
             for delivery in deliveries:
                 self._settle(delivery, acked=True)
             return
+        jobs = {job.id: job for job in claimed.jobs}
         runnable = []
-        for delivery, job in zip(deliveries, claimed, strict=True):
-            if job is None:  # finished, canceled, running elsewhere, or a duplicate
-                self._settle(delivery, acked=True)
-            elif job.attempts > self.settings.job_max_attempts:
-                running = _Running(job, delivery, deadline=None)
-                self._then(self.writes.submit(self._fail(
-                    job.id, ErrorCode.WORKER_LOST,
-                    f"gave up after {job.attempts - 1} deliveries that did not finish")),
-                    job.id, partial(self._ended, running))
-            else:
+        for delivery in deliveries:
+            job = jobs.pop(delivery.job_id, None)
+            if job is not None:
                 runnable.append((job, delivery))
+            elif delivery.job_id in claimed.suspects:
+                claimed.suspects.discard(delivery.job_id)  # a second copy is a duplicate
+                with self._lock:
+                    self._suspects.append(delivery)
+            else:  # finished, canceled, running elsewhere, or a duplicate
+                self._settle(delivery, acked=True)
         self._start(runnable)
+        self._start_next_suspect()
 
     def run(self, job_id: str) -> None:
         """Deliver one job and wait until its outcome is committed (a direct call of the
@@ -152,14 +161,18 @@ class JobRunner:
 
     def _start(self, claimed: list[tuple[Row, Delivery]]) -> None:
         """Hand claimed jobs to the engine (one message for all); each job's outcome is
-        written when the engine is done with it. A job whose deliveries were lost twice
-        (its worker died each time) runs alone in the engine: if it is what kills workers,
-        it takes no neighbour down a third time."""
+        written when the engine is done with it."""
         requests, runs = [], []
         for job, delivery in claimed:
             deadline = (time.monotonic() + (job.deadline_at - utcnow()).total_seconds()
                         if job.deadline_at is not None else None)
             running = _Running(job, delivery, deadline)
+            if job.attempts > self.settings.job_max_attempts:
+                self._then(self.writes.submit(self._fail(
+                    job.id, ErrorCode.WORKER_LOST,
+                    f"gave up after {job.attempts - 1} deliveries that did not finish")),
+                    job.id, partial(self._ended, running))
+                continue
             try:
                 run_hook(self.middleware, "before_job", job)
             except Exception as exc:  # a broken hook fails its job, not the micro-batch
@@ -178,7 +191,6 @@ class JobRunner:
                 prompt=job.messages if job.messages is not None else job.prompt or "",
                 params=SamplingParams(**job.sampling_params),
                 priority=Priority(job.priority).rank,
-                isolated=job.attempts - 1 >= LOST_DELIVERIES_BEFORE_ISOLATION,
             ))
             runs.append(running)
         if not requests:
@@ -259,6 +271,7 @@ class JobRunner:
         finally:
             with self._lock:
                 self._unsettled -= 1
+        self._start_next_suspect()
 
     def enforce_deadlines(self) -> None:
         """Abort in the engine the jobs past their deadline, and every job once the drain
@@ -277,16 +290,42 @@ class JobRunner:
             if item.stop_reason is not None:
                 self.loop.abort(item.job.id)
 
-    def _claim(self, session: Session, job_ids: list[str]) -> list[Row | None]:
-        """Claim a micro-batch of delivered jobs in one UPDATE (see job_store.claim_deliveries);
-        an id delivered twice in the batch is claimed once (its second copy gets None, like
-        any job that is not ours to run)."""
-        claimed = claim_deliveries(
+    def _start_next_suspect(self) -> None:
+        """Claim and start the oldest waiting suspect once this worker holds no other job: if
+        it is what kills workers, it takes down only the jobs delivered after it started
+        (each then lost once), never the same neighbours again."""
+        with self._lock:
+            if (not self._suspects or self._drain_deadline is not None
+                    or self._unsettled != len(self._suspects)):
+                return
+            delivery = self._suspects.popleft()
+        log.warning("job %s was lost with its worker %d times or more: it starts alone",
+                    delivery.job_id, LOST_DELIVERIES_BEFORE_ISOLATION)
+        claim = self.writes.submit(lambda session: self._claim(session, [delivery.job_id],
+                                                               alone=True))
+        claim.add_done_callback(partial(self._on_suspect_claimed, delivery))
+
+    def _on_suspect_claimed(self, delivery: Delivery, claim: Future) -> None:
+        try:
+            jobs = claim.result().jobs
+        except Exception:
+            log.exception("job %s: claiming it failed; its message stays unacked",
+                          delivery.job_id)
+            self._settle(delivery, acked=False)
+            return
+        if not jobs:
+            self._settle(delivery, acked=True)
+            return
+        self._start([(jobs[0], delivery)])
+
+    def _claim(self, session: Session, job_ids: list[str], alone: bool = False) -> Claimed:
+        """Claim a micro-batch of delivered jobs (see job_store.claim_deliveries); a suspect
+        is left as it is unless it is claimed `alone`."""
+        return claim_deliveries(
             session, list(dict.fromkeys(job_ids)), model=self.settings.model,
             worker_id=self.worker_id, lease_expires_at=self._lease_expiry(),
-            is_holder_dead=is_dead_local_worker)
-        by_id = {job.id: job for job in claimed}
-        return [by_id.pop(job_id, None) for job_id in job_ids]
+            is_holder_dead=is_dead_local_worker,
+            suspect_after=None if alone else LOST_DELIVERIES_BEFORE_ISOLATION)
 
     def _lease_expiry(self) -> datetime:
         return utcnow() + timedelta(seconds=self.settings.job_lease_seconds)

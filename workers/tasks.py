@@ -19,6 +19,8 @@ from workers.runtime import get_runtime
 
 log = logging.getLogger(__name__)
 
+URGENT_RESERVE = 4  # interactive jobs a Redis worker takes beyond its full window
+
 
 @worker_init.connect
 def _load_engine(**_kwargs) -> None:
@@ -72,11 +74,14 @@ class JobIntake(bootsteps.StartStopStep):
         settings = get_runtime().settings
         if is_amqp(settings.broker_url):
             return
-        # Refill once half the standby jobs have started: the engine never runs short.
-        self.fetcher = RedisJobFetcher(app, job_queues(settings.broker_url, settings.model),
-                                       settings.worker_window,
+        # Refill once half the standby jobs have started: the engine never runs short. The
+        # interactive queue (polled first) may take a few slots beyond a full window.
+        queues = job_queues(settings.broker_url, settings.model)
+        self.fetcher = RedisJobFetcher(app, queues, settings.worker_window,
                                        partial(deliver_now, get_runtime().runner),
-                                       refill_at=settings.worker_standby_jobs // 2)
+                                       refill_at=settings.worker_standby_jobs // 2,
+                                       urgent_queue=queues[0].name,
+                                       urgent_reserve=URGENT_RESERVE)
         self.fetcher.start()
 
     def stop(self, worker) -> None:

@@ -63,12 +63,13 @@ def model() -> str:
 def start_fetcher(broker_url, model):
     fetchers: list[RedisJobFetcher] = []
 
-    def start(window: int, received: Received, refill_at: int = 1,
+    def start(window: int, received: Received, refill_at: int = 1, urgent_reserve: int = 0,
               **transport_options) -> RedisJobFetcher:
         app = make_celery(Settings(broker_url=broker_url, model=model))
         app.conf.broker_transport_options.update(transport_options)
-        fetcher = RedisJobFetcher(app, job_queues(broker_url, model), window, received,
-                                  refill_at=refill_at)
+        queues = job_queues(broker_url, model)
+        fetcher = RedisJobFetcher(app, queues, window, received, refill_at=refill_at,
+                                  urgent_queue=queues[0].name, urgent_reserve=urgent_reserve)
         fetcher.start()
         fetchers.append(fetcher)
         return fetcher
@@ -139,6 +140,29 @@ def test_with_refill_at_the_fetcher_waits_for_that_many_free_slots_and_acks_with
     received.messages[2].ack()
     assert received.wait_for(11) == [f"job-{index}" for index in range(11)]
     assert _unacked(broker_url) == (8, 8)  # 11 taken, 3 acked (in the same atomic round)
+
+
+def test_a_full_window_still_takes_interactive_jobs_into_its_reserve(broker_url, model,
+                                                                   start_fetcher):
+    # Regression (issue 21): with its window full of long jobs, a worker took an interactive
+    # job only once enough of them had ended.
+    for index in range(6):
+        publish_job(broker_url, f"batch-{index}", queue_for(model, Priority.BATCH))
+    received = Received()
+    start_fetcher(4, received, refill_at=2, urgent_reserve=2)
+    assert received.wait_for(4) == [f"batch-{index}" for index in range(4)]
+
+    # when three interactive jobs are published while no slot is free
+    published = time.monotonic()
+    for index in range(3):
+        publish_job(broker_url, f"urgent-{index}", queue_for(model, Priority.INTERACTIVE))
+
+    # then two arrive at once (the reserve), and no batch job
+    assert received.wait_for(6)[4:] == ["urgent-0", "urgent-1"]
+    assert time.monotonic() - published < 1.0
+    time.sleep(0.6)
+    assert len(received.messages) == 6
+    assert _unacked(broker_url) == (6, 6)
 
 
 def test_a_message_published_while_the_fetcher_waits_arrives_at_once(broker_url, model,

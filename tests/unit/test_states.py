@@ -84,13 +84,14 @@ def test_a_worker_claims_queued_jobs_of_its_model_and_those_whose_holder_is_gone
     from genq.job_store import claim_deliveries
     from genq.models import utcnow
 
-    # given queued jobs of model "m", one delivered before, and two running: one under a live
-    # holder, one under a dead one (both leases still valid)
+    # given queued jobs of model "m", one delivered before, one lost twice, and two running:
+    # one under a live holder, one under a dead one (both leases still valid)
     fresh = [_make_job(database_url, tenant_name=f"t{i}") for i in range(3)]
-    redelivered = _make_job(database_url, "r")
+    redelivered, suspect = _make_job(database_url, "r"), _make_job(database_url, "x")
     alive, dead = _make_job(database_url, "s"), _make_job(database_url, "d")
     with db.transaction(database_url) as session:
         session.get(Job, redelivered).attempts = 1
+        session.get(Job, suspect).attempts = 2
         for job_id, holder in ((alive, "w-alive"), (dead, "w-dead")):
             assert transition(session, job_id, JobStatus.RUNNING, worker_id=holder, attempts=1,
                               lease_expires_at=utcnow() + timedelta(hours=1))
@@ -99,19 +100,24 @@ def test_a_worker_claims_queued_jobs_of_its_model_and_those_whose_holder_is_gone
     with db.transaction(database_url) as session:
         # a worker of another model claims nothing
         assert claim_deliveries(session, fresh, model="other", worker_id="w2",
-                                lease_expires_at=lease) == []
-        claimed = claim_deliveries(session, [*fresh, redelivered, alive, dead], model="m",
-                                   worker_id="w1", lease_expires_at=lease,
-                                   is_holder_dead=lambda holder: holder == "w-dead")
+                                lease_expires_at=lease).jobs == []
+        claim = claim_deliveries(session, [*fresh, redelivered, suspect, alive, dead],
+                                 model="m", worker_id="w1", lease_expires_at=lease,
+                                 is_holder_dead=lambda holder: holder == "w-dead",
+                                 suspect_after=2)
+        claimed = claim.jobs
         # then the queued jobs and the dead holder's job move, each with one more attempt
         assert {(job.id, job.status, job.worker_id, job.attempts) for job in claimed} == {
             *((job_id, "running", "w1", 1) for job_id in fresh),
             (redelivered, "running", "w1", 2), (dead, "running", "w1", 2)}
         assert all(job.started_at is not None and job.lease_expires_at == lease
                    for job in claimed)
+        # and the job lost twice is only reported, for its worker to claim it alone
+        assert claim.suspects == {suspect}
+        assert session.get(Job, suspect).status == JobStatus.QUEUED
         # and a second delivery of the same messages claims nothing
         assert claim_deliveries(session, [*fresh, dead], model="m", worker_id="w1",
-                                lease_expires_at=lease) == []
+                                lease_expires_at=lease).jobs == []
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
