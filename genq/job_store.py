@@ -108,60 +108,93 @@ def transition_many_returning(
 
 @dataclass(frozen=True)
 class Claimed:
-    jobs: list[Row]  # the rows moved to RUNNING, as the claim left them, in no particular order
-    suspects: set[str]  # claimable, but lost `suspect_after` times or more: left as they are
+    jobs: list[Row]  # claimed with one more attempt, as the claim left them, in no order
+    held: list[Row]  # suspects: claimed without spending an attempt, to be started alone
 
 
 def claim_deliveries(session: Session, job_ids: list[str], *, model: str, worker_id: str,
                      lease_expires_at: datetime,
                      is_holder_dead: Callable[[str], bool] = lambda _holder: False,
                      suspect_after: int | None = None) -> Claimed:
-    """Claim a worker's micro-batch of delivered jobs of `model` → RUNNING under `worker_id`,
-    each with one more attempt. A queued job is claimed whatever its attempts (a redelivered
-    job runs in the micro-batch like any other), unless it has `suspect_after` attempts or
-    more: then it is only reported as a suspect (the worker runs it alone). A running job is
-    claimed again only when its holder is gone: its lease ran out, or `is_holder_dead(its
-    worker_id)` (a dead process on this host: no need to wait for its lease). Usually one
-    UPDATE; a SELECT (and an UPDATE per re-claim) only when some ids were not claimable."""
+    """Claim a worker's micro-batch of delivered jobs of `model` → RUNNING under `worker_id`.
+
+    A queued job is claimed whatever its attempts (a redelivered job runs in the micro-batch
+    like any other), with one more attempt; one with `suspect_after` attempts or more is a
+    suspect: it is held (RUNNING under `worker_id`, no attempt spent until `count_attempt`)
+    for the worker to start alone. A running job is claimed the same ways only when its holder
+    is gone: its lease ran out, or `is_holder_dead(its worker_id)` (a dead process on this
+    host: no need to wait for its lease). Usually one UPDATE; a SELECT and an UPDATE per job
+    only for the ids the first UPDATE did not take.
+    """
     params = {"claim_ids": job_ids, "claim_model": model, "claim_worker": worker_id,
               "claim_lease": lease_expires_at, "claim_now": utcnow(),
-              "claim_below": suspect_after if suspect_after is not None else 2**31 - 1}
-    jobs = list(session.execute(_claim_statement(JobStatus.QUEUED), params).all())
-    for job in jobs:
-        _announce(session, job.id, JobStatus.RUNNING, {JobStatus.QUEUED},
-                  Listeners(job.tenant_id, job.webhook_url, job.webhook_events))
+              "claim_below": suspect_after if suspect_after is not None else _NO_LIMIT}
+    jobs = list(session.execute(_claim_statement(JobStatus.QUEUED, True), params).all())
+    _announce_claims(session, jobs)
     claimed = {job.id for job in jobs}
     left = [job_id for job_id in job_ids if job_id not in claimed]
     if not left:
-        return Claimed(jobs, set())
+        return Claimed(jobs, [])
     rows = session.execute(
         select(_JOBS.c.id, _JOBS.c.status, _JOBS.c.worker_id, _JOBS.c.lease_expires_at,
                _JOBS.c.attempts)
         .where(_JOBS.c.id.in_(left), _JOBS.c.model == model,
                _JOBS.c.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
                or_(_JOBS.c.worker_id.is_(None), _JOBS.c.worker_id != worker_id))).all()
-    now, suspects = utcnow(), set()
+    now, held = utcnow(), []
     for job_id, status, holder, lease, attempts in rows:
-        if status == JobStatus.RUNNING.value and not (
+        source = JobStatus(status)
+        if source is JobStatus.RUNNING and not (
                 (lease is not None and lease < now) or is_holder_dead(holder)):
             continue  # its holder may be alive
-        if attempts >= params["claim_below"]:
-            suspects.add(job_id)
-        elif status == JobStatus.RUNNING.value:  # a re-claim changes no state: no event
-            job = session.execute(_claim_statement(JobStatus.RUNNING), {
-                **params, "claim_ids": [job_id], "claim_holder": holder}).one_or_none()
-            if job is not None:
-                jobs.append(job)
-    return Claimed(jobs, suspects)
+        is_suspect = attempts >= params["claim_below"]
+        job = session.execute(_claim_statement(source, not is_suspect), {
+            **params, "claim_ids": [job_id], "claim_holder": holder,
+            "claim_below": _NO_LIMIT}).one_or_none()
+        if job is None:
+            continue
+        if source is JobStatus.QUEUED:  # a re-claim changes no state: it announces nothing
+            _announce_claims(session, [job])
+        (held if is_suspect else jobs).append(job)
+    return Claimed(jobs, held)
 
 
-def hand_back(session: Session, job_id: str, *, worker_id: str) -> bool:
-    """RUNNING → QUEUED for a job `worker_id` holds and will not finish (a clean stop): the
+def count_attempt(session: Session, job_id: str, *, worker_id: str) -> Row | None:
+    """Spend the attempt of a job `worker_id` holds without one (a suspect it now starts);
+    returns the row as left, or None when the job is no longer held (canceled meanwhile)."""
+    return session.execute(
+        update(_JOBS)
+        .where(_JOBS.c.id == job_id, _JOBS.c.worker_id == worker_id,
+               _JOBS.c.status == JobStatus.RUNNING.value)
+        .values(attempts=_JOBS.c.attempts + 1)
+        .returning(*_JOBS.columns)).one_or_none()
+
+
+def hand_back(session: Session, job_id: str, *, worker_id: str,
+              attempt_spent: bool = True) -> bool:
+    """RUNNING → QUEUED for a job `worker_id` holds and will not finish (a clean stop); the
     attempt it was claimed with is given back, since no delivery was lost."""
+    attempts = (case((_JOBS.c.attempts > 0, _JOBS.c.attempts - 1), else_=0) if attempt_spent
+                else _JOBS.c.attempts)
     return transition(session, job_id, JobStatus.QUEUED,
                       extra_where=(_JOBS.c.worker_id == worker_id,),
-                      worker_id=None, lease_expires_at=None,
-                      attempts=case((_JOBS.c.attempts > 0, _JOBS.c.attempts - 1), else_=0))
+                      worker_id=None, lease_expires_at=None, attempts=attempts)
+
+
+def extend_leases(session: Session, job_ids: list[str], *, worker_id: str,
+                  lease_expires_at: datetime) -> None:
+    """Renew the leases of the running jobs `worker_id` still holds among `job_ids`."""
+    session.execute(
+        update(_JOBS)
+        .where(_JOBS.c.id.in_(job_ids), _JOBS.c.worker_id == worker_id,
+               _JOBS.c.status == JobStatus.RUNNING.value)
+        .values(lease_expires_at=lease_expires_at))
+
+
+def _announce_claims(session: Session, jobs: list[Row]) -> None:
+    for job in jobs:
+        _announce(session, job.id, JobStatus.RUNNING, {JobStatus.QUEUED},
+                  Listeners(job.tenant_id, job.webhook_url, job.webhook_events))
 
 
 def store_results(session: Session, results: dict[str, dict[str, Any]], *,
@@ -180,9 +213,13 @@ def store_results(session: Session, results: dict[str, dict[str, Any]], *,
     return {row.id for row in moved}
 
 
-@lru_cache(maxsize=2)
-def _claim_statement(source: JobStatus):
-    """QUEUED → RUNNING, or RUNNING → RUNNING from a given (gone) holder."""
+_NO_LIMIT = 2**31 - 1
+
+
+@lru_cache(maxsize=4)
+def _claim_statement(source: JobStatus, spend_attempt: bool):
+    """QUEUED → RUNNING, or RUNNING → RUNNING from a given (gone) holder; with one more
+    attempt, or none (a held suspect)."""
     where = [_JOBS.c.id.in_(bindparam("claim_ids", expanding=True)),
              _JOBS.c.status == source.value, _JOBS.c.model == bindparam("claim_model"),
              _JOBS.c.attempts < bindparam("claim_below")]
@@ -192,7 +229,8 @@ def _claim_statement(source: JobStatus):
         update(_JOBS)
         .where(*where)
         .values(status=JobStatus.RUNNING.value, worker_id=bindparam("claim_worker"),
-                lease_expires_at=bindparam("claim_lease"), attempts=_JOBS.c.attempts + 1,
+                lease_expires_at=bindparam("claim_lease"),
+                attempts=_JOBS.c.attempts + 1 if spend_attempt else _JOBS.c.attempts,
                 started_at=func.coalesce(_JOBS.c.started_at, bindparam("claim_now")))
         .returning(*_JOBS.columns)
     )

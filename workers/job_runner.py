@@ -33,7 +33,9 @@ from genq.errors import ErrorCode
 from genq.job_store import (
     Claimed,
     claim_deliveries,
+    count_attempt,
     enqueue_run_message,
+    extend_leases,
     hand_back,
     store_results,
     transition,
@@ -52,7 +54,8 @@ log = logging.getLogger(__name__)
 WAIT_TICK_SECONDS = 0.25
 # A redelivered job runs in the micro-batch like any other: one lost delivery is what any job
 # of a worker that died (a deploy, the OOM killer, a lost host) has. Lost this often, the job
-# itself is the suspect: it waits, unclaimed, for its worker to hold no other job.
+# itself is the suspect: it is held, without spending an attempt, until its worker holds no
+# other job, and then starts alone.
 LOST_DELIVERIES_BEFORE_ISOLATION = 2
 
 
@@ -92,7 +95,8 @@ class JobRunner:
         self._drain_deadline: float | None = None
         self._running: dict[str, _Running] = {}
         self._unsettled = 0  # deliveries neither acked nor given up on yet
-        self._suspects: deque[Delivery] = deque()  # lost twice: each waits for an idle worker
+        # Held jobs lost twice (claimed, no attempt spent): each waits for an idle worker.
+        self._suspects: deque[tuple[Row, Delivery]] = deque()
         self._lock = threading.Lock()
 
     def begin_drain(self, seconds: float) -> None:
@@ -100,8 +104,9 @@ class JobRunner:
         self._drain_deadline = time.monotonic() + seconds
         with self._lock:
             waiting, self._suspects = list(self._suspects), deque()
-        for delivery in waiting:  # never claimed: the broker delivers them again
-            self._settle(delivery, acked=False)
+        for job, delivery in waiting:  # never started: back, still without a spent attempt
+            self._then(self.writes.submit(self._requeue(job.id, attempt_spent=False)), job.id,
+                       partial(self._settle, delivery))
 
     def is_idle(self) -> bool:
         """True when every delivery handed to `deliver` is settled (its outcome committed and
@@ -135,15 +140,14 @@ class JobRunner:
                 self._settle(delivery, acked=True)
             return
         jobs = {job.id: job for job in claimed.jobs}
+        held = {job.id: job for job in claimed.held}
         runnable = []
         for delivery in deliveries:
-            job = jobs.pop(delivery.job_id, None)
-            if job is not None:
+            if (job := jobs.pop(delivery.job_id, None)) is not None:
                 runnable.append((job, delivery))
-            elif delivery.job_id in claimed.suspects:
-                claimed.suspects.discard(delivery.job_id)  # a second copy is a duplicate
+            elif (job := held.pop(delivery.job_id, None)) is not None:
                 with self._lock:
-                    self._suspects.append(delivery)
+                    self._suspects.append((job, delivery))
             else:  # finished, canceled, running elsewhere, or a duplicate
                 self._settle(delivery, acked=True)
         self._start(runnable)
@@ -291,41 +295,41 @@ class JobRunner:
                 self.loop.abort(item.job.id)
 
     def _start_next_suspect(self) -> None:
-        """Claim and start the oldest waiting suspect once this worker holds no other job: if
-        it is what kills workers, it takes down only the jobs delivered after it started
-        (each then lost once), never the same neighbours again."""
+        """Start the oldest held suspect once this worker holds no other job: if it is what
+        kills workers, it takes down only the jobs delivered after it started (each then lost
+        once), never the same neighbours again. Its attempt is spent only now: a suspect that
+        waited in a worker that died comes back as it was."""
         with self._lock:
             if (not self._suspects or self._drain_deadline is not None
                     or self._unsettled != len(self._suspects)):
                 return
-            delivery = self._suspects.popleft()
-        log.warning("job %s was lost with its worker %d times or more: it starts alone",
-                    delivery.job_id, LOST_DELIVERIES_BEFORE_ISOLATION)
-        claim = self.writes.submit(lambda session: self._claim(session, [delivery.job_id],
-                                                               alone=True))
-        claim.add_done_callback(partial(self._on_suspect_claimed, delivery))
+            job, delivery = self._suspects.popleft()
+        log.warning("job %s was lost with its worker %d times: it starts alone", job.id,
+                    job.attempts)
+        counted = self.writes.submit(
+            lambda session: count_attempt(session, job.id, worker_id=self.worker_id))
+        counted.add_done_callback(partial(self._on_suspect_counted, delivery))
 
-    def _on_suspect_claimed(self, delivery: Delivery, claim: Future) -> None:
+    def _on_suspect_counted(self, delivery: Delivery, counted: Future) -> None:
         try:
-            jobs = claim.result().jobs
+            job = counted.result()
         except Exception:
-            log.exception("job %s: claiming it failed; its message stays unacked",
+            log.exception("job %s: starting it failed; its message stays unacked",
                           delivery.job_id)
             self._settle(delivery, acked=False)
             return
-        if not jobs:
+        if job is None:  # canceled while it waited
             self._settle(delivery, acked=True)
             return
-        self._start([(jobs[0], delivery)])
+        self._start([(job, delivery)])
 
-    def _claim(self, session: Session, job_ids: list[str], alone: bool = False) -> Claimed:
-        """Claim a micro-batch of delivered jobs (see job_store.claim_deliveries); a suspect
-        is left as it is unless it is claimed `alone`."""
+    def _claim(self, session: Session, job_ids: list[str]) -> Claimed:
+        """Claim a micro-batch of delivered jobs (see job_store.claim_deliveries)."""
         return claim_deliveries(
             session, list(dict.fromkeys(job_ids)), model=self.settings.model,
             worker_id=self.worker_id, lease_expires_at=self._lease_expiry(),
             is_holder_dead=is_dead_local_worker,
-            suspect_after=None if alone else LOST_DELIVERIES_BEFORE_ISOLATION)
+            suspect_after=LOST_DELIVERIES_BEFORE_ISOLATION)
 
     def _lease_expiry(self) -> datetime:
         return utcnow() + timedelta(seconds=self.settings.job_lease_seconds)
@@ -358,13 +362,14 @@ class JobRunner:
             session, job_id, JobStatus.FAILED, extra_where=self._ours(),
             error_code=code.value, error_message=message[:2000])
 
-    def _requeue(self, job_id: str) -> Callable[[Session], None]:
+    def _requeue(self, job_id: str, attempt_spent: bool = True) -> Callable[[Session], None]:
         """Hand a claimed job back to its queue through the outbox (so it is republished even
         if this process's broker connection is gone), with its attempt given back: a clean
         stop loses no delivery."""
 
         def requeue(session: Session) -> None:
-            if hand_back(session, job_id, worker_id=self.worker_id):
+            if hand_back(session, job_id, worker_id=self.worker_id,
+                         attempt_spent=attempt_spent):
                 model, priority = session.execute(
                     select(Job.model, Job.priority).where(Job.id == job_id)).one()
                 enqueue_run_message(session, job_id, model, Priority(priority))
@@ -385,20 +390,15 @@ class JobRunner:
             self.loop.abort(job_id)
 
     def renew_leases(self) -> None:
-        """Extend the leases of the jobs this worker is running (a job whose outcome could not
-        be written is no longer among them: its lease runs out and the reaper takes it)."""
+        """Extend the leases of the jobs this worker is running or holding (a job whose outcome
+        could not be written is no longer among them: its lease runs out and the reaper takes
+        it)."""
         with self._lock:
-            running = list(self._running)
-        if not running:
-            return
-        expires = utcnow() + timedelta(seconds=self.settings.job_lease_seconds)
-        with db.transaction(self.url) as session:
-            session.execute(
-                update(Job)
-                .where(Job.id.in_(running), Job.worker_id == self.worker_id,
-                       Job.status == JobStatus.RUNNING.value)
-                .values(lease_expires_at=expires)
-            )
+            held = [*self._running, *(job.id for job, _delivery in self._suspects)]
+        if held:
+            with db.transaction(self.url) as session:
+                extend_leases(session, held, worker_id=self.worker_id,
+                              lease_expires_at=self._lease_expiry())
 
     def _ours(self) -> tuple:
         return (Job.worker_id == self.worker_id,)

@@ -242,3 +242,33 @@ def test_messages_that_are_not_run_job_calls_are_dropped(broker_url, model, star
     assert _eventually(lambda: _unacked(broker_url) == (0, 0))
     assert redis.Redis.from_url(broker_url).llen(queue) == 0
     assert len(received.messages) == 1
+
+
+def test_the_private_kombu_internals_the_fetcher_relies_on_are_unchanged(broker_url, model):
+    # The fetcher writes kombu's unacked hash and index itself (its Lua round) and leaves
+    # their recovery to kombu: if kombu renames or reformats them, this fails before a worker
+    # silently loses messages (pyproject.toml pins kombu's range for the same reason).
+    import inspect
+    import json
+
+    from kombu.transport.redis import Channel
+
+    with Connection(broker_url, transport_options=REDIS_TRANSPORT_OPTIONS) as connection:
+        channel = connection.default_channel
+        assert channel._q_for_pri("q", 0) == "q"
+        assert channel._q_for_pri("q", 3) == f"q{Channel.sep}3"
+        assert (channel.unacked_key, channel.unacked_index_key) == ("unacked", "unacked_index")
+        assert "client" in inspect.signature(channel.qos.restore_by_tag).parameters
+        assert {"num", "interval"} <= set(inspect.signature(
+            channel.qos.restore_visible).parameters)
+        assert isinstance(channel.unacked_restore_limit, int | None)
+        # kombu's own consumer records a message it hands out as json [message, exchange,
+        # routing_key] under its delivery tag, the format the Lua round writes
+        publish_job(broker_url, "format", queue_for(model, Priority.DEFAULT))
+        queue = job_queues(broker_url, model)[1]
+        message = channel.basic_get(queue.name, no_ack=False)
+        raw, exchange, routing_key = json.loads(
+            redis.Redis.from_url(broker_url).hget("unacked", message.delivery_tag))
+        assert raw["properties"]["delivery_tag"] == message.delivery_tag
+        assert (exchange, routing_key) == (message.delivery_info["exchange"],
+                                           message.delivery_info["routing_key"])

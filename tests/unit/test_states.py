@@ -81,7 +81,7 @@ def test_many_jobs_move_in_one_statement_each_with_its_own_values(database_url):
 def test_a_worker_claims_queued_jobs_of_its_model_and_those_whose_holder_is_gone(database_url):
     from datetime import timedelta
 
-    from genq.job_store import claim_deliveries
+    from genq.job_store import claim_deliveries, count_attempt
     from genq.models import utcnow
 
     # given queued jobs of model "m", one delivered before, one lost twice, and two running:
@@ -105,16 +105,16 @@ def test_a_worker_claims_queued_jobs_of_its_model_and_those_whose_holder_is_gone
                                  model="m", worker_id="w1", lease_expires_at=lease,
                                  is_holder_dead=lambda holder: holder == "w-dead",
                                  suspect_after=2)
-        claimed = claim.jobs
         # then the queued jobs and the dead holder's job move, each with one more attempt
-        assert {(job.id, job.status, job.worker_id, job.attempts) for job in claimed} == {
+        assert {(job.id, job.status, job.worker_id, job.attempts) for job in claim.jobs} == {
             *((job_id, "running", "w1", 1) for job_id in fresh),
             (redelivered, "running", "w1", 2), (dead, "running", "w1", 2)}
         assert all(job.started_at is not None and job.lease_expires_at == lease
-                   for job in claimed)
-        # and the job lost twice is only reported, for its worker to claim it alone
-        assert claim.suspects == {suspect}
-        assert session.get(Job, suspect).status == JobStatus.QUEUED
+                   for job in claim.jobs)
+        # and the job lost twice is held, its attempt spent only when it starts
+        assert [(job.id, job.status, job.attempts) for job in claim.held] == [
+            (suspect, "running", 2)]
+        assert count_attempt(session, suspect, worker_id="w1").attempts == 3
         # and a second delivery of the same messages claims nothing
         assert claim_deliveries(session, [*fresh, dead], model="m", worker_id="w1",
                                 lease_expires_at=lease).jobs == []
