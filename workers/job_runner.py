@@ -80,6 +80,7 @@ class _Running:
     delivery: Delivery
     deadline: float | None  # time.monotonic() at which the job expires
     stop_reason: StopReason | None = None
+    outcome: JobStatus = JobStatus.SUCCEEDED  # the state its outcome write moves it to
 
 
 class JobRunner:
@@ -172,6 +173,7 @@ class JobRunner:
                         if job.deadline_at is not None else None)
             running = _Running(job, delivery, deadline)
             if job.attempts > self.settings.job_max_attempts:
+                running.outcome = JobStatus.FAILED
                 self._then(self.writes.submit(self._fail(
                     job.id, ErrorCode.WORKER_LOST,
                     f"gave up after {job.attempts - 1} deliveries that did not finish")),
@@ -181,12 +183,14 @@ class JobRunner:
                 run_hook(self.middleware, "before_job", job)
             except Exception as exc:  # a broken hook fails its job, not the micro-batch
                 log.exception("job %s: a before_job hook raised; the job fails", job.id)
+                running.outcome = JobStatus.FAILED
                 self._then(self.writes.submit(self._fail(
                     job.id, ErrorCode.INTERNAL,
                     f"worker middleware before_job: {type(exc).__name__}: {exc}")),
                     job.id, partial(self._ended, running))
                 continue
             if deadline is not None and deadline <= time.monotonic():
+                running.outcome = JobStatus.EXPIRED
                 self._then(self.writes.submit(self._finish(job.id, JobStatus.EXPIRED)), job.id,
                            partial(self._ended, running))
                 continue
@@ -210,6 +214,7 @@ class JobRunner:
             for running in runs:
                 with self._lock:
                     self._running.pop(running.job.id, None)
+                running.outcome = JobStatus.QUEUED
                 self._then(self.writes.submit(self._requeue(running.job.id)), running.job.id,
                            partial(self._ended, running))
             return
@@ -224,6 +229,7 @@ class JobRunner:
             self._running.pop(job_id, None)
         write = self._outcome_write(running, future)
         if write is None:  # canceled before it reached the engine: the cancel wrote the outcome
+            running.outcome = JobStatus.CANCELED
             self._ended(running, committed=True)
         else:
             self._then(write, job_id, partial(self._ended, running))
@@ -236,14 +242,20 @@ class JobRunner:
         except RequestAborted:  # aborted (cancel, deadline, drain) before it ever ran
             pass
         except ValueError as exc:  # refused by the engine: the request itself is bad
+            running.outcome = JobStatus.FAILED
             return self.writes.submit(self._fail(job_id, ErrorCode.INVALID_REQUEST, str(exc)))
         except Exception as exc:
+            running.outcome = JobStatus.FAILED
             return self.writes.submit(self._fail(job_id, ErrorCode.ENGINE_ERROR,
                                                  f"{type(exc).__name__}: {exc}"))
         if running.stop_reason is StopReason.DRAIN:
+            running.outcome = JobStatus.QUEUED
             return self.writes.submit(self._requeue(job_id))
         if running.stop_reason is StopReason.DEADLINE:
+            running.outcome = JobStatus.EXPIRED
             return self.writes.submit(self._finish(job_id, JobStatus.EXPIRED, output))
+        if output is not None and output.outputs[0].finish_reason == "abort":
+            running.outcome = JobStatus.CANCELED  # canceled while running
         if output is not None:
             return self.writes.submit_batched(self._outputs, (job_id, _result_values(output)))
         return None
@@ -264,6 +276,8 @@ class JobRunner:
     def _ended(self, running: _Running, committed: bool) -> None:
         try:
             run_hook(self.middleware, "after_job", running.job)
+            run_hook(self.middleware, "job_ended", running.job,
+                     running.outcome.value if committed else "unwritten")
         finally:
             self._settle(running.delivery, acked=committed)
 

@@ -13,6 +13,7 @@ from celery.signals import worker_init, worker_shutdown
 
 from genq.queues import RUN_JOB_TASK, is_amqp, job_queues
 from workers.celery_app import app
+from workers.events import TaskEventsMiddleware
 from workers.micro_batch import JobMessage, deliver_now
 from workers.redis_fetcher import RedisJobFetcher
 from workers.runtime import get_runtime
@@ -71,7 +72,10 @@ class JobIntake(bootsteps.StartStopStep):
         self.fetcher: RedisJobFetcher | None = None
 
     def start(self, worker) -> None:
-        settings = get_runtime().settings
+        runtime = get_runtime()
+        settings = runtime.settings
+        if app.conf.worker_send_task_events:  # Flower and `celery events` see every job
+            runtime.runner.middleware.append(TaskEventsMiddleware(app, worker.hostname))
         if is_amqp(settings.broker_url):
             return
         # Refill once half the standby jobs have started: the engine never runs short. The

@@ -397,3 +397,22 @@ def _deliver_in_background(runner, job_ids: list[str]) -> threading.Event:
 
     runner.deliver([Delivery(job_id, partial(settle, job_id)) for job_id in job_ids])
     return all_settled
+
+
+def test_job_ended_hooks_get_the_state_each_outcome_wrote(sqlite_url, echo_runner):
+    # (what the task events of workers.events report as succeeded or failed)
+    ok, broken = _queued_job(sqlite_url), _queued_job(sqlite_url, tenant_name="b")
+    ended: dict[str, str] = {}
+
+    class Breaks:
+        def before_job(self, job) -> None:
+            if job.id == broken:
+                raise RuntimeError("broken hook")
+
+        def job_ended(self, job, status: str) -> None:
+            ended[job.id] = status
+
+    echo_runner.middleware.append(Breaks())
+
+    _deliver_and_settle(echo_runner, [ok, broken])
+    assert ended == {ok: "succeeded", broken: "failed"}
