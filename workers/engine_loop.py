@@ -15,9 +15,11 @@ other than the one that loaded the model (measured on Zen 4, bf16: 8.9 s vs 5.3 
 
 Fault isolation: if a step raises, the loop cannot tell which request broke it, so it aborts
 the batch and re-runs each of its requests alone ("isolated"); the one that fails alone gets
-the exception, its neighbours finish normally. Requests submitted with `isolated=True` (jobs
-whose earlier deliveries died with their worker twice) run alone for the same reason, beside
-interactive requests only.
+the exception, its neighbours finish normally. Requests submitted with `isolated=True` run
+alone the same way. Interactive requests are admitted beside an isolated one all the same:
+the isolation never holds them back. (A job that killed its worker twice is isolated by the
+job runner, which starts it when it holds no other job: a dead process takes its engine
+queue with it, so isolation here could not protect the waiting jobs.)
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from tests.chaos.conftest import count_by_status, jobs_by_id, tenant_id, wait_un
 from tests.conftest import MODEL_CACHE_DIR
 from tests.processes import wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 SMOLLM2 = "smollm2-135m"
 NUM_JOBS = 48
