@@ -173,26 +173,21 @@ class JobRunner:
                         if job.deadline_at is not None else None)
             running = _Running(job, delivery, deadline)
             if job.attempts > self.settings.job_max_attempts:
-                running.outcome = JobStatus.FAILED
-                self._then(self.writes.submit(self._fail(
+                self._end_before_engine(running, JobStatus.FAILED, self._fail(
                     job.id, ErrorCode.WORKER_LOST,
-                    f"gave up after {job.attempts - 1} deliveries that did not finish")),
-                    job.id, partial(self._ended, running))
+                    f"gave up after {job.attempts - 1} deliveries that did not finish"))
                 continue
             try:
                 run_hook(self.middleware, "before_job", job)
             except Exception as exc:  # a broken hook fails its job, not the micro-batch
                 log.exception("job %s: a before_job hook raised; the job fails", job.id)
-                running.outcome = JobStatus.FAILED
-                self._then(self.writes.submit(self._fail(
+                self._end_before_engine(running, JobStatus.FAILED, self._fail(
                     job.id, ErrorCode.INTERNAL,
-                    f"worker middleware before_job: {type(exc).__name__}: {exc}")),
-                    job.id, partial(self._ended, running))
+                    f"worker middleware before_job: {type(exc).__name__}: {exc}"))
                 continue
             if deadline is not None and deadline <= time.monotonic():
-                running.outcome = JobStatus.EXPIRED
-                self._then(self.writes.submit(self._finish(job.id, JobStatus.EXPIRED)), job.id,
-                           partial(self._ended, running))
+                self._end_before_engine(running, JobStatus.EXPIRED,
+                                        self._finish(job.id, JobStatus.EXPIRED))
                 continue
             requests.append(EngineRequest(
                 request_id=job.id,
@@ -214,12 +209,16 @@ class JobRunner:
             for running in runs:
                 with self._lock:
                     self._running.pop(running.job.id, None)
-                running.outcome = JobStatus.QUEUED
-                self._then(self.writes.submit(self._requeue(running.job.id)), running.job.id,
-                           partial(self._ended, running))
+                self._end_before_engine(running, JobStatus.QUEUED, self._requeue(running.job.id))
             return
         for running, future in zip(runs, futures, strict=True):
             future.add_done_callback(partial(self._on_engine_done, running))
+
+    def _end_before_engine(self, running: _Running, outcome: JobStatus,
+                           write: Callable[[Session], object]) -> None:
+        """The job never reaches the engine: write its `outcome`, then settle its delivery."""
+        running.outcome = outcome
+        self._then(self.writes.submit(write), running.job.id, partial(self._ended, running))
 
     def _on_engine_done(self, running: _Running, future: Future[RequestOutput]) -> None:
         """Called when the engine is done with the job (by the engine loop's thread, or the
