@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> dict:
                     for name, bulk_size in ((label, 1), (f"{label}_bulk", args.bulk_size)):
                         results[name] = meter.measure(run_genq, settings, tenant_id, prompts,
                                                       8, bulk_size=bulk_size)
+                        results[name]["cpu_ms_per_job"] = {
+                            process: round(1000 * seconds / len(prompts), 3)
+                            for process, seconds in results[name]["cpu_seconds"].items()}
                     continue
                 results["engine_runs"] = engine_runs(
                     meter, offline, settings, tenant_id, engine_prompts, args)
@@ -349,6 +352,9 @@ def _print_table(report: dict) -> None:
         if row:
             print(f"{name:<18}{row['jobs']:>8}{row['seconds']:>10.2f}{row['jobs_per_s']:>10.1f}"
                   f"{row['enqueued_per_s']:>12.1f}")
+            if "cpu_ms_per_job" in row:
+                print("  CPU ms per job: " + ", ".join(
+                    f"{process} {ms:.2f}" for process, ms in row["cpu_ms_per_job"].items()))
     latency = report["results"]["idle_submit_to_start"]
     print(f"idle submit->start: p50 {latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms")
     for row in report["results"].get("engine_runs", []):

@@ -3,11 +3,13 @@ state, in one UPDATE, so a stale or duplicate worker can never overwrite a finis
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Row, bindparam, case, func, update
+from sqlalchemy import Row, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from genq.models import Job, Outbox, utcnow
@@ -104,18 +106,95 @@ def transition_many_returning(
 # parameters: building and cache-keying the statement each time cost three times the SQL
 # (measured on SQLite: claiming 3 jobs 1.9 ms of CPU built per call, 0.55 ms prebuilt).
 
-def claim_first_deliveries(session: Session, job_ids: list[str], *, model: str, worker_id: str,
-                           lease_expires_at: datetime) -> list[Row]:
-    """QUEUED → RUNNING, in one UPDATE … RETURNING, for those of `job_ids` that are jobs of
-    `model` never delivered before (a worker's micro-batch of first deliveries); returns the
-    rows moved (attributes named as the columns), in no particular order."""
-    jobs = session.execute(_claim_first_deliveries_statement(), {
-        "claim_ids": job_ids, "claim_model": model, "claim_worker": worker_id,
-        "claim_lease": lease_expires_at, "claim_now": utcnow()}).all()
+@dataclass(frozen=True)
+class Claimed:
+    jobs: list[Row]  # claimed with one more attempt, as the claim left them, in no order
+    held: list[Row]  # suspects: claimed without spending an attempt, to be started alone
+
+
+def claim_deliveries(session: Session, job_ids: list[str], *, model: str, worker_id: str,
+                     lease_expires_at: datetime,
+                     is_holder_dead: Callable[[str], bool] = lambda _holder: False,
+                     suspect_after: int | None = None) -> Claimed:
+    """Claim a worker's micro-batch of delivered jobs of `model` → RUNNING under `worker_id`.
+
+    A queued job is claimed whatever its attempts (a redelivered job runs in the micro-batch
+    like any other), with one more attempt; one with `suspect_after` attempts or more is a
+    suspect: it is held (RUNNING under `worker_id`, no attempt spent until `count_attempt`)
+    for the worker to start alone. A running job is claimed the same ways only when its holder
+    is gone: its lease ran out, or `is_holder_dead(its worker_id)` (a dead process on this
+    host: no need to wait for its lease). Usually one UPDATE; a SELECT and an UPDATE per job
+    only for the ids the first UPDATE did not take.
+    """
+    params = {"claim_ids": job_ids, "claim_model": model, "claim_worker": worker_id,
+              "claim_lease": lease_expires_at, "claim_now": utcnow(),
+              "claim_below": suspect_after if suspect_after is not None else _NO_LIMIT}
+    jobs = list(session.execute(_claim_statement(JobStatus.QUEUED, True), params).all())
+    _announce_claims(session, jobs)
+    claimed = {job.id for job in jobs}
+    left = [job_id for job_id in job_ids if job_id not in claimed]
+    if not left:
+        return Claimed(jobs, [])
+    rows = session.execute(
+        select(_JOBS.c.id, _JOBS.c.status, _JOBS.c.worker_id, _JOBS.c.lease_expires_at,
+               _JOBS.c.attempts)
+        .where(_JOBS.c.id.in_(left), _JOBS.c.model == model,
+               _JOBS.c.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
+               or_(_JOBS.c.worker_id.is_(None), _JOBS.c.worker_id != worker_id))).all()
+    now, held = utcnow(), []
+    for job_id, status, holder, lease, attempts in rows:
+        source = JobStatus(status)
+        if source is JobStatus.RUNNING and not (
+                (lease is not None and lease < now) or is_holder_dead(holder)):
+            continue  # its holder may be alive
+        is_suspect = attempts >= params["claim_below"]
+        job = session.execute(_claim_statement(source, not is_suspect), {
+            **params, "claim_ids": [job_id], "claim_holder": holder,
+            "claim_below": _NO_LIMIT}).one_or_none()
+        if job is None:
+            continue
+        if source is JobStatus.QUEUED:  # a re-claim changes no state: it announces nothing
+            _announce_claims(session, [job])
+        (held if is_suspect else jobs).append(job)
+    return Claimed(jobs, held)
+
+
+def count_attempt(session: Session, job_id: str, *, worker_id: str) -> Row | None:
+    """Spend the attempt of a job `worker_id` holds without one (a suspect it now starts);
+    returns the row as left, or None when the job is no longer held (canceled meanwhile)."""
+    return session.execute(
+        update(_JOBS)
+        .where(_JOBS.c.id == job_id, _JOBS.c.worker_id == worker_id,
+               _JOBS.c.status == JobStatus.RUNNING.value)
+        .values(attempts=_JOBS.c.attempts + 1)
+        .returning(*_JOBS.columns)).one_or_none()
+
+
+def hand_back(session: Session, job_id: str, *, worker_id: str,
+              attempt_spent: bool = True) -> bool:
+    """RUNNING → QUEUED for a job `worker_id` holds and will not finish (a clean stop); the
+    attempt it was claimed with is given back, since no delivery was lost."""
+    attempts = (case((_JOBS.c.attempts > 0, _JOBS.c.attempts - 1), else_=0) if attempt_spent
+                else _JOBS.c.attempts)
+    return transition(session, job_id, JobStatus.QUEUED,
+                      extra_where=(_JOBS.c.worker_id == worker_id,),
+                      worker_id=None, lease_expires_at=None, attempts=attempts)
+
+
+def extend_leases(session: Session, job_ids: list[str], *, worker_id: str,
+                  lease_expires_at: datetime) -> None:
+    """Renew the leases of the running jobs `worker_id` still holds among `job_ids`."""
+    session.execute(
+        update(_JOBS)
+        .where(_JOBS.c.id.in_(job_ids), _JOBS.c.worker_id == worker_id,
+               _JOBS.c.status == JobStatus.RUNNING.value)
+        .values(lease_expires_at=lease_expires_at))
+
+
+def _announce_claims(session: Session, jobs: list[Row]) -> None:
     for job in jobs:
         _announce(session, job.id, JobStatus.RUNNING, {JobStatus.QUEUED},
                   Listeners(job.tenant_id, job.webhook_url, job.webhook_events))
-    return list(jobs)
 
 
 def store_results(session: Session, results: dict[str, dict[str, Any]], *,
@@ -134,15 +213,24 @@ def store_results(session: Session, results: dict[str, dict[str, Any]], *,
     return {row.id for row in moved}
 
 
-@lru_cache(maxsize=1)
-def _claim_first_deliveries_statement():
+_NO_LIMIT = 2**31 - 1
+
+
+@lru_cache(maxsize=4)
+def _claim_statement(source: JobStatus, spend_attempt: bool):
+    """QUEUED → RUNNING, or RUNNING → RUNNING from a given (gone) holder; with one more
+    attempt, or none (a held suspect)."""
+    where = [_JOBS.c.id.in_(bindparam("claim_ids", expanding=True)),
+             _JOBS.c.status == source.value, _JOBS.c.model == bindparam("claim_model"),
+             _JOBS.c.attempts < bindparam("claim_below")]
+    if source is JobStatus.RUNNING:
+        where.append(_JOBS.c.worker_id == bindparam("claim_holder"))
     return (
         update(_JOBS)
-        .where(_JOBS.c.id.in_(bindparam("claim_ids", expanding=True)),
-               _JOBS.c.status.in_(_source_values(JobStatus.RUNNING, {JobStatus.QUEUED})),
-               _JOBS.c.model == bindparam("claim_model"), _JOBS.c.attempts == 0)
+        .where(*where)
         .values(status=JobStatus.RUNNING.value, worker_id=bindparam("claim_worker"),
-                lease_expires_at=bindparam("claim_lease"), attempts=_JOBS.c.attempts + 1,
+                lease_expires_at=bindparam("claim_lease"),
+                attempts=_JOBS.c.attempts + 1 if spend_attempt else _JOBS.c.attempts,
                 started_at=func.coalesce(_JOBS.c.started_at, bindparam("claim_now")))
         .returning(*_JOBS.columns)
     )

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     worker_drain_seconds: float = Field(30.0, ge=0)
     # Comma-separated `module:object` paths of worker middleware (hooks: before_job(job)).
     worker_middleware: str = ""
+    # Celery task and worker events (Celery's -E), for Flower and `celery events`: each job
+    # then costs about three more broker publishes.
+    worker_send_events: bool = False
     reaper_interval_seconds: float = Field(5.0, gt=0)
     # A queued job whose run message was published this long ago, while the broker holds no
     # message for its class, lost its message (e.g. a Redis restart without persistence): the

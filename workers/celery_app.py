@@ -49,6 +49,7 @@ def make_celery(settings: Settings) -> Celery:
             **REDIS_TRANSPORT_OPTIONS,
         },
         worker_hijack_root_logger=False,
+        worker_send_task_events=settings.worker_send_events,
         # After a RabbitMQ connection drop Celery 5 lowers the prefetch count while tasks run
         # and can stay stuck there, consuming nothing (celery#9512); keep the window fixed.
         worker_enable_prefetch_count_reduction=False,

@@ -167,6 +167,7 @@ def _serve(conn: Connection, options: dict, batch_wait_seconds: float) -> None:
     stop or goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _use_no_process_shared_locks()
     replies = _Replies(conn)
     loop = EngineLoop(partial(make_engine, options), batch_wait_seconds,
                       after_pass=replies.send_outcomes)
@@ -200,6 +201,18 @@ def _serve(conn: Connection, options: dict, batch_wait_seconds: float) -> None:
         # Outcomes resolved on this thread: a request aborted before it reached the engine, or
         # one the loop finished before its callback above was added.
         replies.send_outcomes()
+
+
+def _use_no_process_shared_locks() -> None:
+    """The model loader's progress bars (tqdm) would create a multiprocessing lock, a named
+    semaphore tracked by the worker's resource tracker: an engine process that ends without
+    its finalizers (killed, or `os._exit` when its worker is gone) left it behind, and every
+    such stop warned about a leaked semaphore. This process shares its bars with nobody."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    tqdm.set_lock(threading.RLock())
 
 
 class _Replies:

@@ -6,17 +6,16 @@ to the group committer, and the commit's callback acks. So one worker needs no t
 
 Every write is a conditional transition (genq.job_store), so a duplicate delivery, a stale
 worker or a cancel that raced us cannot produce a second result or overwrite a finished job.
-A job handed back (drain, quarantine busy) goes through the outbox, so it is republished even
-if this process's broker connection is already gone.
+A job handed back (drain) goes through the outbox, so it is republished even if this process's
+broker connection is already gone, and gets its attempt back.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from datetime import datetime, timedelta
 from enum import Enum
 from functools import partial
 
-from sqlalchemy import Row, func, select, update
+from sqlalchemy import Row, select, update
 from sqlalchemy.orm import Session
 
 from engine.outputs import RequestOutput
@@ -32,11 +31,14 @@ from engine.sampling_params import SamplingParams
 from genq import db
 from genq.errors import ErrorCode
 from genq.job_store import (
-    claim_first_deliveries,
+    Claimed,
+    claim_deliveries,
+    count_attempt,
     enqueue_run_message,
+    extend_leases,
+    hand_back,
     store_results,
     transition,
-    transition_returning,
 )
 from genq.models import Job, utcnow
 from genq.settings import Settings
@@ -44,12 +46,17 @@ from genq.states import JobStatus, Priority
 from workers.engine_loop import EngineLoop, EngineRequest, RequestAborted
 from workers.engine_process import EngineProcess
 from workers.group_commit import BatchedWrite, GroupCommitter
+from workers.leases import WORKER_ID, is_dead_local_worker
 from workers.middleware import load_middleware, run_hook
 
 log = logging.getLogger(__name__)
 
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 WAIT_TICK_SECONDS = 0.25
+# A redelivered job runs in the micro-batch like any other: one lost delivery is what any job
+# of a worker that died (a deploy, the OOM killer, a lost host) has. Lost this often, the job
+# itself is the suspect: it is held, without spending an attempt, until its worker holds no
+# other job, and then starts alone.
+LOST_DELIVERIES_BEFORE_ISOLATION = 2
 
 
 class StopReason(Enum):
@@ -72,8 +79,8 @@ class _Running:
     job: Row  # the jobs table's row as the claim left it
     delivery: Delivery
     deadline: float | None  # time.monotonic() at which the job expires
-    release: Callable[[], None] | None = None  # frees the quarantine, for a redelivered job
     stop_reason: StopReason | None = None
+    outcome: JobStatus = JobStatus.SUCCEEDED  # the state its outcome write moves it to
 
 
 class JobRunner:
@@ -86,16 +93,21 @@ class JobRunner:
         self.writes = GroupCommitter(self.url)
         self._outputs = BatchedWrite(self._store_outputs)
         self.middleware = load_middleware(settings.worker_middleware)
-        # Jobs that were delivered before (their worker died) run one at a time per process,
-        # so a job that kills its process cannot take the same neighbours down twice.
-        self._quarantine = threading.Lock()
         self._drain_deadline: float | None = None
         self._running: dict[str, _Running] = {}
         self._unsettled = 0  # deliveries neither acked nor given up on yet
+        # Held jobs lost twice (claimed, no attempt spent): each waits for an idle worker.
+        self._suspects: deque[tuple[Row, Delivery]] = deque()
         self._lock = threading.Lock()
 
     def begin_drain(self, seconds: float) -> None:
+        """No more claims; the jobs in flight get `seconds`, then go back (enforce_deadlines)."""
         self._drain_deadline = time.monotonic() + seconds
+        with self._lock:
+            waiting, self._suspects = list(self._suspects), deque()
+        for job, delivery in waiting:  # never started: back, still without a spent attempt
+            self._then(self.writes.submit(self._requeue(job.id, attempt_spent=False)), job.id,
+                       partial(self._settle, delivery))
 
     def is_idle(self) -> bool:
         """True when every delivery handed to `deliver` is settled (its outcome committed and
@@ -104,34 +116,43 @@ class JobRunner:
             return self._unsettled == 0
 
     def deliver(self, deliveries: list[Delivery]) -> None:
-        """Start a micro-batch of delivered jobs: first deliveries are claimed in one UPDATE;
-        a job delivered before goes through the quarantine; while draining, all go back."""
+        """Start a micro-batch of delivered jobs, claimed in one UPDATE, first deliveries and
+        redeliveries alike; while draining, none is claimed and all stay unacked."""
         if not deliveries:
             return
         with self._lock:
             self._unsettled += len(deliveries)
         if self._drain_deadline is not None:
+            # Left unacked, the broker delivers them again (Redis: the fetcher hands them back
+            # when it closes; RabbitMQ: when the channel closes). Their jobs stay queued.
             for delivery in deliveries:
-                self._then(self.writes.submit(self._requeue(delivery.job_id, claimed=False)),
-                           delivery.job_id, partial(self._settle, delivery))
+                self._settle(delivery, acked=False)
             return
         try:
-            claimed = self.writes.write(lambda session: self._claim_first_deliveries(
+            claimed = self.writes.write(lambda session: self._claim(
                 session, [d.job_id for d in deliveries]))
         except Exception:
-            # The jobs stay queued in the DB: the reaper republishes a queued job whose message
-            # is gone, so acking here loses nothing and keeps the prefetch window open.
+            # The jobs stay as they were in the DB: the reaper republishes a queued job whose
+            # message is gone and requeues a running one whose holder is gone, so acking here
+            # loses nothing and keeps the prefetch window open.
             log.exception("claiming %d delivered jobs failed; acking them for the reaper",
                           len(deliveries))
             for delivery in deliveries:
                 self._settle(delivery, acked=True)
             return
-        first = [(job, delivery) for delivery, job in zip(deliveries, claimed, strict=True)
-                 if job is not None]
-        self._start(first)
-        for delivery, job in zip(deliveries, claimed, strict=True):
-            if job is None:  # not a first delivery (or not claimable at all)
-                self._deliver_again(delivery)
+        jobs = {job.id: job for job in claimed.jobs}
+        held = {job.id: job for job in claimed.held}
+        runnable = []
+        for delivery in deliveries:
+            if (job := jobs.pop(delivery.job_id, None)) is not None:
+                runnable.append((job, delivery))
+            elif (job := held.pop(delivery.job_id, None)) is not None:
+                with self._lock:
+                    self._suspects.append((job, delivery))
+            else:  # finished, canceled, running elsewhere, or a duplicate
+                self._settle(delivery, acked=True)
+        self._start(runnable)
+        self._start_next_suspect()
 
     def run(self, job_id: str) -> None:
         """Deliver one job and wait until its outcome is committed (a direct call of the
@@ -143,63 +164,61 @@ class JobRunner:
                 raise RuntimeError(f"job {job_id}: its outcome could not be written")
             self.enforce_deadlines()
 
-    def _deliver_again(self, delivery: Delivery) -> None:
-        if not self._quarantine.acquire(blocking=False):
-            self._then(self.writes.submit(self._requeue(delivery.job_id, claimed=False)),
-                       delivery.job_id, partial(self._settle, delivery))
-            return
-        try:
-            job = self.claim(delivery.job_id)
-        except Exception:
-            # Not raised: the rest of the micro-batch still needs handling (raising here left
-            # those deliveries unsettled, their window slots lost for good). Unacked, this one
-            # is delivered again.
-            log.exception("job %s: claiming the redelivered job failed", delivery.job_id)
-            self._quarantine.release()
-            self._settle(delivery, acked=False)
-            return
-        if job is None:
-            self._quarantine.release()
-            self._settle(delivery, acked=True)
-            return
-        self._start([(job, delivery)], release=self._quarantine.release)
-
-    def _start(self, claimed: list[tuple[Row, Delivery]],
-               release: Callable[[], None] | None = None) -> None:
+    def _start(self, claimed: list[tuple[Row, Delivery]]) -> None:
         """Hand claimed jobs to the engine (one message for all); each job's outcome is
         written when the engine is done with it."""
         requests, runs = [], []
         for job, delivery in claimed:
             deadline = (time.monotonic() + (job.deadline_at - utcnow()).total_seconds()
                         if job.deadline_at is not None else None)
-            running = _Running(job, delivery, deadline, release)
+            running = _Running(job, delivery, deadline)
+            if job.attempts > self.settings.job_max_attempts:
+                self._end_before_engine(running, JobStatus.FAILED, self._fail(
+                    job.id, ErrorCode.WORKER_LOST,
+                    f"gave up after {job.attempts - 1} deliveries that did not finish"))
+                continue
             try:
                 run_hook(self.middleware, "before_job", job)
             except Exception as exc:  # a broken hook fails its job, not the micro-batch
                 log.exception("job %s: a before_job hook raised; the job fails", job.id)
-                self._then(self.writes.submit(self._fail(
+                self._end_before_engine(running, JobStatus.FAILED, self._fail(
                     job.id, ErrorCode.INTERNAL,
-                    f"worker middleware before_job: {type(exc).__name__}: {exc}")),
-                    job.id, partial(self._ended, running))
+                    f"worker middleware before_job: {type(exc).__name__}: {exc}"))
                 continue
             if deadline is not None and deadline <= time.monotonic():
-                self._then(self.writes.submit(self._finish(job.id, JobStatus.EXPIRED)), job.id,
-                           partial(self._ended, running))
+                self._end_before_engine(running, JobStatus.EXPIRED,
+                                        self._finish(job.id, JobStatus.EXPIRED))
                 continue
             requests.append(EngineRequest(
                 request_id=job.id,
                 prompt=job.messages if job.messages is not None else job.prompt or "",
                 params=SamplingParams(**job.sampling_params),
                 priority=Priority(job.priority).rank,
-                isolated=release is not None,
             ))
             runs.append(running)
         if not requests:
             return
         with self._lock:
             self._running.update((running.job.id, running) for running in runs)
-        for running, future in zip(runs, self.loop.submit_many(requests), strict=True):
+        try:
+            futures = self.loop.submit_many(requests)
+        except Exception:
+            # The engine is unreachable (its process is gone; this worker exits soon): hand
+            # the jobs back without spending an attempt, so every delivery settles.
+            log.exception("handing %d jobs to the engine failed; handing them back", len(runs))
+            for running in runs:
+                with self._lock:
+                    self._running.pop(running.job.id, None)
+                self._end_before_engine(running, JobStatus.QUEUED, self._requeue(running.job.id))
+            return
+        for running, future in zip(runs, futures, strict=True):
             future.add_done_callback(partial(self._on_engine_done, running))
+
+    def _end_before_engine(self, running: _Running, outcome: JobStatus,
+                           write: Callable[[Session], object]) -> None:
+        """The job never reaches the engine: write its `outcome`, then settle its delivery."""
+        running.outcome = outcome
+        self._then(self.writes.submit(write), running.job.id, partial(self._ended, running))
 
     def _on_engine_done(self, running: _Running, future: Future[RequestOutput]) -> None:
         """Called when the engine is done with the job (by the engine loop's thread, or the
@@ -209,6 +228,7 @@ class JobRunner:
             self._running.pop(job_id, None)
         write = self._outcome_write(running, future)
         if write is None:  # canceled before it reached the engine: the cancel wrote the outcome
+            running.outcome = JobStatus.CANCELED
             self._ended(running, committed=True)
         else:
             self._then(write, job_id, partial(self._ended, running))
@@ -221,14 +241,20 @@ class JobRunner:
         except RequestAborted:  # aborted (cancel, deadline, drain) before it ever ran
             pass
         except ValueError as exc:  # refused by the engine: the request itself is bad
+            running.outcome = JobStatus.FAILED
             return self.writes.submit(self._fail(job_id, ErrorCode.INVALID_REQUEST, str(exc)))
         except Exception as exc:
+            running.outcome = JobStatus.FAILED
             return self.writes.submit(self._fail(job_id, ErrorCode.ENGINE_ERROR,
                                                  f"{type(exc).__name__}: {exc}"))
         if running.stop_reason is StopReason.DRAIN:
-            return self.writes.submit(self._requeue(job_id, claimed=True))
+            running.outcome = JobStatus.QUEUED
+            return self.writes.submit(self._requeue(job_id))
         if running.stop_reason is StopReason.DEADLINE:
+            running.outcome = JobStatus.EXPIRED
             return self.writes.submit(self._finish(job_id, JobStatus.EXPIRED, output))
+        if output is not None and output.outputs[0].finish_reason == "abort":
+            running.outcome = JobStatus.CANCELED  # canceled while running
         if output is not None:
             return self.writes.submit_batched(self._outputs, (job_id, _result_values(output)))
         return None
@@ -249,9 +275,9 @@ class JobRunner:
     def _ended(self, running: _Running, committed: bool) -> None:
         try:
             run_hook(self.middleware, "after_job", running.job)
+            run_hook(self.middleware, "job_ended", running.job,
+                     running.outcome.value if committed else "unwritten")
         finally:
-            if running.release is not None:
-                running.release()
             self._settle(running.delivery, acked=committed)
 
     def _settle(self, delivery: Delivery, acked: bool) -> None:
@@ -262,6 +288,7 @@ class JobRunner:
         finally:
             with self._lock:
                 self._unsettled -= 1
+        self._start_next_suspect()
 
     def enforce_deadlines(self) -> None:
         """Abort in the engine the jobs past their deadline, and every job once the drain
@@ -280,53 +307,45 @@ class JobRunner:
             if item.stop_reason is not None:
                 self.loop.abort(item.job.id)
 
-    def claim(self, job_id: str) -> Row | None:
-        """Take a redelivered job for this worker, or return None when it is not ours to run:
-        still queued (handed back), or running under an expired lease (its worker died)."""
-        job = self.writes.write(lambda session: self._reclaim(session, job_id))
-        if job is None:
-            log.info("job %s not claimed: finished, canceled, unknown or running elsewhere",
-                     job_id)
-            return None
-        if job.attempts > self.settings.job_max_attempts:
-            self.writes.write(self._fail(job_id, ErrorCode.WORKER_LOST,
-                                         f"gave up after {job.attempts - 1} deliveries that "
-                                         "did not finish"))
-            return None
-        return job
+    def _start_next_suspect(self) -> None:
+        """Start the oldest held suspect once this worker holds no other job: if it is what
+        kills workers, it takes down only the jobs delivered after it started (each then lost
+        once), never the same neighbours again. Its attempt is spent only now: a suspect that
+        waited in a worker that died comes back as it was."""
+        with self._lock:
+            if (not self._suspects or self._drain_deadline is not None
+                    or self._unsettled != len(self._suspects)):
+                return
+            job, delivery = self._suspects.popleft()
+        log.warning("job %s was lost with its worker %d times: it starts alone", job.id,
+                    job.attempts)
+        counted = self.writes.submit(
+            lambda session: count_attempt(session, job.id, worker_id=self.worker_id))
+        counted.add_done_callback(partial(self._on_suspect_counted, delivery))
 
-    def _claim_first_deliveries(self, session: Session, job_ids: list[str]) -> list[Row | None]:
-        """Claim a micro-batch of jobs that never ran, in one UPDATE; an id delivered twice in
-        the batch is claimed once (its second copy gets None, like any duplicate)."""
-        claimed = claim_first_deliveries(
+    def _on_suspect_counted(self, delivery: Delivery, counted: Future) -> None:
+        try:
+            job = counted.result()
+        except Exception:
+            log.exception("job %s: starting it failed; its message stays unacked",
+                          delivery.job_id)
+            self._settle(delivery, acked=False)
+            return
+        if job is None:  # canceled while it waited
+            self._settle(delivery, acked=True)
+            return
+        self._start([(job, delivery)])
+
+    def _claim(self, session: Session, job_ids: list[str]) -> Claimed:
+        """Claim a micro-batch of delivered jobs (see job_store.claim_deliveries)."""
+        return claim_deliveries(
             session, list(dict.fromkeys(job_ids)), model=self.settings.model,
-            worker_id=self.worker_id, lease_expires_at=self._lease_expiry())
-        by_id = {job.id: job for job in claimed}
-        return [by_id.pop(job_id, None) for job_id in job_ids]
-
-    def _reclaim(self, session: Session, job_id: str) -> Row | None:
-        return transition_returning(
-            session, job_id, JobStatus.RUNNING, only_from={JobStatus.QUEUED},
-            extra_where=self._model_is_ours(), **self._lease(),
-        ) or transition_returning(
-            session, job_id, JobStatus.RUNNING, only_from={JobStatus.RUNNING},
-            extra_where=(*self._model_is_ours(), Job.lease_expires_at < utcnow()),
-            **self._lease(),
-        )
-
-    def _lease(self) -> dict:
-        return {
-            "worker_id": self.worker_id,
-            "lease_expires_at": self._lease_expiry(),
-            "attempts": Job.attempts + 1,
-            "started_at": func.coalesce(Job.started_at, utcnow()),
-        }
+            worker_id=self.worker_id, lease_expires_at=self._lease_expiry(),
+            is_holder_dead=is_dead_local_worker,
+            suspect_after=LOST_DELIVERIES_BEFORE_ISOLATION)
 
     def _lease_expiry(self) -> datetime:
         return utcnow() + timedelta(seconds=self.settings.job_lease_seconds)
-
-    def _model_is_ours(self) -> tuple:
-        return (Job.model == self.settings.model,)  # a stray message of another model
 
     def _store_outputs(self, session: Session, outputs: list[tuple[str, dict]]) -> list[None]:
         """Store a micro-batch of finished jobs' outputs in one UPDATE."""
@@ -356,16 +375,14 @@ class JobRunner:
             session, job_id, JobStatus.FAILED, extra_where=self._ours(),
             error_code=code.value, error_message=message[:2000])
 
-    def _requeue(self, job_id: str, claimed: bool) -> Callable[[Session], None]:
-        """Put the job back in its queue through the outbox (this worker will not run it)."""
+    def _requeue(self, job_id: str, attempt_spent: bool = True) -> Callable[[Session], None]:
+        """Hand a claimed job back to its queue through the outbox (so it is republished even
+        if this process's broker connection is gone), with its attempt given back: a clean
+        stop loses no delivery."""
 
         def requeue(session: Session) -> None:
-            if claimed:
-                moved = transition(session, job_id, JobStatus.QUEUED, extra_where=self._ours(),
-                                   worker_id=None, lease_expires_at=None)
-            else:
-                moved = session.scalar(select(Job.status).where(Job.id == job_id)) == "queued"
-            if moved:
+            if hand_back(session, job_id, worker_id=self.worker_id,
+                         attempt_spent=attempt_spent):
                 model, priority = session.execute(
                     select(Job.model, Job.priority).where(Job.id == job_id)).one()
                 enqueue_run_message(session, job_id, model, Priority(priority))
@@ -386,20 +403,15 @@ class JobRunner:
             self.loop.abort(job_id)
 
     def renew_leases(self) -> None:
-        """Extend the leases of the jobs this worker is running (a job whose outcome could not
-        be written is no longer among them: its lease runs out and the reaper takes it)."""
+        """Extend the leases of the jobs this worker is running or holding (a job whose outcome
+        could not be written is no longer among them: its lease runs out and the reaper takes
+        it)."""
         with self._lock:
-            running = list(self._running)
-        if not running:
-            return
-        expires = utcnow() + timedelta(seconds=self.settings.job_lease_seconds)
-        with db.transaction(self.url) as session:
-            session.execute(
-                update(Job)
-                .where(Job.id.in_(running), Job.worker_id == self.worker_id,
-                       Job.status == JobStatus.RUNNING.value)
-                .values(lease_expires_at=expires)
-            )
+            held = [*self._running, *(job.id for job, _delivery in self._suspects)]
+        if held:
+            with db.transaction(self.url) as session:
+                extend_leases(session, held, worker_id=self.worker_id,
+                              lease_expires_at=self._lease_expiry())
 
     def _ours(self) -> tuple:
         return (Job.worker_id == self.worker_id,)

@@ -7,6 +7,9 @@ the jobs table's row as the claim left it: attributes named as the columns, read
   micro-batch runs.
 - `after_job(job)`: called once the job's outcome is committed, however it ended (on the
   worker's writer thread: keep it quick).
+- `job_ended(job, status)`: called with `after_job`, with the state the job was written to
+  (`succeeded`, `failed`, `expired`, `canceled`, `queued` when handed back) or `unwritten`
+  when its outcome could not be committed.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The reaper: jobs whose worker died (lease expired) go back to the queue, or fail for good
-after `job_max_attempts` deliveries; queued jobs whose message the broker lost are published
-again; overdue queued jobs expire. Every worker runs it; conditional updates make that safe."""
+"""The reaper: jobs whose worker died (lease expired, or a dead process of this host) go back
+to the queue, or fail for good after `job_max_attempts` deliveries; queued jobs whose message
+the broker lost are published again; overdue queued jobs expire. Every worker runs it;
+conditional updates make that safe."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from datetime import timedelta
 
 from amqp.exceptions import ChannelError
 from kombu import Connection, Queue
-from sqlalchemy import exists, select
+from sqlalchemy import exists, or_, select
 
 from genq import db
 from genq.errors import ErrorCode
@@ -18,16 +19,24 @@ from genq.models import Job, Outbox, utcnow
 from genq.queues import REDIS_TRANSPORT_OPTIONS, queue_for, route
 from genq.settings import Settings
 from genq.states import JobStatus, Priority
+from workers.leases import HOSTNAME, is_dead_local_worker
 
 log = logging.getLogger(__name__)
 
 
 def reap_expired_leases(settings: Settings, limit: int = 200) -> int:
-    """Requeue (through the outbox) or fail running jobs whose lease ran out; return how many."""
+    """Requeue (through the outbox) or fail running jobs whose holder is gone: their lease ran
+    out, or their worker is a dead process of this host (workers.leases); return how many."""
     now = utcnow()
-    expired = (Job.lease_expires_at < now,)
     reaped = 0
     with db.transaction(settings.database_url_resolved) as session:
+        local_holders = session.scalars(
+            select(Job.worker_id).distinct()
+            .where(Job.status == JobStatus.RUNNING.value,
+                   Job.worker_id.startswith(f"{HOSTNAME}:", autoescape=True))
+        ).all()
+        dead = [holder for holder in local_holders if is_dead_local_worker(holder)]
+        expired = (or_(Job.lease_expires_at < now, Job.worker_id.in_(dead)),)
         stale = session.execute(
             select(Job.id, Job.attempts, Job.model, Job.priority)
             .where(Job.status == JobStatus.RUNNING.value, *expired)
@@ -47,7 +56,7 @@ def reap_expired_leases(settings: Settings, limit: int = 200) -> int:
                     enqueue_run_message(session, job_id, model, Priority(priority))
             reaped += moved
     if reaped:
-        log.warning("reaper: %d job(s) with an expired lease requeued or failed", reaped)
+        log.warning("reaper: %d job(s) whose worker is gone requeued or failed", reaped)
     return reaped
 
 

@@ -42,6 +42,9 @@ from workers.micro_batch import JobMessage
 log = logging.getLogger(__name__)
 
 BLOCK_SECONDS = 1.0  # longest BRPOP; acks that arrive meanwhile wait for the next round
+# A full window is polled this often for urgent (interactive) messages, taken into a few slots
+# beyond the window: an interactive job never waits for a wave of long jobs to end.
+URGENT_POLL_SECONDS = 0.25
 RETRY_SECONDS = (0.1, 2.0)  # backoff while Redis is unreachable
 RESTORE_VISIBLE_EVERY_SECONDS = 60.0
 
@@ -93,9 +96,12 @@ class RedisJobFetcher:
     on a machine with few cores each wake-up preempts the engine."""
 
     def __init__(self, app: Celery, queues: list[Queue], window: int,
-                 deliver: Callable[[list[JobMessage]], None], refill_at: int = 1) -> None:
+                 deliver: Callable[[list[JobMessage]], None], refill_at: int = 1,
+                 urgent_queue: str | None = None, urgent_reserve: int = 0) -> None:
         self.window = window
         self.refill_at = max(1, min(refill_at, window))
+        self.urgent_queue = urgent_queue
+        self.urgent_reserve = urgent_reserve if urgent_queue is not None else 0
         self._deliver = deliver
         self._queues = queues
         self._connection = app.connection_for_read()
@@ -168,6 +174,8 @@ class RedisJobFetcher:
         # kombu's BRPOP order: every queue's first priority step, then every queue's second...
         self._keys = [channel._q_for_pri(queue.name, step)
                       for step in channel.priority_steps for queue in self._queues]
+        self._urgent_keys = [channel._q_for_pri(self.urgent_queue, step)
+                             for step in channel.priority_steps] if self.urgent_reserve else []
         self._round = self._redis.register_script(_ROUND)
         self._channel = channel  # last: a failure above is retried from the start
 
@@ -199,8 +207,11 @@ class RedisJobFetcher:
             if free >= self.refill_at:
                 acks, self._to_ack = self._to_ack, []
         if free < self.refill_at:
-            self._wakeup.wait(BLOCK_SECONDS)  # set by the ack that frees `refill_at` slots
+            # set by the ack that frees `refill_at` slots
+            self._wakeup.wait(URGENT_POLL_SECONDS if self._urgent_keys else BLOCK_SECONDS)
             self._wakeup.clear()
+            if free + self.urgent_reserve > 0 and self._urgent_keys:
+                self._take(free + self.urgent_reserve, [], keys=self._urgent_keys)
             return
         self._wakeup.clear()
         taken = self._take(max(free, 0), acks)
@@ -212,11 +223,14 @@ class RedisJobFetcher:
         elif popped is not None:  # stopping: put it back where BRPOP took it from
             self._redis.rpush(popped[0], popped[1])
 
-    def _take(self, limit: int, acks: list[str], already_popped: bytes | None = None) -> int:
-        """One round: ack `acks`, take up to `limit` messages, hand them to the worker."""
+    def _take(self, limit: int, acks: list[str], already_popped: bytes | None = None,
+              keys: list[str] | None = None) -> int:
+        """One round: ack `acks`, take up to `limit` messages (from `keys`, by default every
+        job queue), hand them to the worker."""
         extra = [already_popped] if already_popped is not None else []
         try:
-            raws = self._round(keys=self._round_keys(), args=[limit, len(acks), *acks, *extra])
+            raws = self._round(keys=self._round_keys(keys),
+                               args=[limit, len(acks), *acks, *extra])
         except BaseException:
             with self._lock:  # not sent: they go with the next round
                 self._to_ack[:0] = acks
@@ -227,8 +241,9 @@ class RedisJobFetcher:
         self._hand_over(raws)
         return len(raws)
 
-    def _round_keys(self) -> list[str]:
-        return [self._channel.unacked_key, self._channel.unacked_index_key, *self._keys]
+    def _round_keys(self, keys: list[str] | None = None) -> list[str]:
+        return [self._channel.unacked_key, self._channel.unacked_index_key,
+                *(keys if keys is not None else self._keys)]
 
     def _hand_over(self, raws: list[bytes]) -> None:
         messages = [message for message in map(self._message, raws) if message is not None]

@@ -1,6 +1,6 @@
-"""The per-process worker runtime: the engine (in a process of its own, workers.engine_process)
-and the housekeeping thread that renews job leases and aborts canceled jobs. Built once, warmed
-up before taking jobs."""
+"""The per-process worker runtime: the engine (in a process of its own, workers.engine_process),
+the lease renewal thread, and the housekeeping thread that aborts canceled jobs and reaps.
+Built once, warmed up before taking jobs."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from workers import heartbeat
 from workers.engine_loop import EngineRequest
 from workers.engine_process import EngineProcess
 from workers.job_runner import JobRunner
+from workers.leases import LeaseRenewer
 from workers.metrics import JobTimingMiddleware, start_metrics_server
 from workers.micro_batch import MicroBatcher
 from workers.reaper import (
@@ -63,6 +64,8 @@ class WorkerRuntime:
         self._warm_up()
         log.info("engine for %s ready in %.1f s", settings.model, time.monotonic() - started)
         self._stop = threading.Event()
+        self.leases = LeaseRenewer(self.runner.renew_leases, settings.job_lease_seconds / 3)
+        self.leases.start()
         self._housekeeping = threading.Thread(
             target=self._housekeep, args=(settings,), name="genq-housekeeping", daemon=True
         )
@@ -73,12 +76,11 @@ class WorkerRuntime:
         self.loop.submit(EngineRequest("warmup", "Hello", params, priority=0)).result()
 
     def _housekeep(self, settings: Settings) -> None:
-        """Abort canceled and overdue jobs every tick; renew leases and reap dead workers' jobs
-        less often."""
+        """Abort canceled and overdue jobs every tick; reap dead workers' jobs and beat less
+        often. (Lease renewal has a thread of its own: a slow chore here never delays it.)"""
         chores = [
             (0.0, self.runner.abort_canceled),
             (0.0, self.runner.enforce_deadlines),
-            (settings.job_lease_seconds / 3, self.runner.renew_leases),
             (settings.reaper_interval_seconds, lambda: reap_expired_leases(settings)),
             (settings.reaper_interval_seconds, lambda: expire_overdue_queued(settings)),
             (settings.reaper_interval_seconds, lambda: republish_orphaned_queued(settings)),
@@ -91,7 +93,7 @@ class WorkerRuntime:
                 if time.monotonic() - last_run[index] < interval:
                     continue
                 # A failed chore (DB or broker hiccup) waits its interval like a successful one,
-                # and never keeps the others, lease renewal above all, from running.
+                # and never keeps the others from running.
                 last_run[index] = time.monotonic()
                 try:
                     chore()
@@ -112,6 +114,7 @@ class WorkerRuntime:
 
     def close(self) -> None:
         self._stop.set()
+        self.leases.stop()
         self.loop.stop(timeout=5)
         heartbeat.leave(self.settings, self.runner.worker_id)
 

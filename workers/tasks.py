@@ -13,11 +13,14 @@ from celery.signals import worker_init, worker_shutdown
 
 from genq.queues import RUN_JOB_TASK, is_amqp, job_queues
 from workers.celery_app import app
+from workers.events import TaskEventsMiddleware
 from workers.micro_batch import JobMessage, deliver_now
 from workers.redis_fetcher import RedisJobFetcher
 from workers.runtime import get_runtime
 
 log = logging.getLogger(__name__)
+
+URGENT_RESERVE = 4  # interactive jobs a Redis worker takes beyond its full window
 
 
 @worker_init.connect
@@ -69,14 +72,20 @@ class JobIntake(bootsteps.StartStopStep):
         self.fetcher: RedisJobFetcher | None = None
 
     def start(self, worker) -> None:
-        settings = get_runtime().settings
+        runtime = get_runtime()
+        settings = runtime.settings
+        if app.conf.worker_send_task_events:  # Flower and `celery events` see every job
+            runtime.runner.middleware.append(TaskEventsMiddleware(app, worker.hostname))
         if is_amqp(settings.broker_url):
             return
-        # Refill once half the standby jobs have started: the engine never runs short.
-        self.fetcher = RedisJobFetcher(app, job_queues(settings.broker_url, settings.model),
-                                       settings.worker_window,
+        # Refill once half the standby jobs have started: the engine never runs short. The
+        # interactive queue (polled first) may take a few slots beyond a full window.
+        queues = job_queues(settings.broker_url, settings.model)
+        self.fetcher = RedisJobFetcher(app, queues, settings.worker_window,
                                        partial(deliver_now, get_runtime().runner),
-                                       refill_at=settings.worker_standby_jobs // 2)
+                                       refill_at=settings.worker_standby_jobs // 2,
+                                       urgent_queue=queues[0].name,
+                                       urgent_reserve=URGENT_RESERVE)
         self.fetcher.start()
 
     def stop(self, worker) -> None:

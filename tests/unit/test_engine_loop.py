@@ -81,6 +81,26 @@ def test_an_isolated_request_never_shares_a_step(loop_factory):
     assert all(batch == {"suspect"} for batch in engine.batches if "suspect" in batch)
 
 
+def test_an_isolated_request_never_holds_back_an_interactive_one(loop_factory):
+    # Regression (issue 21): a suspect waiting for an empty engine, then running alone, held
+    # back every request behind it, interactive ones too.
+    engine = PoisonedEchoEngine(poison_id="none")
+    loop = loop_factory(engine)
+
+    # given a suspect, a batch-class and an interactive request submitted together
+    futures = loop.submit_many([EngineRequest("suspect", "x", PARAMS, 1, isolated=True),
+                                EngineRequest("batch", "x", PARAMS, 2),
+                                EngineRequest("urgent", "x", PARAMS, 0)])
+    for future in futures:
+        future.result(timeout=10)
+
+    # then the interactive one runs first, the suspect alone, the batch one after it
+    step = {rid: next(i for i, batch in enumerate(engine.batches) if rid in batch)
+            for rid in ("suspect", "batch", "urgent")}
+    assert step["urgent"] < step["suspect"] < step["batch"], engine.batches
+    assert engine.batches[step["suspect"]] == {"suspect"}
+
+
 def test_abort_before_admission_resolves_without_output(loop_factory):
     engine = PoisonedEchoEngine(poison_id="none")
     loop = EngineLoop(lambda: engine)  # not started: nothing is admitted yet

@@ -166,3 +166,26 @@ def test_the_worker_process_imports_no_torch():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+KILLED_ENGINE_OWNER = textwrap.dedent("""
+    import os, signal, sys
+    from workers.engine_process import EngineProcess
+    process = EngineProcess({"model": sys.argv[2], "device": "cpu", "cache_dir": sys.argv[1]})
+    process.start()
+    process._stopping = True  # the owner expects the engine's end: it does not exit with it
+    os.kill(process.pid, signal.SIGKILL)
+    process._process.join()
+""")
+
+
+@pytest.mark.slow
+def test_an_engine_process_that_ends_without_cleanup_leaks_no_semaphore():
+    # Regression (issue 20): SmolLM2's loader made a multiprocessing lock (tqdm's) in the
+    # engine process; one that ended killed (or by os._exit, its worker gone) left it to the
+    # resource tracker, which warned of a leaked semaphore at every such stop.
+    owner = subprocess.run([sys.executable, "-c", KILLED_ENGINE_OWNER, MODEL_CACHE_DIR,
+                            "smollm2-135m"], cwd=REPO, capture_output=True, text=True,
+                           timeout=240)
+    assert owner.returncode == 0, owner.stderr[-2000:]
+    assert "leaked semaphore" not in owner.stderr, owner.stderr[-2000:]

@@ -5,12 +5,13 @@ from __future__ import annotations
 import threading
 import time
 from datetime import timedelta
+from functools import partial
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import event, func, select
 
 from genq import db
-from genq.models import Job, Tenant, utcnow
+from genq.models import Job, Outbox, Tenant, utcnow
 from genq.settings import Settings
 from genq.states import JobStatus
 from tests.conftest import MODEL_CACHE_DIR
@@ -211,31 +212,111 @@ def _deliver_and_settle(runner, job_ids: list[str]) -> dict[str, bool]:
     return settled
 
 
-def test_a_failed_claim_of_a_redelivered_job_leaves_the_rest_of_its_batch_handled(
-        sqlite_url, echo_runner, monkeypatch):
-    # Regression: the claim's error escaped `deliver`, and the deliveries after it in the
-    # micro-batch were never settled: their window slots were lost for good.
+def test_a_failed_claim_settles_every_delivery_of_its_batch(sqlite_url, echo_runner,
+                                                            monkeypatch):
+    # Regression: a claim's error escaped `deliver`, and the deliveries of the micro-batch
+    # were never settled: their window slots were lost for good.
     from sqlalchemy.exc import OperationalError
 
-    # given a micro-batch of three redelivered jobs, the first one's claim hitting a DB error
-    job_ids = [_queued_job(sqlite_url, tenant_name=f"t{i}", attempts=1) for i in range(3)]
-    claim = echo_runner.claim
+    job_ids = [_queued_job(sqlite_url, tenant_name=f"t{i}") for i in range(3)]
 
-    def failing_claim(job_id: str):
-        if job_id == job_ids[0]:
-            raise OperationalError("UPDATE jobs …", {}, Exception("disk I/O error"))
-        return claim(job_id)
+    def failing_claim(session, job_ids):
+        raise OperationalError("UPDATE jobs …", {}, Exception("disk I/O error"))
 
-    monkeypatch.setattr(echo_runner, "claim", failing_claim)
+    monkeypatch.setattr(echo_runner, "_claim", failing_claim)
 
-    # when the batch is delivered, then every delivery is settled: the failed one unacked (the
-    # broker delivers it again), the second run (redelivered jobs run one at a time), the third
-    # handed back to its queue
-    settled = _deliver_and_settle(echo_runner, job_ids)
-    assert settled == {job_ids[0]: False, job_ids[1]: True, job_ids[2]: True}
-    assert [_job(sqlite_url, job_id).status for job_id in job_ids] == [
-        JobStatus.QUEUED, JobStatus.SUCCEEDED, JobStatus.QUEUED]
+    # then every delivery is acked (the jobs stay queued: the reaper republishes them)
+    assert _deliver_and_settle(echo_runner, job_ids) == dict.fromkeys(job_ids, True)
+    assert [_job(sqlite_url, job_id).status for job_id in job_ids] == [JobStatus.QUEUED] * 3
     assert echo_runner.is_idle()
+
+
+def test_redelivered_jobs_run_in_the_micro_batch_of_first_deliveries(sqlite_url, echo_runner):
+    # Regression (issue 21): each redelivered job ran alone, one at a time, and the others
+    # bounced back through the outbox while it ran: a crashed worker's window took minutes.
+    # given two first deliveries, two jobs lost once, and one lost twice (the suspect)
+    fresh = [_queued_job(sqlite_url, tenant_name=f"f{i}") for i in range(2)]
+    lost_once = [_queued_job(sqlite_url, tenant_name=f"o{i}", attempts=1) for i in range(2)]
+    suspect = _queued_job(sqlite_url, tenant_name="s", attempts=2)
+    submitted: list[list[str]] = []
+    submit_many = echo_runner.loop.submit_many
+    echo_runner.loop.submit_many = lambda requests: (
+        submitted.append([r.request_id for r in requests]), submit_many(requests))[1]
+
+    # when they arrive as one micro-batch
+    job_ids = [*fresh, *lost_once, suspect]
+    assert _deliver_and_settle(echo_runner, job_ids) == dict.fromkeys(job_ids, True)
+
+    # then the others go to the engine at once, the suspect alone once they are done, and
+    # none is handed back through the outbox
+    assert [sorted(batch) for batch in submitted] == [sorted([*fresh, *lost_once]), [suspect]]
+    jobs = {job_id: _job(sqlite_url, job_id) for job_id in job_ids}
+    assert {job_id: (job.status, job.attempts) for job_id, job in jobs.items()} == {
+        **{job_id: (JobStatus.SUCCEEDED, 1) for job_id in fresh},
+        **{job_id: (JobStatus.SUCCEEDED, 2) for job_id in lost_once},
+        suspect: (JobStatus.SUCCEEDED, 3)}
+    with db.session_factory(sqlite_url)() as session:
+        assert session.scalar(select(func.count()).select_from(Outbox)) == 0
+
+
+def test_a_job_lost_max_attempts_times_fails_as_worker_lost(sqlite_url, echo_runner):
+    job_id = _queued_job(sqlite_url, attempts=3)  # GENQ_JOB_MAX_ATTEMPTS is 3
+
+    assert _deliver_and_settle(echo_runner, [job_id]) == {job_id: True}
+
+    job = _job(sqlite_url, job_id)
+    assert (job.status, job.error_code, job.output_text) == (
+        JobStatus.FAILED, "worker_lost", None)
+
+
+def test_a_job_held_by_a_dead_local_worker_is_claimed_before_its_lease_ends(sqlite_url,
+                                                                            echo_runner):
+    # Regression (issue 21): a redelivered job of a killed worker was not ours to run until
+    # its lease (60 s by default) ran out; the replacement acked its message and waited.
+    import subprocess
+    import sys
+
+    from workers.leases import HOSTNAME
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_worker = f"{HOSTNAME}:{gone.stdout.strip()}"
+    job_id = _queued_job(sqlite_url, status=JobStatus.RUNNING.value, attempts=1,
+                         worker_id=dead_worker, lease_expires_at=utcnow() + timedelta(hours=1))
+    alive = _queued_job(sqlite_url, tenant_name="u", status=JobStatus.RUNNING.value,
+                        attempts=1, worker_id="other-host:1",
+                        lease_expires_at=utcnow() + timedelta(hours=1))
+
+    assert _deliver_and_settle(echo_runner, [job_id, alive]) == {job_id: True, alive: True}
+
+    job = _job(sqlite_url, job_id)
+    assert (job.status, job.attempts, job.worker_id) == (
+        JobStatus.SUCCEEDED, 2, echo_runner.worker_id)
+    assert _job(sqlite_url, alive).status == JobStatus.RUNNING  # its holder may be alive
+
+
+def test_a_drained_job_goes_back_without_spending_an_attempt(sqlite_url, echo_runner):
+    # Regression (issue 20, bug 1): a clean stop counted as a lost delivery, so three restarts
+    # during a long job failed it as worker_lost.
+    from workers.job_runner import Delivery
+
+    job_id = _queued_job(sqlite_url)
+    settled = threading.Event()
+
+    class DrainNow:  # the drain deadline passes while the job is in the engine
+        def before_job(self, job) -> None:
+            echo_runner.begin_drain(0)
+
+    echo_runner.middleware.append(DrainNow())
+    echo_runner.loop.stop(timeout=5)  # the job waits in the loop's queue until aborted
+    echo_runner.deliver([Delivery(job_id, settled.set)])
+    echo_runner.enforce_deadlines()
+
+    assert settled.wait(10)
+    job = _job(sqlite_url, job_id)
+    assert (job.status, job.attempts, job.worker_id) == (JobStatus.QUEUED, 0, None)
+    with db.session_factory(sqlite_url)() as session:
+        assert session.scalars(select(Outbox.job_id)).all() == [job_id]
 
 
 def test_a_before_job_hook_that_raises_fails_its_job_and_not_its_batch(sqlite_url, echo_runner):
@@ -278,3 +359,60 @@ def test_a_run_job_message_reaching_celerys_consumer_on_redis_is_run_and_acked(
 
     assert acked.wait(10)
     assert _job(sqlite_url, job_id).status == JobStatus.SUCCEEDED
+
+
+def test_a_held_suspect_goes_back_at_a_drain_without_spending_an_attempt(sqlite_url,
+                                                                         echo_runner):
+    # given a worker busy with a job (its engine stopped, the job waits in the loop's queue)
+    # and a job lost twice, held until the worker is idle
+    busy, suspect = _queued_job(sqlite_url), _queued_job(sqlite_url, tenant_name="s",
+                                                         attempts=2)
+    echo_runner.loop.stop(timeout=5)
+    settled = _deliver_in_background(echo_runner, [busy, suspect])
+    wait_until = time.monotonic() + 10
+    while _job(sqlite_url, suspect).status != JobStatus.RUNNING and time.monotonic() < wait_until:
+        time.sleep(0.05)
+
+    # when the worker drains
+    echo_runner.begin_drain(0)
+    echo_runner.enforce_deadlines()
+
+    # then both go back to the queue, neither with an attempt spent by this worker
+    assert settled.wait(10)
+    assert [(job.status, job.attempts) for job in map(partial(_job, sqlite_url),
+                                                       [busy, suspect])] == [
+        (JobStatus.QUEUED, 0), (JobStatus.QUEUED, 2)]
+
+
+def _deliver_in_background(runner, job_ids: list[str]) -> threading.Event:
+    from workers.job_runner import Delivery
+
+    remaining = set(job_ids)
+    all_settled = threading.Event()
+
+    def settle(job_id: str) -> None:
+        remaining.discard(job_id)
+        if not remaining:
+            all_settled.set()
+
+    runner.deliver([Delivery(job_id, partial(settle, job_id)) for job_id in job_ids])
+    return all_settled
+
+
+def test_job_ended_hooks_get_the_state_each_outcome_wrote(sqlite_url, echo_runner):
+    # (what the task events of workers.events report as succeeded or failed)
+    ok, broken = _queued_job(sqlite_url), _queued_job(sqlite_url, tenant_name="b")
+    ended: dict[str, str] = {}
+
+    class Breaks:
+        def before_job(self, job) -> None:
+            if job.id == broken:
+                raise RuntimeError("broken hook")
+
+        def job_ended(self, job, status: str) -> None:
+            ended[job.id] = status
+
+    echo_runner.middleware.append(Breaks())
+
+    _deliver_and_settle(echo_runner, [ok, broken])
+    assert ended == {ok: "succeeded", broken: "failed"}

@@ -78,35 +78,46 @@ def test_many_jobs_move_in_one_statement_each_with_its_own_values(database_url):
         (JobStatus.QUEUED, None, None)]
 
 
-def test_a_worker_claims_only_first_deliveries_of_its_model(database_url):
+def test_a_worker_claims_queued_jobs_of_its_model_and_those_whose_holder_is_gone(database_url):
     from datetime import timedelta
 
-    from genq.job_store import claim_first_deliveries
+    from genq.job_store import claim_deliveries, count_attempt
     from genq.models import utcnow
 
-    # given queued jobs of model "m", one of them delivered before, one already running
+    # given queued jobs of model "m", one delivered before, one lost twice, and two running:
+    # one under a live holder, one under a dead one (both leases still valid)
     fresh = [_make_job(database_url, tenant_name=f"t{i}") for i in range(3)]
-    redelivered, running = _make_job(database_url, "r"), _make_job(database_url, "s")
+    redelivered, suspect = _make_job(database_url, "r"), _make_job(database_url, "x")
+    alive, dead = _make_job(database_url, "s"), _make_job(database_url, "d")
     with db.transaction(database_url) as session:
         session.get(Job, redelivered).attempts = 1
-        assert transition(session, running, JobStatus.RUNNING, worker_id="w0")
+        session.get(Job, suspect).attempts = 2
+        for job_id, holder in ((alive, "w-alive"), (dead, "w-dead")):
+            assert transition(session, job_id, JobStatus.RUNNING, worker_id=holder, attempts=1,
+                              lease_expires_at=utcnow() + timedelta(hours=1))
     lease = utcnow() + timedelta(seconds=60)
 
     with db.transaction(database_url) as session:
         # a worker of another model claims nothing
-        assert claim_first_deliveries(session, fresh, model="other", worker_id="w2",
-                                      lease_expires_at=lease) == []
-        claimed = claim_first_deliveries(session, [*fresh, redelivered, running], model="m",
-                                         worker_id="w1", lease_expires_at=lease)
-        # then only the never-delivered queued jobs move, returned as rows the claim left
-        assert sorted(job.id for job in claimed) == sorted(fresh)
-        assert {(job.status, job.worker_id, job.attempts) for job in claimed} == {
-            ("running", "w1", 1)}
+        assert claim_deliveries(session, fresh, model="other", worker_id="w2",
+                                lease_expires_at=lease).jobs == []
+        claim = claim_deliveries(session, [*fresh, redelivered, suspect, alive, dead],
+                                 model="m", worker_id="w1", lease_expires_at=lease,
+                                 is_holder_dead=lambda holder: holder == "w-dead",
+                                 suspect_after=2)
+        # then the queued jobs and the dead holder's job move, each with one more attempt
+        assert {(job.id, job.status, job.worker_id, job.attempts) for job in claim.jobs} == {
+            *((job_id, "running", "w1", 1) for job_id in fresh),
+            (redelivered, "running", "w1", 2), (dead, "running", "w1", 2)}
         assert all(job.started_at is not None and job.lease_expires_at == lease
-                   for job in claimed)
+                   for job in claim.jobs)
+        # and the job lost twice is held, its attempt spent only when it starts
+        assert [(job.id, job.status, job.attempts) for job in claim.held] == [
+            (suspect, "running", 2)]
+        assert count_attempt(session, suspect, worker_id="w1").attempts == 3
         # and a second delivery of the same messages claims nothing
-        assert claim_first_deliveries(session, fresh, model="m", worker_id="w1",
-                                      lease_expires_at=lease) == []
+        assert claim_deliveries(session, [*fresh, dead], model="m", worker_id="w1",
+                                lease_expires_at=lease).jobs == []
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

@@ -1,0 +1,62 @@
+"""Celery's own tooling sees genq workers (issue 21): `celery inspect ping` answers, and with
+GENQ_WORKER_SEND_EVENTS each job is a task in Celery's event stream (what Flower shows):
+received and started when claimed, succeeded once its result is committed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+from genq.settings import Settings
+from producer.client import GenqClient
+from tests.e2e.conftest import redis_db
+from tests.processes import wait_for
+from workers.celery_app import make_celery
+
+
+def _celery(broker_url: str, *args: str) -> str:
+    env = {**os.environ, "GENQ_BROKER_URL": broker_url, "GENQ_MODEL": "echo"}
+    return subprocess.run([sys.executable, "-m", "celery", "-A", "workers.celery_app", *args],
+                          env=env, capture_output=True, text=True, timeout=60,
+                          check=True).stdout
+
+
+def test_celery_inspect_and_task_events_see_a_genq_worker(redis_url, sqlite_url,
+                                                          stack_factory):
+    # Given a genq worker sending events, and a receiver of Celery's event stream
+    broker_url = redis_db(redis_url)
+    stack = stack_factory(sqlite_url, broker_url, model="echo", worker=False,
+                          extra_env={"GENQ_WORKER_SEND_EVENTS": "true"})
+    app = make_celery(Settings(broker_url=broker_url, model="echo"))
+    events: list[dict] = []
+    with app.connection_for_read() as connection:
+        receiver = app.events.Receiver(connection, handlers={"*": events.append})
+        listening = threading.Thread(target=receiver.capture,
+                                     kwargs={"limit": None, "timeout": None}, daemon=True)
+        listening.start()
+        try:
+            stack.start_worker(name="worker-1", concurrency=4, model="echo")
+
+            # When Celery's tools ask, and a job runs
+            pong = _celery(broker_url, "inspect", "ping", "-t", "10")
+            active = _celery(broker_url, "inspect", "active", "-t", "10")
+            job_id = GenqClient(stack.api_url, stack.key).submit(
+                prompt="hello events", max_tokens=4, temperature=0)["id"]
+
+            # Then the worker answers, and the job's task events arrive, in order
+            def job_events() -> list[str]:
+                return [event["type"] for event in list(events)
+                        if event.get("uuid") == job_id]
+
+            wait_for(lambda: "task-succeeded" in job_events(), 30, "the job's events")
+        finally:
+            receiver.should_stop = True
+            listening.join(10)
+    assert "worker-1" in pong and "pong" in pong, pong
+    assert "worker-1" in active and "OK" in active, active
+    assert job_events() == ["task-received", "task-started", "task-succeeded"]
+    received = next(e for e in events if e["type"] == "task-received" and e["uuid"] == job_id)
+    assert received["name"] == "genq.run_job" and job_id in received["args"]
+    assert any(event["type"] == "worker-heartbeat" for event in events)  # Flower lists it
