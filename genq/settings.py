@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     # Files and batches (issue 7). Uploads stream to data_dir/files; 413 beyond these limits.
     max_file_bytes: int = 200 * 1024 * 1024
     max_file_lines: int = 50_000
+    # Per-tenant caps (429 beyond them): uploaded files kept, their bytes, batches not finished.
+    max_files_per_tenant: int = Field(500, ge=1)
+    max_stored_bytes_per_tenant: int = Field(2 * 1024 * 1024 * 1024, ge=1)
+    max_open_batches_per_tenant: int = Field(8, ge=1)
     # The batch feeder keeps at most this many jobs of one batch queued or running, topping up
     # every interval, so a 50,000-line batch never floods the broker ahead of interactive jobs.
     batch_window_jobs: int = Field(256, ge=1)

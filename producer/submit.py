@@ -103,7 +103,7 @@ def _validated_job(settings: Settings, tenant_id: str, request: JobRequest, mode
                    name: str | None = None, idempotency_key: str | None = None,
                    request_hash: str | None = None) -> NewJob:
     prompt_tokens = count_prompt_tokens(settings, model, request)
-    _check_context_length(settings, request, prompt_tokens)
+    check_context_length(settings, request, prompt_tokens)
     check_job_webhook(settings, tenant_id, request)
     return new_job(tenant_id, request, model, prompt_tokens, utcnow(), name=name,
                    idempotency_key=idempotency_key, request_hash=request_hash)
@@ -151,15 +151,19 @@ def publish_outbox_rows(settings: Settings, rows: Sequence[OutboxMessage]) -> bo
 
 def count_prompt_tokens(settings: Settings, model: str, request: JobRequest) -> int:
     """Tokens of the prompt as the engine will see it (chat rendered with the model's template)."""
+    messages = None if request.messages is None else [m.model_dump() for m in request.messages]
+    return count_tokens(settings, model, request.prompt, messages)
+
+
+def count_tokens(settings: Settings, model: str, prompt: str | None,
+                 messages: list[dict[str, Any]] | None) -> int:
+    """Tokens of a prompt, or of chat messages rendered with the model's template."""
     tokenizer = load_tokenizer_cached(model, settings.model_cache_dir_resolved)
-    if request.messages is not None:
-        text = tokenizer.apply_chat_template(
-            [message.model_dump() for message in request.messages],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
+    if messages is not None:
+        text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=True)
         return len(tokenizer.encode(text, add_special_tokens=False))
-    return len(tokenizer.encode(request.prompt))
+    return len(tokenizer.encode(prompt))
 
 
 @cache
@@ -171,7 +175,7 @@ def load_tokenizer_cached(model: str, cache_dir: Path) -> Any:
     return load_tokenizer(model, cache_dir=cache_dir)
 
 
-def _check_context_length(settings: Settings, request: JobRequest, prompt_tokens: int) -> None:
+def check_context_length(settings: Settings, request: JobRequest, prompt_tokens: int) -> None:
     if prompt_tokens + request.max_tokens > settings.max_model_len:
         raise GenqError(
             ErrorCode.CONTEXT_LENGTH_EXCEEDED,
