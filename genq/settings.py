@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     max_wait_seconds: int = 60
     api_workers: int = 2
     api_threads: int = 8
+    # Waits (`Prefer: wait`, synchronous completions) per API process: at most this many per
+    # tenant, and never on the last `api_threads_kept_free` request threads (health, polls).
+    max_waits_per_tenant: int = Field(4, ge=0)
+    api_threads_kept_free: int = Field(2, ge=1)
 
     # Worker and engine
     worker_concurrency: int = 32  # jobs in flight per worker process (engine max_num_seqs)
