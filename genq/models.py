@@ -271,7 +271,9 @@ class WebhookDelivery(Base):
     no live lease holds it; `lease_token` makes sure only the latest dispatch of it runs."""
 
     __tablename__ = "webhook_deliveries"
-    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+                      # the replays-per-minute cap (producer.webhooks)
+                      Index("ix_webhook_deliveries_tenant_created", "tenant_id", "created_at"))
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("dlv"))
     event_id: Mapped[str] = mapped_column(ForeignKey("webhook_events.id"), index=True)

@@ -102,6 +102,10 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = False
     webhook_poll_seconds: float = Field(1.0, gt=0)
     webhook_concurrency: int = Field(32, ge=1)  # HTTP requests in flight per webhook worker
+    # So that one slow receiver cannot take every webhook thread: attempts in flight per URL.
+    webhook_max_in_flight_per_url: int = Field(4, ge=1)
+    max_webhook_endpoints_per_tenant: int = Field(20, ge=1)
+    webhook_replays_per_minute: int = Field(30, ge=1)  # per tenant
     # After a secret rotation, deliveries carry both signatures for this long.
     webhook_secret_grace_seconds: float = Field(86400.0, ge=0)
 

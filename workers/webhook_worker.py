@@ -16,11 +16,13 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+from collections import Counter
 from datetime import timedelta
 
 from celery import Celery
+from celery.signals import after_setup_logger
 from kombu import Queue
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 
 from genq import db
 from genq.models import WebhookDelivery, utcnow
@@ -53,13 +55,23 @@ def make_webhook_celery(settings: Settings) -> Celery:
 app = make_webhook_celery(get_settings())
 
 
+@after_setup_logger.connect
+def _quiet_task_lines(**_) -> None:
+    """Celery logs two INFO lines per task (received, succeeded): thousands an hour that no
+    operator acts on. Failed deliveries are logged once, as warnings (webhook_delivery)."""
+    for name in ("celery.worker.strategy", "celery.app.trace"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 @app.task(name=DELIVER_WEBHOOK_TASK)
 def deliver_webhook(delivery_id: str, token: str) -> None:
     deliver(get_settings(), delivery_id, token)
 
 
 def dispatch_due(settings: Settings, limit: int = DISPATCH_BATCH) -> int:
-    """Lease and publish the deliveries whose next attempt is due; return how many."""
+    """Lease and publish the deliveries whose next attempt is due; return how many. A URL
+    with `webhook_max_in_flight_per_url` attempts leased already gets no more this round: a
+    slow receiver holds that many webhook threads at most, never all of them."""
     now = utcnow()
     # A published delivery not started within this long (worker died, queue backed up) is
     # published again under a new token; the old message then does nothing.
@@ -69,10 +81,17 @@ def dispatch_due(settings: Settings, limit: int = DISPATCH_BATCH) -> int:
            or_(WebhookDelivery.lease_expires_at.is_(None),
                WebhookDelivery.lease_expires_at < now))
     with db.session_factory(settings.database_url_resolved)() as session:
-        ids = session.scalars(select(WebhookDelivery.id).where(*due)
-                              .order_by(WebhookDelivery.next_attempt_at).limit(limit)).all()
+        due_rows = session.execute(select(WebhookDelivery.id, WebhookDelivery.url).where(*due)
+                                   .order_by(WebhookDelivery.next_attempt_at).limit(limit)).all()
+        in_flight = Counter(dict(session.execute(
+            select(WebhookDelivery.url, func.count()).where(
+                WebhookDelivery.status == DeliveryStatus.PENDING.value,
+                WebhookDelivery.lease_expires_at >= now)
+            .group_by(WebhookDelivery.url)).all()))
     dispatched = 0
-    for delivery_id in ids:
+    for delivery_id, url in due_rows:
+        if in_flight[url] >= settings.webhook_max_in_flight_per_url:
+            continue
         token = secrets.token_hex(16)
         with db.transaction(settings.database_url_resolved) as session:
             leased = session.execute(
@@ -81,6 +100,7 @@ def dispatch_due(settings: Settings, limit: int = DISPATCH_BATCH) -> int:
             ).rowcount == 1
         if leased:
             app.send_task(DELIVER_WEBHOOK_TASK, args=[delivery_id, token], queue=WEBHOOK_QUEUE)
+            in_flight[url] += 1
             dispatched += 1
     return dispatched
 
