@@ -8,7 +8,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from genq.models import ApiKey, Tenant
+from genq.models import ApiKey, Tenant, utcnow
 
 KEY_PREFIX = "gq_"
 
@@ -35,3 +35,24 @@ def tenant_id_for_key(session: Session, key: str) -> str | None:
             ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)
         )
     )
+
+
+def revoke_api_key(session: Session, key_id: str) -> bool:
+    """Revoke a key; False if no such key or already revoked. Every API process checks keys
+    against the database on each request (no cache), so the next request with it is a 401."""
+    key = session.get(ApiKey, key_id)
+    if key is None or key.revoked_at is not None:
+        return False
+    key.revoked_at = utcnow()
+    return True
+
+
+def active_key(session: Session, key: str) -> ApiKey | None:
+    """The key's row (id and tenant), None when unknown or revoked."""
+    return session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key),
+                                               ApiKey.revoked_at.is_(None)))
+
+
+def is_key_active(session: Session, key_id: str) -> bool:
+    key = session.get(ApiKey, key_id)
+    return key is not None and key.revoked_at is None

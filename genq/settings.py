@@ -39,6 +39,16 @@ class Settings(BaseSettings):
     max_wait_seconds: int = 60
     api_workers: int = 2
     api_threads: int = 8
+    # Signs the dashboard's session cookie; every API process must share it. Empty: a random one
+    # kept in data_dir/secret_key (enough for one host).
+    secret_key: str = ""
+    # Retention (genq/retention.py): finished jobs, finished batches and old files are deleted
+    # after this many days; outbox rows once sent for this many hours (never before).
+    retention_job_days: float = Field(30.0, gt=0)
+    retention_outbox_sent_hours: float = Field(24.0, gt=0)
+    retention_sweep_seconds: float = Field(3600.0, gt=0)
+    # When set, GET /metrics needs `Authorization: Bearer <this>` (Prometheus: bearer_token).
+    metrics_token: str = ""
     # Waits (`Prefer: wait`, synchronous completions) per API process: at most this many per
     # tenant, and never on the last `api_threads_kept_free` request threads (health, polls).
     max_waits_per_tenant: int = Field(4, ge=0)

@@ -18,18 +18,13 @@ from genq.batch_states import BatchStatus
 from genq.errors import ErrorCode, GenqError
 from genq.limits import check_cap, lock_tenant
 from genq.models import Batch, File, new_id, utcnow
+from genq.retention import files_dir
 from genq.settings import Settings
 
 PURPOSE_BATCH = "batch"
 PURPOSE_BATCH_OUTPUT = "batch_output"
 READ_CHUNK_BYTES = 1024 * 1024
 MAX_LISTED_FILES = 100
-
-
-def files_dir(settings: Settings) -> Path:
-    directory = (settings.data_dir / "files").resolve()
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
 
 
 class LineCountingFile(io.FileIO):

@@ -45,7 +45,7 @@ def create_app(config: dict | None = None) -> Flask:
     breakers.init_app(app)
     waits.init_app(app, settings)
     app.before_request(_refuse_nul_in_url)
-    app.register_blueprint(dashboard.bp)
+    dashboard.init_app(app, settings)
     app.register_blueprint(models_api.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(health.bp)

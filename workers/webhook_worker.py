@@ -26,6 +26,7 @@ from sqlalchemy import func, or_, select, update
 
 from genq import db
 from genq.models import WebhookDelivery, utcnow
+from genq.retention import prune
 from genq.settings import Settings, get_settings
 from genq.webhook_events import DeliveryStatus
 from workers.webhook_delivery import deliver, retry_delays
@@ -115,6 +116,16 @@ def run_dispatcher(settings: Settings, stop: threading.Event) -> None:
         stop.wait(settings.webhook_poll_seconds)
 
 
+def run_retention_sweep(settings: Settings, stop: threading.Event) -> None:
+    """genq.retention.prune every `retention_sweep_seconds` until `stop`; never raises. Here
+    because the webhook worker is the one I/O-only process every deployment runs."""
+    while not stop.wait(settings.retention_sweep_seconds):
+        try:
+            prune(settings)
+        except Exception:  # a DB hiccup: the next sweep does it
+            log.exception("retention sweep failed")
+
+
 def run_webhook_worker(settings: Settings, concurrency: int | None = None,
                        hostname: str | None = None) -> None:
     """Run the dispatcher thread and the Celery consumer of `genq.webhooks` (blocks)."""
@@ -124,6 +135,8 @@ def run_webhook_worker(settings: Settings, concurrency: int | None = None,
     stop = threading.Event()
     threading.Thread(target=run_dispatcher, args=(settings, stop), daemon=True,
                      name="genq-webhook-dispatcher").start()
+    threading.Thread(target=run_retention_sweep, args=(settings, stop), daemon=True,
+                     name="genq-retention-sweep").start()
     argv = ["worker", "--pool", "threads",
             "--concurrency", str(concurrency or settings.webhook_concurrency),
             "--queues", WEBHOOK_QUEUE, "--loglevel", "INFO",
