@@ -8,7 +8,6 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from genq.models import Job, Outbox, utcnow
 from genq.settings import Settings
 from producer.breakers import broker_breaker, require
 from producer.job_rows import NewJob, OutboxMessage, WrittenJob, insert_jobs, new_job
+from producer.prompt_tokens import PromptTokenizer, load_prompt_tokenizer
 from producer.publisher import publish_jobs
 from producer.schemas import MAX_JOBS_PER_BULK, JobRequest
 from producer.sent_marks import sent_marker
@@ -160,19 +160,13 @@ def count_tokens(settings: Settings, model: str, prompt: str | None,
     """Tokens of a prompt, or of chat messages rendered with the model's template."""
     tokenizer = load_tokenizer_cached(model, settings.model_cache_dir_resolved)
     if messages is not None:
-        text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=True)
-        return len(tokenizer.encode(text, add_special_tokens=False))
-    return len(tokenizer.encode(prompt))
+        return tokenizer.count_chat(messages)
+    return tokenizer.count(prompt)
 
 
-@cache
-def load_tokenizer_cached(model: str, cache_dir: Path) -> Any:
-    """One tokenizer per model, cache dir and process. No lock: two first requests racing may
-    both load it (harmless, the cache write is atomic); a lock would serialize every model."""
-    from engine import load_tokenizer
-
-    return load_tokenizer(model, cache_dir=cache_dir)
+def load_tokenizer_cached(model: str, cache_dir: Path) -> PromptTokenizer:
+    """The model's prompt tokenizer, loaded once per process (`tokenizers`, no torch)."""
+    return load_prompt_tokenizer(model, cache_dir)
 
 
 def check_context_length(settings: Settings, request: JobRequest, prompt_tokens: int) -> None:
