@@ -346,3 +346,13 @@ def test_a_private_url_refusal_names_the_setting_that_allows_it(sqlite_url, mode
                            headers=auth_for(settings))
     assert response.status_code == 422
     assert "GENQ_WEBHOOK_ALLOW_PRIVATE" in response.json["error"]["message"]
+
+
+def test_endpoint_events_may_be_named_as_in_the_payload(client, auth):
+    response = client.post("/v1/webhook-endpoints", headers=auth,
+                           json={"url": HOOK, "events": ["job.succeeded", "failed"]})
+    assert response.status_code == 201, response.json
+    assert response.json["events"] == ["succeeded", "failed"]
+    refused = client.post("/v1/webhook-endpoints", headers=auth,
+                          json={"url": HOOK, "events": ["job.started"]})
+    assert refused.status_code == 422
