@@ -127,18 +127,25 @@ def abuse(api: str, key: str, stop: threading.Event, figures: Figures, waits: in
     requests.post(f"{api}/v1/batches", headers=auth, timeout=30,
                   json={"input_file_id": upload["id"], "endpoint": "/v1/completions"})
 
+    # Each call is made again as soon as it ends; an answer that did not wait (a 202 past the
+    # tenant's wait slots, a 429) is made again after its Retry-After (1 s if none), as the
+    # openai client and well-behaved HTTP clients do.
     def wait_call() -> None:
         while not stop.is_set():
             response = requests.post(f"{api}/v1/jobs", timeout=90, json={
                 "prompt": "Tell a long story.", "max_tokens": 64},
                 headers=auth | {"Prefer": "wait=60"})
             figures.count(response)
+            if "Preference-Applied" not in response.headers:
+                time.sleep(float(response.headers.get("Retry-After", 1)))
 
     def completion_call() -> None:
         while not stop.is_set():
             response = requests.post(f"{api}/v1/completions", headers=auth, timeout=700,
                                      json={"prompt": "Once upon a time", "max_tokens": 64})
             figures.count(response)
+            if response.status_code == 429:
+                time.sleep(float(response.headers.get("Retry-After", 1)))
 
     for _ in range(waits):
         pool.submit(wait_call)
