@@ -60,3 +60,14 @@ def revoke_api_key(session: Session, key_id: str) -> dict | None:
 def _describe(key: ApiKey) -> dict:
     return {"id": key.id, "prefix": key.prefix, "created_at": key.created_at,
             "revoked_at": key.revoked_at}
+
+
+def active_key(session: Session, key: str) -> ApiKey | None:
+    """The key's row (id and tenant), None when unknown or revoked."""
+    return session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key),
+                                               ApiKey.revoked_at.is_(None)))
+
+
+def is_key_active(session: Session, key_id: str) -> bool:
+    key = session.get(ApiKey, key_id)
+    return key is not None and key.revoked_at is None

@@ -8,8 +8,14 @@ database lock from BEGIN IMMEDIATE) and counts the tenant's jobs of the last min
 inserts the new jobs in the same transaction. So one tenant's admissions are serialized across
 all API processes and hosts, concurrent submits never exceed a limit, and a rejection rolls
 back with nothing written. A bulk submit is admitted as a whole: N requests, the sum of their
-tokens, N more queued jobs. The window slides: it holds the jobs created in the last 60 s.
-Jobs of batch lines (batch_id set) are paced by the batch feeder's window and not counted here.
+tokens, N more queued jobs. The window slides: it holds the jobs admitted in the last 60 s.
+
+Batch lines go through the same function when the batch feeder moves them into its window
+(`admit(..., pace=True)`): they count against the same minute and the same queue, and when the
+tenant is at a limit the feeder enqueues fewer lines (or none) this round instead of failing
+the batch. A line over a per-job limit (`check_job_size`) is an error line, found at ingest.
+A job counts from its `admitted_at`: at submit for single and bulk jobs, at window entry for
+batch lines (an ingested line that waits for the window is not queued for the tenant yet).
 """
 
 from __future__ import annotations
@@ -68,16 +74,17 @@ def set_limits(session: Session, tenant_name: str, limits: TenantLimits) -> Tena
 
 
 # Built once: they run on submits, and on SQLite building one costs more than running it.
-_LOCK_TENANT_LIMITS = select(
+_TENANT_LIMITS = select(
     Tenant.requests_per_minute, Tenant.tokens_per_minute, Tenant.max_queued_jobs,
     Tenant.max_tokens_per_job,
-).where(Tenant.id == bindparam("tenant_id")).with_for_update()
+).where(Tenant.id == bindparam("tenant_id"))
+_LOCK_TENANT_LIMITS = _TENANT_LIMITS.with_for_update()
 _COUNT_QUEUED = select(func.count()).select_from(Job).where(
     Job.tenant_id == bindparam("tenant_id"), Job.status == JobStatus.QUEUED.value,
-    Job.batch_id.is_(None))
-_RECENT_JOBS = select(Job.created_at, func.coalesce(Job.admitted_tokens, 0)).where(
-    Job.tenant_id == bindparam("tenant_id"), Job.created_at > bindparam("since"),
-    Job.batch_id.is_(None)).order_by(Job.created_at)
+    Job.admitted_at.is_not(None))
+_RECENT_JOBS = select(Job.admitted_at, func.coalesce(Job.admitted_tokens, 0)).where(
+    Job.tenant_id == bindparam("tenant_id"), Job.admitted_at > bindparam("since"),
+    ).order_by(Job.admitted_at)
 
 
 @dataclass(frozen=True)
@@ -89,17 +96,24 @@ class JobCost:
     name: str | None = None  # the job's place in a bulk request (`jobs.3`), for its errors
 
 
-def admit(connection: Connection, tenant_id: str, costs: Sequence[JobCost]) -> None:
-    """Raise GenqError (429, or 422 for a request no wait can admit) unless all the jobs of
-    `costs` may be added now: a bulk submit is admitted whole or not at all. Call in the
-    transaction that then inserts the jobs."""
+def admit(connection: Connection, tenant_id: str, costs: Sequence[JobCost], *,
+          pace: bool = False) -> int:
+    """How many of the jobs of `costs` are admitted now; call in the transaction that then
+    inserts (or enqueues) them, and stamps their `admitted_at`.
+
+    Submits (pace=False): all of them, or raise GenqError (429, or 422 for a request no wait
+    can admit): a bulk submit is admitted whole or not at all.
+    The batch feeder (pace=True, sizes already checked at ingest): the longest prefix of
+    `costs` that fits the tenant's minute and queue now, maybe 0; never raises."""
     row = connection.execute(_LOCK_TENANT_LIMITS, {"tenant_id": tenant_id}).first()
     if row is None:
-        return
+        return len(costs)
     limits = TenantLimits(*row)
+    if pace:
+        return _fitting_prefix(connection, tenant_id, limits, costs, utcnow())
     for cost in costs:
         try:
-            _check_request_size(limits, cost.admitted_tokens, cost.max_tokens)
+            check_job_size(limits, cost.admitted_tokens, cost.max_tokens)
         except GenqError as error:
             if cost.name is None:
                 raise
@@ -111,10 +125,29 @@ def admit(connection: Connection, tenant_id: str, costs: Sequence[JobCost]) -> N
         _check_window(connection, tenant_id, limits, num_jobs, tokens, utcnow())
     if limits.max_queued_jobs is not None:
         _check_queue(connection, tenant_id, limits.max_queued_jobs, num_jobs)
+    return num_jobs
 
 
-def _check_request_size(limits: TenantLimits, admitted_tokens: int, max_tokens: int) -> None:
-    # Retrying cannot help these requests, so they are 422s, not 429s.
+def lock_tenant(connection: Connection, tenant_id: str) -> None:
+    """Serialize this tenant's admissions with the caller's transaction (its caps on files and
+    batches are counted, then written, under this lock)."""
+    connection.execute(_LOCK_TENANT_LIMITS, {"tenant_id": tenant_id})
+
+
+def check_cap(used: int, adding: int, cap: int, what: str, advice: str) -> None:
+    """429 when `adding` more would take the tenant past `cap` of `what`."""
+    if used + adding > cap:
+        raise GenqError(ErrorCode.RATE_LIMITED,
+                        f"this tenant has {used} {what} (limit {cap}); {advice}")
+
+
+def tenant_limits(connection: Connection, tenant_id: str) -> TenantLimits:
+    row = connection.execute(_TENANT_LIMITS, {"tenant_id": tenant_id}).first()
+    return TenantLimits() if row is None else TenantLimits(*row)
+
+
+def check_job_size(limits: TenantLimits, admitted_tokens: int, max_tokens: int) -> None:
+    """422 for one job over a per-job limit: retrying cannot help it, so it is no 429."""
     if limits.max_tokens_per_job is not None and max_tokens > limits.max_tokens_per_job:
         raise GenqError(ErrorCode.INVALID_REQUEST,
                         f"max_tokens is {max_tokens}; this tenant may ask for at most "
@@ -124,6 +157,28 @@ def _check_request_size(limits: TenantLimits, admitted_tokens: int, max_tokens: 
                         f"this request counts {admitted_tokens} tokens (prompt + max_tokens), "
                         f"over the tenant's {limits.tokens_per_minute} tokens per minute",
                         param="max_tokens")
+
+
+def _fitting_prefix(connection: Connection, tenant_id: str, limits: TenantLimits,
+                    costs: Sequence[JobCost], now: datetime) -> int:
+    requests_left = tokens_left = queue_left = math.inf
+    if limits.requests_per_minute is not None or limits.tokens_per_minute is not None:
+        recent = connection.execute(_RECENT_JOBS,
+                                    {"tenant_id": tenant_id, "since": now - WINDOW}).all()
+        if limits.requests_per_minute is not None:
+            requests_left = limits.requests_per_minute - len(recent)
+        if limits.tokens_per_minute is not None:
+            tokens_left = limits.tokens_per_minute - sum(tokens for _, tokens in recent)
+    if limits.max_queued_jobs is not None:
+        queue_left = limits.max_queued_jobs - connection.scalar(_COUNT_QUEUED,
+                                                                {"tenant_id": tenant_id})
+    admitted = 0
+    for cost in costs:
+        tokens_left -= cost.admitted_tokens
+        if admitted + 1 > min(requests_left, queue_left) or tokens_left < 0:
+            break
+        admitted += 1
+    return admitted
 
 
 def _check_bulk_size(limits: TenantLimits, num_jobs: int, tokens: int) -> None:

@@ -87,6 +87,7 @@ class Job(Base):
         Index("ix_jobs_batch_line", "batch_id", "batch_line"),
         Index("ix_jobs_batch_status", "batch_id", "status"),
         Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
+        Index("ix_jobs_tenant_admitted", "tenant_id", "admitted_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
@@ -103,6 +104,9 @@ class Job(Base):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
     # prompt_tokens + max_tokens at submit: what the tenant's tokens-per-minute window counts.
     admitted_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
+    # When the tenant's limits admitted it (genq.limits): at submit, or for a batch line when
+    # the batch feeder moves it into the window. None: a batch line still waiting outside it.
+    admitted_at: Mapped[datetime | None] = mapped_column(default=None)
     completion_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
@@ -267,7 +271,9 @@ class WebhookDelivery(Base):
     no live lease holds it; `lease_token` makes sure only the latest dispatch of it runs."""
 
     __tablename__ = "webhook_deliveries"
-    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+                      # the replays-per-minute cap (producer.webhooks)
+                      Index("ix_webhook_deliveries_tenant_created", "tenant_id", "created_at"))
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("dlv"))
     event_id: Mapped[str] = mapped_column(ForeignKey("webhook_events.id"), index=True)

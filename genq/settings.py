@@ -46,6 +46,20 @@ class Settings(BaseSettings):
     max_wait_seconds: int = 60
     api_workers: int = 2
     api_threads: int = 8
+    # Signs the dashboard's session cookie; every API process must share it. Empty: a random one
+    # kept in data_dir/secret_key (enough for one host).
+    secret_key: str = ""
+    # Retention (genq/retention.py): finished jobs, finished batches and old files are deleted
+    # after this many days; outbox rows once sent for this many hours (never before).
+    retention_job_days: float = Field(30.0, gt=0)
+    retention_outbox_sent_hours: float = Field(24.0, gt=0)
+    retention_sweep_seconds: float = Field(3600.0, gt=0)
+    # When set, GET /metrics needs `Authorization: Bearer <this>` (Prometheus: bearer_token).
+    metrics_token: str = ""
+    # Waits (`Prefer: wait`, synchronous completions) per API process: at most this many per
+    # tenant, and never on the last `api_threads_kept_free` request threads (health, polls).
+    max_waits_per_tenant: int = Field(4, ge=0)
+    api_threads_kept_free: int = Field(2, ge=1)
 
     # Worker and engine
     worker_concurrency: int = 32  # jobs in flight per worker process (engine max_num_seqs)
@@ -91,6 +105,10 @@ class Settings(BaseSettings):
     # Files and batches (issue 7). Uploads stream to data_dir/files; 413 beyond these limits.
     max_file_bytes: int = 200 * 1024 * 1024
     max_file_lines: int = 50_000
+    # Per-tenant caps (429 beyond them): uploaded files kept, their bytes, batches not finished.
+    max_files_per_tenant: int = Field(500, ge=1)
+    max_stored_bytes_per_tenant: int = Field(2 * 1024 * 1024 * 1024, ge=1)
+    max_open_batches_per_tenant: int = Field(8, ge=1)
     # The batch feeder keeps at most this many jobs of one batch queued or running, topping up
     # every interval, so a 50,000-line batch never floods the broker ahead of interactive jobs.
     batch_window_jobs: int = Field(256, ge=1)
@@ -108,6 +126,10 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = False
     webhook_poll_seconds: float = Field(1.0, gt=0)
     webhook_concurrency: int = Field(32, ge=1)  # HTTP requests in flight per webhook worker
+    # So that one slow receiver cannot take every webhook thread: attempts in flight per URL.
+    webhook_max_in_flight_per_url: int = Field(4, ge=1)
+    max_webhook_endpoints_per_tenant: int = Field(20, ge=1)
+    webhook_replays_per_minute: int = Field(30, ge=1)  # per tenant
     # After a secret rotation, deliveries carry both signatures for this long.
     webhook_secret_grace_seconds: float = Field(86400.0, ge=0)
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from enum import Enum
+from typing import Annotated, Any, Literal
 
+from pydantic import BeforeValidator
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
@@ -24,6 +26,17 @@ from genq.states import TERMINAL_STATES, JobStatus
 EVENT_STATES = (JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED,
                 JobStatus.EXPIRED)
 DEFAULT_EVENTS = [state.value for state in EVENT_STATES if state in TERMINAL_STATES]
+EVENT_PREFIX = "job."
+
+
+def _short_event_name(name: Any) -> Any:
+    """`job.succeeded` (the name in the payload's `type`) means `succeeded`."""
+    return name.removeprefix(EVENT_PREFIX) if isinstance(name, str) else name
+
+
+# An event a webhook asks for, by its short name or as the payload names it; stored short.
+WebhookEventName = Annotated[Literal["running", "succeeded", "failed", "canceled", "expired"],
+                             BeforeValidator(_short_event_name)]
 
 
 class DeliveryStatus(str, Enum):
@@ -42,7 +55,7 @@ class Listeners:
 
 
 def event_type(state: JobStatus) -> str:
-    return f"job.{state.value}"
+    return f"{EVENT_PREFIX}{state.value}"
 
 
 def record_job_event(session: Session, job_id: str, state: JobStatus,

@@ -27,12 +27,23 @@ BLOCKED_NETWORKS = [ipaddress.ip_network(net) for net in (
     "::1/128", "::/128",
     "fc00::/7",         # unique local
     "fe80::/10",        # link-local
+    "fec0::/10",        # site-local (deprecated, still routed inside some networks)
+    "64:ff9b:1::/48",   # local-use NAT64 (RFC 8215): never global, wherever the IPv4 sits
     "ff00::/8",         # multicast
     "fd00:ec2::254/128",  # AWS metadata over IPv6 (inside fc00::/7, named for the reader)
 )]
-# Forms that embed an IPv4 address in an IPv6 one; the embedded address is checked too.
-NAT64_NETWORK = ipaddress.ip_network("64:ff9b::/96")
+# Forms that carry an IPv4 address in their last 32 bits; the embedded address is checked too.
+EMBEDDING_NETWORKS = [ipaddress.ip_network(net) for net in (
+    "::/96",            # IPv4-compatible (deprecated): ::127.0.0.1
+    "::ffff:0:0/96",    # IPv4-mapped
+    "::ffff:0:0:0/96",  # IPv4-translated (SIIT): ::ffff:0:7f00:1
+    "64:ff9b::/96",     # well-known NAT64
+)]
+# ISATAP interface identifiers (…:0:5efe:a.b.c.d, …:200:5efe:a.b.c.d) under any prefix.
+_ISATAP_MARKERS = (0x00005EFE, 0x02005EFE)
 # What inet_aton accepts besides dotted quads: 2130706433, 0x7f.1, 0177.0.0.1, 127.1.
+# For local development; named in the refusal so a newcomer finds it.
+ALLOW_PRIVATE_HINT = "set GENQ_WEBHOOK_ALLOW_PRIVATE=true to allow private targets"
 _IPV4_SHORTHAND = re.compile(r"^(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+)){0,3}$", re.I)
 
 
@@ -60,15 +71,22 @@ class WebhookTarget:
 def is_forbidden(address: IPAddress) -> bool:
     """True for any address that is not a public unicast one, directly or embedded."""
     if isinstance(address, ipaddress.IPv6Address):
-        embedded = address.ipv4_mapped or address.sixtofour or (
-            ipaddress.IPv4Address(int(address) & 0xFFFFFFFF) if address in NAT64_NETWORK
-            else None)
-        if embedded is not None and is_forbidden(embedded):
+        if any(is_forbidden(embedded) for embedded in _embedded_ipv4(address)):
             return True
         if address.teredo and any(is_forbidden(part) for part in address.teredo):
             return True
     return (any(address in net for net in BLOCKED_NETWORKS if net.version == address.version)
             or not address.is_global or address.is_multicast)
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """Every IPv4 address that this IPv6 address may carry to an IPv4 host."""
+    low32 = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    embedded = [part for part in (address.sixtofour,) if part is not None]
+    if (any(address in net for net in EMBEDDING_NETWORKS)
+            or (int(address) >> 32) & 0xFFFFFFFF in _ISATAP_MARKERS):
+        embedded.append(low32)
+    return embedded
 
 
 def parse_webhook_url(url: str, allow_private: bool) -> WebhookTarget:
@@ -94,7 +112,8 @@ def parse_webhook_url(url: str, allow_private: bool) -> WebhookTarget:
     if literal is not None:
         host = str(literal)
         if not allow_private and is_forbidden(literal):
-            raise WebhookUrlError(f"{parts.hostname} is a private or reserved address")
+            raise WebhookUrlError(f"{parts.hostname} is a private or reserved address "
+                                  f"({ALLOW_PRIVATE_HINT})")
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return WebhookTarget(parts.scheme, host, port or (443 if parts.scheme == "https" else 80),
                          path)
@@ -126,9 +145,9 @@ def resolve(url: str, allow_private: bool) -> WebhookTarget:
         raise WebhookUrlError(f"cannot resolve {target.host}: {exc.strerror}") from None
     addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
     if not allow_private:
-        forbidden = [str(a) for a in addresses if is_forbidden(a)]
-        if forbidden:
-            raise WebhookUrlError(
-                f"{target.host} resolves to a private or reserved address ({forbidden[0]})")
+        # The message names no address: a tenant must not learn the internal network's layout.
+        if any(is_forbidden(address) for address in addresses):
+            raise WebhookUrlError(f"{target.host} resolves to a private or reserved address "
+                                  f"({ALLOW_PRIVATE_HINT})")
     return WebhookTarget(target.scheme, target.host, target.port, target.path,
                          str(addresses[0]))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from genq.batch_states import BatchStatus
 from genq.batch_store import transition_batch, transition_batch_jobs
 from genq.errors import ErrorCode, GenqError
 from genq.job_store import RUN_JOB_OUTBOX_KIND
+from genq.limits import JobCost, TenantLimits, admit, check_job_size, tenant_limits
 from genq.model_catalog import resolve_model
 from genq.models import Batch, File, Job, Outbox, new_id, utcnow
 from genq.queues import queue_for
@@ -38,6 +39,7 @@ from producer.batch_lines import ParsedLine, parse_batch_file
 from producer.batch_results import write_result_files
 from producer.files import files_dir
 from producer.publisher import publish_job
+from producer.submit import check_context_length, count_prompt_tokens, count_tokens
 
 log = logging.getLogger(__name__)
 
@@ -144,23 +146,31 @@ def advance_batch(settings: Settings, batch: Batch) -> None:
 
 
 def top_up_window(settings: Settings, batch: Batch) -> int:
-    """Enqueue the next lines so that at most `batch_window_jobs` of the batch are queued on
-    the broker or running; returns how many were enqueued."""
+    """Enqueue the next lines so that at most `batch_window_jobs` lines of the tenant's batches
+    are queued on the broker or running, and no more than the tenant's limits admit now (they
+    pace the window: a tenant at its limit gets fewer lines, or none, this round); returns how
+    many were enqueued. The window is the tenant's, not the batch's: N open batches of one
+    tenant do not put N windows ahead of other tenants' lines."""
     url = settings.database_url_resolved
     with db.transaction(url) as session:
         cursor = session.scalar(select(Batch.enqueued_through_line).where(Batch.id == batch.id))
-        in_flight = session.scalar(select(func.count()).where(
-            Job.batch_id == batch.id, Job.batch_line <= cursor,
-            Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value])))
+        in_flight = session.scalar(
+            select(func.count()).select_from(Job).join(Batch, Job.batch_id == Batch.id).where(
+                Batch.tenant_id == batch.tenant_id,
+                Batch.status == BatchStatus.IN_PROGRESS.value, Job.admitted_at.is_not(None),
+                Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value])))
         room = settings.batch_window_jobs - in_flight
         if room <= 0:
             return 0
         lines = session.execute(
-            select(Job.id, Job.batch_line, Job.model)
+            select(Job.id, Job.batch_line, Job.model, Job.admitted_tokens, Job.sampling_params)
             .where(Job.batch_id == batch.id, Job.batch_line > cursor,
                    Job.status == JobStatus.QUEUED.value)
             .order_by(Job.batch_line).limit(room)
         ).all()
+        costs = [JobCost(line.admitted_tokens or 0, _max_tokens(line.sampling_params))
+                 for line in lines]
+        lines = lines[:admit(session.connection(), batch.tenant_id, costs, pace=True)]
         if not lines:
             return 0
         # Compare-and-set on the cursor: of two feeders topping up at once, one wins.
@@ -172,16 +182,23 @@ def top_up_window(settings: Settings, batch: Batch) -> int:
         ).rowcount == 1
         if not moved:
             return 0
+        now = utcnow()
+        session.execute(update(Job).where(Job.id.in_([line.id for line in lines]))
+                        .values(admitted_at=now))
         # Share level 0 (the default) for every line: the window already shares the batch
-        # class among batches, since each has at most `batch_window_jobs` messages waiting.
-        messages = [(job_id, queue_for(model, Priority.BATCH)) for job_id, _, model in lines]
+        # class among tenants, since each has at most `batch_window_jobs` messages waiting.
+        messages = [(line.id, queue_for(line.model, Priority.BATCH)) for line in lines]
         session.execute(insert(Outbox), [
             {"kind": RUN_JOB_OUTBOX_KIND, "job_id": job_id, "queue": queue,
-             "created_at": utcnow(), "publish_attempts": 0}
+             "created_at": now, "publish_attempts": 0}
             for job_id, queue in messages
         ])
     _publish(settings, messages)
     return len(lines)
+
+
+def _max_tokens(sampling_params: dict[str, Any]) -> int:
+    return int(sampling_params.get("max_tokens") or 0)
 
 
 def finalize_batch(settings: Settings, batch: Batch) -> None:
@@ -223,10 +240,12 @@ def _publish(settings: Settings, messages: list[tuple[str, str]]) -> None:
 def _insert_lines(settings: Settings, batch: Batch, lines: Iterable[ParsedLine]) -> int:
     """Bulk-insert one job row per line, INGEST_CHUNK_LINES per transaction; a bad line becomes
     a `failed` row whose error the error file reports. Returns the number of lines."""
+    with db.session_factory(settings.database_url_resolved)() as session:
+        limits = tenant_limits(session.connection(), batch.tenant_id)
     total = 0
     rows: list[dict[str, Any]] = []
     for parsed in lines:
-        rows.append(_job_row(settings, batch, parsed))
+        rows.append(_job_row(settings, batch, parsed, limits))
         total += 1
         if len(rows) == INGEST_CHUNK_LINES:
             _insert_rows(settings, rows)
@@ -235,7 +254,8 @@ def _insert_lines(settings: Settings, batch: Batch, lines: Iterable[ParsedLine])
     return total
 
 
-def _job_row(settings: Settings, batch: Batch, parsed: ParsedLine) -> dict[str, Any]:
+def _job_row(settings: Settings, batch: Batch, parsed: ParsedLine,
+             limits: TenantLimits) -> dict[str, Any]:
     now = utcnow()
     row: dict[str, Any] = {
         "id": new_id("job"), "tenant_id": batch.tenant_id, "priority": Priority.BATCH.value,
@@ -250,16 +270,29 @@ def _job_row(settings: Settings, batch: Batch, parsed: ParsedLine) -> dict[str, 
         except GenqError as exc:
             request, error = None, f"invalid body: {exc.message}"
     if request is None:
-        return row | {"status": JobStatus.FAILED.value, "finished_at": now,
-                      "error_code": ErrorCode.INVALID_REQUEST.value,
-                      "error_message": f"line {parsed.number}: {error}"}
-    return row | {
+        return row | _failed(now, ErrorCode.INVALID_REQUEST, f"line {parsed.number}: {error}")
+    row |= {
         "status": JobStatus.QUEUED.value, "prompt": request.prompt,
         "messages": None if request.messages is None
         else [message.model_dump() for message in request.messages],
         "sampling_params": request.sampling_params(), "metadata_": request.metadata,
         "deadline_at": batch.expires_at,
     }
+    # The checks of a single submit, line by line: a line over a per-job limit is an error
+    # line with its reason (its request is kept, so a retry after the limit is raised runs it).
+    try:
+        prompt_tokens = count_prompt_tokens(settings, row["model"], request)
+        check_context_length(settings, request, prompt_tokens)
+        check_job_size(limits, prompt_tokens + request.max_tokens, request.max_tokens)
+    except GenqError as exc:
+        return row | _failed(now, exc.code, f"line {parsed.number}: {exc.message}")
+    return row | {"prompt_tokens": prompt_tokens,
+                  "admitted_tokens": prompt_tokens + request.max_tokens}
+
+
+def _failed(now: datetime, code: ErrorCode, message: str) -> dict[str, Any]:
+    return {"status": JobStatus.FAILED.value, "finished_at": now, "error_code": code.value,
+            "error_message": message}
 
 
 def _insert_rows(settings: Settings, rows: list[dict[str, Any]]) -> None:
@@ -271,6 +304,8 @@ def _insert_rows(settings: Settings, rows: list[dict[str, Any]]) -> None:
 def _copy_retried_lines(settings: Settings, batch: Batch) -> int:
     """Copy the source batch's failed or expired lines that carry a request, page by page."""
     url, after, total = settings.database_url_resolved, 0, 0
+    with db.session_factory(url)() as session:
+        limits = tenant_limits(session.connection(), batch.tenant_id)
     runnable = (Job.prompt.is_not(None)) | (Job.messages.is_not(None))
     while True:
         with db.session_factory(url)() as session:
@@ -283,20 +318,32 @@ def _copy_retried_lines(settings: Settings, batch: Batch) -> int:
             ).all()
         if not jobs:
             return total
-        _insert_rows(settings, [_retry_row(batch, job) for job in jobs])
+        _insert_rows(settings, [_retry_row(settings, batch, job, limits) for job in jobs])
         total += len(jobs)
         after = jobs[-1].batch_line
 
 
-def _retry_row(batch: Batch, job: Job) -> dict[str, Any]:
-    return {
+def _retry_row(settings: Settings, batch: Batch, job: Job,
+               limits: TenantLimits) -> dict[str, Any]:
+    now = utcnow()
+    row = {
         "id": new_id("job"), "tenant_id": batch.tenant_id, "status": JobStatus.QUEUED.value,
         "priority": Priority.BATCH.value, "model": job.model, "prompt": job.prompt,
         "messages": job.messages, "sampling_params": job.sampling_params,
         "metadata_": job.metadata_, "batch_id": batch.id, "custom_id": job.custom_id,
-        "batch_line": job.batch_line, "created_at": utcnow(), "attempts": 0,
+        "batch_line": job.batch_line, "created_at": now, "attempts": 0,
         "deadline_at": batch.expires_at,
     }
+    # Checked again: the line may have failed for a limit since raised (or lowered).
+    max_tokens = _max_tokens(job.sampling_params)
+    prompt_tokens = job.prompt_tokens
+    if prompt_tokens is None:
+        prompt_tokens = count_tokens(settings, job.model, job.prompt, job.messages)
+    try:
+        check_job_size(limits, prompt_tokens + max_tokens, max_tokens)
+    except GenqError as exc:
+        return row | _failed(now, exc.code, f"line {job.batch_line}: {exc.message}")
+    return row | {"prompt_tokens": prompt_tokens, "admitted_tokens": prompt_tokens + max_tokens}
 
 
 def _strict_errors(path: Path, endpoint: str) -> list[dict[str, Any]]:

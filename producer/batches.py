@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from genq import db
 from genq.batch_states import BatchStatus
 from genq.batch_store import transition_batch, transition_batch_jobs
 from genq.errors import ErrorCode, GenqError
+from genq.limits import check_cap, lock_tenant
 from genq.models import Batch, utcnow
 from genq.settings import Settings
 from genq.states import JobStatus
@@ -97,6 +98,13 @@ def _insert_batch(settings: Settings, tenant_id: str, endpoint: str, input_file_
     error_file = new_generated_file(tenant_id, "batch_errors.jsonl")
     now = utcnow()
     with db.transaction(settings.database_url_resolved) as session:
+        lock_tenant(session.connection(), tenant_id)
+        open_batches = session.scalar(select(func.count()).select_from(Batch).where(
+            Batch.tenant_id == tenant_id,
+            Batch.status.in_([status.value for status in BatchStatus
+                              if not status.is_terminal])))
+        check_cap(open_batches, 1, settings.max_open_batches_per_tenant, "open batches",
+                  "wait for one to finish or cancel one")
         session.add_all([output_file, error_file])
         session.flush()
         batch = Batch(

@@ -11,24 +11,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 
 from genq import db
 from genq.batch_states import BatchStatus
 from genq.errors import ErrorCode, GenqError
+from genq.limits import check_cap, lock_tenant
 from genq.models import Batch, File, new_id, utcnow
+from genq.retention import files_dir
 from genq.settings import Settings
 
 PURPOSE_BATCH = "batch"
 PURPOSE_BATCH_OUTPUT = "batch_output"
 READ_CHUNK_BYTES = 1024 * 1024
 MAX_LISTED_FILES = 100
-
-
-def files_dir(settings: Settings) -> Path:
-    directory = (settings.data_dir / "files").resolve()
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
 
 
 class LineCountingFile(io.FileIO):
@@ -70,6 +66,15 @@ def record_upload(settings: Settings, tenant_id: str, file_id: str, filename: st
                 filename=filename or "upload.jsonl", bytes=stored.bytes_written,
                 line_count=stored.line_count, path=Path(stored.name).name)
     with db.transaction(settings.database_url_resolved) as session:
+        lock_tenant(session.connection(), tenant_id)
+        count, stored_bytes = session.execute(
+            select(func.count(), func.coalesce(func.sum(File.bytes), 0)).where(
+                File.tenant_id == tenant_id, File.purpose == PURPOSE_BATCH,
+                File.deleted_at.is_(None))).one()
+        advice = "delete files you no longer need (DELETE /v1/files/{id})"
+        check_cap(count, 1, settings.max_files_per_tenant, "files", advice)
+        check_cap(stored_bytes, file.bytes, settings.max_stored_bytes_per_tenant,
+                  "bytes in files", advice)
         session.add(file)
     return file
 

@@ -80,6 +80,7 @@ def new_job(tenant_id: str, request: JobRequest, model: str, prompt_tokens: int,
         "webhook_events": request.webhook_events
         or (None if request.webhook_url is None else DEFAULT_EVENTS),
         "created_at": now,
+        "admitted_at": now,
     }
     return NewJob(row, model, request.priority,
                   JobCost(admitted_tokens, request.max_tokens, name))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -14,6 +15,9 @@ from genq.settings import Settings
 from genq.states import JobStatus
 
 MAX_LIST_LIMIT = 100
+# A canceled running job's partial output is awaited this many worker cancel polls (+1 s).
+PARTIAL_OUTPUT_POLLS = 3
+PARTIAL_OUTPUT_CHECK_SECONDS = 0.05
 DEFAULT_LIST_LIMIT = 20
 
 
@@ -55,8 +59,10 @@ def list_jobs(
 
 def cancel_job(settings: Settings, tenant_id: str, job_id: str) -> Job:
     """A queued job is canceled at once. A running one is marked canceled here; its worker sees
-    that on its next cancel poll, aborts it in the engine and keeps the partial output."""
-    get_job(settings, tenant_id, job_id)  # 404 for unknown ids and other tenants' jobs
+    that on its next cancel poll, aborts it in the engine and stores the partial output. The
+    answer waits for that (a few cancel polls at most), so it is the job as it stays; if the
+    worker is gone meanwhile, `output` stays null."""
+    was_running = get_job(settings, tenant_id, job_id).status == JobStatus.RUNNING.value
     with db.transaction(settings.database_url_resolved) as session:
         canceled = transition(session, job_id, JobStatus.CANCELED)
     job = get_job(settings, tenant_id, job_id)
@@ -64,4 +70,8 @@ def cancel_job(settings: Settings, tenant_id: str, job_id: str) -> Job:
         raise GenqError(ErrorCode.CONFLICT,
                         f"job {job_id!r} is already {job.status} and cannot be canceled",
                         param="id")
+    deadline = time.monotonic() + PARTIAL_OUTPUT_POLLS * settings.cancel_poll_seconds + 1.0
+    while was_running and job.output_text is None and time.monotonic() < deadline:
+        time.sleep(PARTIAL_OUTPUT_CHECK_SECONDS)
+        job = get_job(settings, tenant_id, job_id)
     return job

@@ -8,7 +8,6 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from genq.models import Job, Outbox, utcnow
 from genq.settings import Settings
 from producer.breakers import broker_breaker, require
 from producer.job_rows import NewJob, OutboxMessage, WrittenJob, insert_jobs, new_job
+from producer.prompt_tokens import PromptTokenizer, load_prompt_tokenizer
 from producer.publisher import publish_jobs
 from producer.schemas import MAX_JOBS_PER_BULK, JobRequest
 from producer.sent_marks import sent_marker
@@ -103,7 +103,7 @@ def _validated_job(settings: Settings, tenant_id: str, request: JobRequest, mode
                    name: str | None = None, idempotency_key: str | None = None,
                    request_hash: str | None = None) -> NewJob:
     prompt_tokens = count_prompt_tokens(settings, model, request)
-    _check_context_length(settings, request, prompt_tokens)
+    check_context_length(settings, request, prompt_tokens)
     check_job_webhook(settings, tenant_id, request)
     return new_job(tenant_id, request, model, prompt_tokens, utcnow(), name=name,
                    idempotency_key=idempotency_key, request_hash=request_hash)
@@ -151,27 +151,25 @@ def publish_outbox_rows(settings: Settings, rows: Sequence[OutboxMessage]) -> bo
 
 def count_prompt_tokens(settings: Settings, model: str, request: JobRequest) -> int:
     """Tokens of the prompt as the engine will see it (chat rendered with the model's template)."""
+    messages = None if request.messages is None else [m.model_dump() for m in request.messages]
+    return count_tokens(settings, model, request.prompt, messages)
+
+
+def count_tokens(settings: Settings, model: str, prompt: str | None,
+                 messages: list[dict[str, Any]] | None) -> int:
+    """Tokens of a prompt, or of chat messages rendered with the model's template."""
     tokenizer = load_tokenizer_cached(model, settings.model_cache_dir_resolved)
-    if request.messages is not None:
-        text = tokenizer.apply_chat_template(
-            [message.model_dump() for message in request.messages],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        return len(tokenizer.encode(text, add_special_tokens=False))
-    return len(tokenizer.encode(request.prompt))
+    if messages is not None:
+        return tokenizer.count_chat(messages)
+    return tokenizer.count(prompt)
 
 
-@cache
-def load_tokenizer_cached(model: str, cache_dir: Path) -> Any:
-    """One tokenizer per model, cache dir and process. No lock: two first requests racing may
-    both load it (harmless, the cache write is atomic); a lock would serialize every model."""
-    from engine import load_tokenizer
-
-    return load_tokenizer(model, cache_dir=cache_dir)
+def load_tokenizer_cached(model: str, cache_dir: Path) -> PromptTokenizer:
+    """The model's prompt tokenizer, loaded once per process (`tokenizers`, no torch)."""
+    return load_prompt_tokenizer(model, cache_dir)
 
 
-def _check_context_length(settings: Settings, request: JobRequest, prompt_tokens: int) -> None:
+def check_context_length(settings: Settings, request: JobRequest, prompt_tokens: int) -> None:
     if prompt_tokens + request.max_tokens > settings.max_model_len:
         raise GenqError(
             ErrorCode.CONTEXT_LENGTH_EXCEEDED,

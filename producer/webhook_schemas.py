@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from genq.job_view import unix_seconds
 from genq.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookSecret
-from producer.schemas import WebhookEventName, WebhookUrl, stored_text
+from genq.webhook_events import WebhookEventName
+from producer.schemas import WebhookUrl, stored_text
 
 MAX_LIST_LIMIT = 100
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from genq import db
 from genq.errors import ErrorCode, GenqError
+from genq.limits import check_cap, lock_tenant
 from genq.models import (
     Job,
     SigningSecrets,
@@ -79,6 +80,11 @@ def create_endpoint(settings: Settings, tenant_id: str,
                                description=request.description, enabled=True,
                                secret=new_secret())
     with db.transaction(settings.database_url_resolved) as session:
+        lock_tenant(session.connection(), tenant_id)
+        count = session.scalar(select(func.count()).select_from(WebhookEndpoint).where(
+            WebhookEndpoint.tenant_id == tenant_id, WebhookEndpoint.deleted_at.is_(None)))
+        check_cap(count, 1, settings.max_webhook_endpoints_per_tenant, "webhook endpoints",
+                  "delete one you no longer need")
         session.add(endpoint)
     return EndpointResponse.from_endpoint(endpoint, show_secret=True)
 
@@ -148,6 +154,12 @@ def get_delivery(settings: Settings, tenant_id: str, delivery_id: str) -> Delive
 def replay_delivery(settings: Settings, tenant_id: str, delivery_id: str) -> DeliveryResponse:
     """Send a delivery's event to its target again: a new delivery, the same `webhook-id`."""
     with db.transaction(settings.database_url_resolved) as session:
+        lock_tenant(session.connection(), tenant_id)
+        replays = session.scalar(select(func.count()).select_from(WebhookDelivery).where(
+            WebhookDelivery.tenant_id == tenant_id, WebhookDelivery.replay_of.is_not(None),
+            WebhookDelivery.created_at > utcnow() - timedelta(minutes=1)))
+        check_cap(replays, 1, settings.webhook_replays_per_minute, "replays in the last minute",
+                  "retry in a minute")
         original = _delivery(session, tenant_id, delivery_id)
         if original.endpoint_id is not None:
             endpoint = session.get(WebhookEndpoint, original.endpoint_id)

@@ -22,6 +22,7 @@ from results_api import (
     jobs,
     metrics,
     models_api,
+    waits,
     webhooks,
 )
 from results_api.errors import register_error_handlers
@@ -42,8 +43,9 @@ def create_app(config: dict | None = None) -> Flask:
     register_error_handlers(app)
     metrics.init_app(app)  # first: its after_request hook sees every response
     breakers.init_app(app)
+    waits.init_app(app, settings)
     app.before_request(_refuse_nul_in_url)
-    app.register_blueprint(dashboard.bp)
+    dashboard.init_app(app, settings)
     app.register_blueprint(models_api.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(health.bp)

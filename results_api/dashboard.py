@@ -3,31 +3,72 @@ priority class and per model, and live workers (all tenants, counts only), the s
 tenant's recent jobs and batches, and throughput and latency charts of the last hour (Chart.js,
 vendored in static/).
 
-A browser cannot send a Bearer header, so the page also takes the API key from an HttpOnly,
-SameSite=Strict cookie set by its sign-in form.
+A browser cannot send a Bearer header, so the sign-in form starts a session: a signed,
+HttpOnly, SameSite=Strict cookie holding the key's id (never the key), checked against the
+database on each page so a revoked key ends it. The form carries a CSRF token tied to the
+session, and every dashboard page forbids framing (X-Frame-Options, CSP frame-ancestors).
 """
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, redirect, render_template, request, url_for
+import hmac
+import os
+import secrets
+from datetime import timedelta
+from pathlib import Path
+
+from flask import Blueprint, Flask, Response, redirect, render_template, request, session, url_for
 
 from genq import db, fleet, model_catalog
-from genq.api_keys import tenant_id_for_key
+from genq.api_keys import active_key, is_key_active
+from genq.errors import ErrorCode, GenqError
+from genq.settings import Settings
 from genq.states import JobStatus, Priority
 from results_api.context import current_settings
 
-KEY_COOKIE = "genq_dashboard_key"
-COOKIE_MAX_AGE_SECONDS = 8 * 3600
+SESSION_COOKIE = "genq_dashboard"
+SESSION_MAX_AGE = timedelta(hours=8)
+CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; object-src 'none'; "
+                           "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
 bp = Blueprint("dashboard", __name__)
 
 
+def init_app(app: Flask, settings: Settings) -> None:
+    app.secret_key = settings.secret_key or _local_secret(settings.data_dir)
+    app.config.update(SESSION_COOKIE_NAME=SESSION_COOKIE, SESSION_COOKIE_HTTPONLY=True,
+                      SESSION_COOKIE_SAMESITE="Strict", SESSION_COOKIE_PATH="/dashboard",
+                      PERMANENT_SESSION_LIFETIME=SESSION_MAX_AGE)
+    app.register_blueprint(bp)
+
+
+def _local_secret(data_dir: Path) -> str:
+    """A random secret kept in the data dir (mode 0600), made on first use."""
+    path = data_dir / "secret_key"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another API process made it first
+            return path.read_text().strip()
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_urlsafe(48))
+    return path.read_text().strip()
+
+
+@bp.after_request
+def _forbid_framing(response: Response) -> Response:
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    return response
+
+
 @bp.get("/dashboard")
 def dashboard() -> str | tuple[str, int]:
-    tenant_id = _tenant_id(_key_from_request())
+    tenant_id = _tenant_id()
     if tenant_id is None:
         # 200, not 401: the sign-in form is a page a browser should show without complaint.
-        return render_template("dashboard_sign_in.html", failed=False), 200
+        return _sign_in_form(failed=False), 200
     settings = current_settings()
     with db.session_factory(settings.database_url_resolved)() as session:
         counts = fleet.job_counts(session)
@@ -51,27 +92,36 @@ def dashboard() -> str | tuple[str, int]:
 
 @bp.post("/dashboard/sign-in")
 def sign_in() -> Response | tuple[str, int]:
-    key = request.form.get("key", "").strip()
-    if _tenant_id(key) is None:
-        return render_template("dashboard_sign_in.html", failed=True), 401
-    response = redirect(url_for("dashboard.dashboard"))
-    response.set_cookie(KEY_COOKIE, key, max_age=COOKIE_MAX_AGE_SECONDS, httponly=True,
-                        samesite="Strict", secure=request.is_secure, path="/dashboard")
-    return response
+    expected = session.get("csrf", "")
+    if not expected or not hmac.compare_digest(expected, request.form.get("csrf_token", "")):
+        raise GenqError(ErrorCode.INVALID_REQUEST, "the sign-in form expired or did not come "
+                        "from this dashboard; reload it and sign in again", param="csrf_token")
+    with db.session_factory(current_settings().database_url_resolved)() as db_session:
+        key = active_key(db_session, request.form.get("key", "").strip())
+    if key is None:
+        return _sign_in_form(failed=True), 401
+    session.clear()  # a new session on sign-in: no fixation
+    session.permanent = True
+    session.update(key_id=key.id, tenant_id=key.tenant_id)
+    return redirect(url_for("dashboard.dashboard"))
 
 
-def _key_from_request() -> str:
-    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and key.strip():
-        return key.strip()
-    return request.cookies.get(KEY_COOKIE, "")
+def _sign_in_form(failed: bool) -> str:
+    session.setdefault("csrf", secrets.token_urlsafe(24))
+    return render_template("dashboard_sign_in.html", failed=failed, csrf_token=session["csrf"])
 
 
-def _tenant_id(key: str) -> str | None:
-    if not key:
-        return None
-    with db.session_factory(current_settings().database_url_resolved)() as session:
-        return tenant_id_for_key(session, key)
+def _tenant_id() -> str | None:
+    """The tenant of a Bearer key, or of the session's key while that key is not revoked."""
+    scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
+    with db.session_factory(current_settings().database_url_resolved)() as db_session:
+        if scheme.lower() == "bearer" and bearer.strip():
+            key = active_key(db_session, bearer.strip())
+            return None if key is None else key.tenant_id
+        key_id = session.get("key_id")
+        if key_id is None or not is_key_active(db_session, key_id):
+            return None
+    return session.get("tenant_id")
 
 
 def _queues(counts: list[fleet.JobCount]) -> list[dict]:

@@ -3,7 +3,6 @@ cancel."""
 
 from __future__ import annotations
 
-import time
 from typing import TypeVar
 
 from flask import Blueprint, Response, jsonify, request
@@ -16,8 +15,9 @@ from producer.jobs import DEFAULT_LIST_LIMIT, cancel_job, get_job, list_jobs
 from producer.schemas import BulkJobRequest, BulkJobResponse, JobList, JobRequest, JobResponse
 from producer.submit import submit_job, submit_jobs
 from results_api.context import authenticate, current_settings, current_tenant_id, limit_arg
+from results_api.waits import WAIT_POLL_SECONDS as WAIT_POLL_SECONDS  # completions.py's import
+from results_api.waits import wait_for_job, wait_slot
 
-WAIT_POLL_SECONDS = 0.1
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
 Body = TypeVar("Body", JobRequest, BulkJobRequest)
@@ -43,12 +43,16 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     settings = current_settings()
     job_request = _parsed_body(JobRequest)
     wait_seconds = _prefer_wait(request.headers.get("Prefer"), settings.max_wait_seconds)
-    result = submit_job(settings, current_tenant_id(), job_request, _idempotency_key())
+    tenant_id = current_tenant_id()
+    result = submit_job(settings, tenant_id, job_request, _idempotency_key())
     job, status = result.job, 202 if result.created else 200
     headers = {"Location": f"/v1/jobs/{job.id}"}
     if wait_seconds is not None:
-        job = _wait_until_finished(job, wait_seconds)
-        headers["Preference-Applied"] = f"wait={wait_seconds}"
+        # Beyond the tenant's wait slots the preference is ignored: 202 now, poll the Location.
+        with wait_slot(tenant_id) as may_wait:
+            if may_wait:
+                job = wait_for_job(settings, tenant_id, job, wait_seconds)
+                headers["Preference-Applied"] = f"wait={wait_seconds}"
         if JobStatus(job.status).is_terminal:
             status = 200
     return _job_response(job, status, headers)
@@ -129,15 +133,6 @@ def _prefer_wait(header: str | None, max_wait: int) -> int | None:
                             param="Prefer")
         return int(value)
     return None
-
-
-def _wait_until_finished(job: Job, seconds: int) -> Job:
-    settings, tenant_id = current_settings(), current_tenant_id()
-    deadline = time.monotonic() + seconds
-    while not JobStatus(job.status).is_terminal and time.monotonic() < deadline:
-        time.sleep(min(WAIT_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
-        job = get_job(settings, tenant_id, job.id)
-    return job
 
 
 def _status_arg() -> JobStatus | None:

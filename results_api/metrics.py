@@ -9,6 +9,7 @@ process, as in the tests) the counters are collected in memory.
 
 from __future__ import annotations
 
+import hmac
 import time
 
 from flask import Blueprint, Flask, Response, current_app, g, request
@@ -21,6 +22,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from genq.errors import ErrorCode, GenqError
 from genq.metrics import DatabaseCollector, multiprocess_enabled
 
 HTTP_REQUESTS = Counter("genq_http_requests", "HTTP requests answered by the API.",
@@ -35,6 +37,12 @@ bp = Blueprint("metrics", __name__)
 
 @bp.get("/metrics")
 def metrics() -> Response:
+    token = current_app.config["GENQ_SETTINGS"].metrics_token
+    if token:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
+            raise GenqError(ErrorCode.UNAUTHORIZED,
+                            "/metrics needs `Authorization: Bearer <GENQ_METRICS_TOKEN>`")
     registry: CollectorRegistry = current_app.extensions["genq_metrics_registry"]
     return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 

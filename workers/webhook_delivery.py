@@ -1,5 +1,9 @@
-"""One webhook attempt: claim the delivery, check and resolve its URL, sign, POST (15 s, no
-redirects) to the address that was checked, log the attempt, then decide what comes next.
+"""One webhook attempt: claim the delivery, check and resolve its URL, sign, POST (15 s in all,
+no redirects) to the address that was checked, log the attempt, then decide what comes next.
+
+The 15 s (`webhook_timeout_seconds`) is a wall-clock deadline for the whole attempt: urllib3's
+timeouts bound each socket read, so a receiver trickling a byte a second would hold the thread
+for ever; at the deadline the socket is shut down under the read.
 
 2xx: delivered. 410 Gone: failed, and a registered endpoint is disabled. 429/503 with
 Retry-After: retried after that long. Any other answer, a timeout or a refused connection:
@@ -10,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,6 +24,7 @@ from email.utils import parsedate_to_datetime
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, Timeout
+from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from genq import db
 from genq.models import (
@@ -93,17 +100,55 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     return max(0.0, (moment - now).total_seconds())
 
 
+class _Deadline:
+    """Shuts a connection's socket down at a wall-clock deadline, whatever it is doing."""
+
+    def __init__(self, seconds: float) -> None:
+        self.connection: HTTPConnection | None = None
+        self._timer = threading.Timer(seconds, self._cut)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._timer.cancel()
+
+    def _cut(self) -> None:
+        sock = getattr(self.connection, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
+
+
+def _pool_with_deadline(pool_class: type[HTTPConnectionPool], deadline: _Deadline):
+    """A pool class whose connections register with `deadline` as they are made."""
+    base = HTTPSConnection if pool_class is HTTPSConnectionPool else HTTPConnection
+
+    class Connection(base):
+        def connect(self) -> None:
+            deadline.connection = self
+            super().connect()
+
+    return type("DeadlinePool", (pool_class,), {"ConnectionCls": Connection})
+
+
 def post(target: WebhookTarget, headers: dict[str, str], body: bytes,
          timeout_seconds: float) -> Outcome:
     """POST to the checked address with the URL's host in `Host` (and SNI and certificate
-    checks for https). Never follows redirects, never raises."""
+    checks for https), done within `timeout_seconds` of wall-clock time. Never follows
+    redirects, never raises."""
     pool_class, tls = ((HTTPSConnectionPool, {"server_hostname": target.host,
                                               "assert_hostname": target.host})
                        if target.scheme == "https" else (HTTPConnectionPool, {}))
     started = time.monotonic()
     try:
-        with pool_class(target.address, target.port, maxsize=1, retries=False,
-                        timeout=Timeout(total=timeout_seconds), **tls) as pool:
+        with _Deadline(timeout_seconds) as deadline, _pool_with_deadline(pool_class, deadline)(
+                target.address, target.port, maxsize=1, retries=False,
+                timeout=Timeout(total=timeout_seconds), **tls) as pool:
             response = pool.urlopen(
                 "POST", target.path, body=body, redirect=False, retries=False,
                 assert_same_host=False, preload_content=False,
@@ -112,6 +157,8 @@ def post(target: WebhookTarget, headers: dict[str, str], body: bytes,
             )
             excerpt = response.read(RESPONSE_EXCERPT_BYTES)
             response.release_conn()
+        if time.monotonic() - started >= timeout_seconds:  # cut short by the deadline
+            raise TimeoutError(f"no full answer within {timeout_seconds:g} s")
     except Exception as exc:  # every transport failure is an attempt that may be retried
         return Outcome(None, _elapsed_ms(started), error=f"{type(exc).__name__}: {exc}"
                        [:MAX_ERROR_CHARS])
@@ -177,23 +224,27 @@ def record(settings: Settings, delivery: WebhookDelivery, token: str, started_at
         ))
         session.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery.id)
                         .values(attempts=attempts_made))
+        failure = None  # why the delivery failed for good: the one line an operator sees
         if outcome.is_delivered:
             _finish(session, delivery, token, DeliveryStatus.DELIVERED, None)
         elif outcome.refused:
-            _finish(session, delivery, token, DeliveryStatus.FAILED, outcome.error)
+            failure = outcome.error
         elif outcome.status_code == 410:
-            _finish(session, delivery, token, DeliveryStatus.FAILED, "410 Gone: stopped")
+            failure = "410 Gone: stopped"
             if delivery.endpoint_id is not None:
                 disable_endpoint(session, delivery.endpoint_id, "the receiver answered 410 Gone")
         else:
             delay = next_delay(settings, attempts_made, outcome.retry_after)
             if delay is None:
-                _finish(session, delivery, token, DeliveryStatus.FAILED,
-                        f"gave up after {attempts_made} attempts: {outcome.error}")
+                failure = f"gave up after {attempts_made} attempts: {outcome.error}"
             else:
                 _release(session, delivery, token, delay, outcome.error)
-    log.info("webhook %s attempt %d to %s: %s", delivery.id, attempts_made, delivery.url,
-             outcome.status_code or outcome.error)
+        if failure is not None:
+            _finish(session, delivery, token, DeliveryStatus.FAILED, failure)
+    log.debug("webhook %s attempt %d to %s: %s", delivery.id, attempts_made, delivery.url,
+              outcome.status_code or outcome.error)
+    if failure is not None:
+        log.warning("webhook delivery %s to %s failed: %s", delivery.id, delivery.url, failure)
 
 
 def disable_endpoint(session: Session, endpoint_id: str, reason: str) -> None:

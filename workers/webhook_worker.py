@@ -16,14 +16,17 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+from collections import Counter
 from datetime import timedelta
 
 from celery import Celery
+from celery.signals import after_setup_logger
 from kombu import Queue
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 
 from genq import db
 from genq.models import WebhookDelivery, utcnow
+from genq.retention import prune
 from genq.settings import Settings, get_settings
 from genq.webhook_events import DeliveryStatus
 from workers.webhook_delivery import deliver, retry_delays
@@ -53,13 +56,23 @@ def make_webhook_celery(settings: Settings) -> Celery:
 app = make_webhook_celery(get_settings())
 
 
+@after_setup_logger.connect
+def _quiet_task_lines(**_) -> None:
+    """Celery logs two INFO lines per task (received, succeeded): thousands an hour that no
+    operator acts on. Failed deliveries are logged once, as warnings (webhook_delivery)."""
+    for name in ("celery.worker.strategy", "celery.app.trace"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 @app.task(name=DELIVER_WEBHOOK_TASK)
 def deliver_webhook(delivery_id: str, token: str) -> None:
     deliver(get_settings(), delivery_id, token)
 
 
 def dispatch_due(settings: Settings, limit: int = DISPATCH_BATCH) -> int:
-    """Lease and publish the deliveries whose next attempt is due; return how many."""
+    """Lease and publish the deliveries whose next attempt is due; return how many. A URL
+    with `webhook_max_in_flight_per_url` attempts leased already gets no more this round: a
+    slow receiver holds that many webhook threads at most, never all of them."""
     now = utcnow()
     # A published delivery not started within this long (worker died, queue backed up) is
     # published again under a new token; the old message then does nothing.
@@ -69,10 +82,17 @@ def dispatch_due(settings: Settings, limit: int = DISPATCH_BATCH) -> int:
            or_(WebhookDelivery.lease_expires_at.is_(None),
                WebhookDelivery.lease_expires_at < now))
     with db.session_factory(settings.database_url_resolved)() as session:
-        ids = session.scalars(select(WebhookDelivery.id).where(*due)
-                              .order_by(WebhookDelivery.next_attempt_at).limit(limit)).all()
+        due_rows = session.execute(select(WebhookDelivery.id, WebhookDelivery.url).where(*due)
+                                   .order_by(WebhookDelivery.next_attempt_at).limit(limit)).all()
+        in_flight = Counter(dict(session.execute(
+            select(WebhookDelivery.url, func.count()).where(
+                WebhookDelivery.status == DeliveryStatus.PENDING.value,
+                WebhookDelivery.lease_expires_at >= now)
+            .group_by(WebhookDelivery.url)).all()))
     dispatched = 0
-    for delivery_id in ids:
+    for delivery_id, url in due_rows:
+        if in_flight[url] >= settings.webhook_max_in_flight_per_url:
+            continue
         token = secrets.token_hex(16)
         with db.transaction(settings.database_url_resolved) as session:
             leased = session.execute(
@@ -81,6 +101,7 @@ def dispatch_due(settings: Settings, limit: int = DISPATCH_BATCH) -> int:
             ).rowcount == 1
         if leased:
             app.send_task(DELIVER_WEBHOOK_TASK, args=[delivery_id, token], queue=WEBHOOK_QUEUE)
+            in_flight[url] += 1
             dispatched += 1
     return dispatched
 
@@ -95,6 +116,16 @@ def run_dispatcher(settings: Settings, stop: threading.Event) -> None:
         stop.wait(settings.webhook_poll_seconds)
 
 
+def run_retention_sweep(settings: Settings, stop: threading.Event) -> None:
+    """genq.retention.prune every `retention_sweep_seconds` until `stop`; never raises. Here
+    because the webhook worker is the one I/O-only process every deployment runs."""
+    while not stop.wait(settings.retention_sweep_seconds):
+        try:
+            prune(settings)
+        except Exception:  # a DB hiccup: the next sweep does it
+            log.exception("retention sweep failed")
+
+
 def run_webhook_worker(settings: Settings, concurrency: int | None = None,
                        hostname: str | None = None) -> None:
     """Run the dispatcher thread and the Celery consumer of `genq.webhooks` (blocks)."""
@@ -104,6 +135,8 @@ def run_webhook_worker(settings: Settings, concurrency: int | None = None,
     stop = threading.Event()
     threading.Thread(target=run_dispatcher, args=(settings, stop), daemon=True,
                      name="genq-webhook-dispatcher").start()
+    threading.Thread(target=run_retention_sweep, args=(settings, stop), daemon=True,
+                     name="genq-retention-sweep").start()
     argv = ["worker", "--pool", "threads",
             "--concurrency", str(concurrency or settings.webhook_concurrency),
             "--queues", WEBHOOK_QUEUE, "--loglevel", "INFO",

@@ -4,6 +4,7 @@ screenshot in test-artifacts/."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -65,9 +66,11 @@ def test_dashboard_needs_a_key_and_models_tell_when_no_worker_is_live(
 ):
     stack = stack_factory(sqlite_url, redis_db(redis_url, DASHBOARD_REDIS_DB), worker=False)
 
-    anonymous = requests.get(f"{stack.api_url}/dashboard", timeout=10)
-    wrong = requests.post(f"{stack.api_url}/dashboard/sign-in", data={"key": "gq_nope"},
-                          timeout=10)
+    browser = requests.Session()
+    anonymous = browser.get(f"{stack.api_url}/dashboard", timeout=10)
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', anonymous.text).group(1)
+    wrong = browser.post(f"{stack.api_url}/dashboard/sign-in", timeout=10,
+                         data={"key": "gq_nope", "csrf_token": csrf})
 
     assert anonymous.status_code == 200 and 'name="key"' in anonymous.text
     assert "Your recent jobs" not in anonymous.text

@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 
 from genq import db
 from genq.job_store import transition
+from genq.limits import TenantLimits, set_limits
 from genq.models import Job, Outbox
 from genq.queues import queue_for
 from genq.settings import Settings
@@ -173,3 +174,76 @@ def test_a_batch_whose_ingest_or_finalize_fails_does_not_stall_the_others(
     monkeypatch.setattr(batch_feeder, "write_result_files", write_result_files)
     feed_batches(settings)
     assert api.get(f"/v1/batches/{broken}").get_json()["status"] == "cancelled"
+
+
+def _create_batch_of_bodies(api, bodies: list[tuple[str, dict]]) -> str:
+    content = "".join(json.dumps({"custom_id": custom_id, "method": "POST",
+                                  "url": "/v1/completions", "body": body}) + "\n"
+                      for custom_id, body in bodies).encode()
+    file_id = api.post("/v1/files", data={"purpose": "batch", "file": (io.BytesIO(content),
+                                                                       "f.jsonl")},
+                       content_type="multipart/form-data").get_json()["id"]
+    return api.post("/v1/batches", json={"input_file_id": file_id,
+                                         "endpoint": "/v1/completions"}).get_json()["id"]
+
+
+def _limited_api(database_url, broker_url, tmp_path, limits: TenantLimits):
+    settings = Settings(database_url=database_url, broker_url=broker_url, model=TINY_MODEL,
+                        data_dir=tmp_path, batch_window_jobs=WINDOW, max_model_len=512)
+    api = create_app({"GENQ_SETTINGS": settings}).test_client()
+    api.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {make_key(database_url)}"
+    with db.transaction(database_url) as session:
+        set_limits(session, "acme", limits)
+    return settings, api
+
+
+def test_batch_lines_count_against_the_tenants_limits(database_url, broker, tmp_path):
+    # given a tenant allowed 40 requests a minute and 5 tokens of output per job
+    settings, api = _limited_api(database_url, broker, tmp_path,
+                                 TenantLimits(requests_per_minute=40, max_tokens_per_job=5))
+    body = {"model": TINY_MODEL, "prompt": "p", "max_tokens": 3}
+    bodies = [(f"c{i}", body) for i in range(60)]
+    bodies += [("too-long", body | {"max_tokens": 50}), ("too-big", body | {"prompt": "x " * 3000})]
+    batch_id = _create_batch_of_bodies(api, bodies)
+
+    # when the feeder runs: the lines over a per-job limit are error lines with their reason,
+    # and the minute's allowance paces the window (40 of the 60, not a window of 100)
+    feed_batches(settings)
+    feed_batches(settings)
+    assert len(redis_queue_messages(broker, BATCH_QUEUE)) == 40
+    batch = api.get(f"/v1/batches/{batch_id}").get_json()
+    assert batch["status"] == "in_progress"
+    assert batch["request_counts"]["failed"] == 2
+    errors = {line["custom_id"]: line["error"] for line in map(json.loads, api.get(
+        f"/v1/files/{batch['error_file_id']}/content").data.decode().splitlines())}
+    assert "may ask for at most 5" in errors["too-long"]["message"]
+    assert errors["too-big"]["code"] == "context_length_exceeded"
+
+    # then a single submit of the same tenant finds the minute used up by the batch
+    answer = api.post("/v1/jobs", json={"model": TINY_MODEL, "prompt": "hi", "max_tokens": 2})
+    assert answer.status_code == 429, answer.get_json()
+
+
+def test_a_tenants_open_batches_share_one_window_and_its_queue_limit(database_url, broker,
+                                                                     tmp_path):
+    # given a tenant with at most 30 queued jobs and two open batches of 50 lines each
+    settings, api = _limited_api(database_url, broker, tmp_path,
+                                 TenantLimits(max_queued_jobs=30))
+    body = {"model": TINY_MODEL, "prompt": "p", "max_tokens": 3}
+    for batch in range(2):
+        _create_batch_of_bodies(api, [(f"b{batch}-{i}", body) for i in range(50)])
+
+    # when the feeder runs: 30 lines in all are on the broker, not 2 x 50
+    feed_batches(settings)
+    feed_batches(settings)
+    assert len(redis_queue_messages(broker, BATCH_QUEUE)) == 30
+
+
+def test_open_batches_of_one_tenant_do_not_multiply_its_window(database_url, broker, tmp_path):
+    settings, api = _limited_api(database_url, broker, tmp_path, TenantLimits())
+    body = {"model": TINY_MODEL, "prompt": "p", "max_tokens": 3}
+    for batch in range(3):
+        _create_batch_of_bodies(api, [(f"b{batch}-{i}", body) for i in range(60)])
+    feed_batches(settings)
+    feed_batches(settings)
+    assert len(redis_queue_messages(broker, BATCH_QUEUE)) == WINDOW

@@ -31,10 +31,10 @@ def api_on_both_databases(database_url, tmp_path):
     return make_api(database_url, tmp_path)
 
 
-def make_api(database_url: str, tmp_path):
+def make_api(database_url: str, tmp_path, **caps):
     settings = Settings(database_url=database_url, data_dir=tmp_path / "data", model=TINY_MODEL,
                         broker_url="redis://127.0.0.1:1/0", max_file_lines=5,
-                        max_file_bytes=4096)
+                        max_file_bytes=4096, **caps)
     client = create_app({"GENQ_SETTINGS": settings}).test_client()
     client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {make_key(database_url)}"
     client.files_dir = tmp_path / "data" / "files"
@@ -203,3 +203,35 @@ def test_real_server_refuses_an_oversized_upload_with_an_openai_error(
     assert refused.value.status_code == 413
     assert refused.value.body["code"] == "payload_too_large"
     assert not list((tmp_path / "data" / "files").glob("*"))
+
+
+def test_a_tenant_cannot_keep_more_files_or_bytes_than_its_caps(database_url, tmp_path):
+    # given caps of 3 files and 3 lines' worth of bytes per tenant
+    api = make_api(database_url, tmp_path, max_files_per_tenant=3,
+                   max_stored_bytes_per_tenant=3 * len(LINE))
+    assert upload(api, LINE.encode() * 2).status_code == 200
+
+    # when the bytes would pass the cap: 429, and nothing kept on disk
+    over = upload(api, LINE.encode() * 2)
+    assert over.status_code == 429 and "bytes in files" in over.get_json()["error"]["message"]
+    assert len(list(api.files_dir.iterdir())) == 1
+
+    # when the count would pass the cap: 429; deleting a file makes room again
+    kept = upload(api, LINE.encode()).get_json()["id"]
+    assert upload(api, b"").status_code == 200
+    refused = upload(api, b"")
+    assert refused.status_code == 429, refused.get_json()
+    assert "3 files (limit 3)" in refused.get_json()["error"]["message"]
+    assert api.delete(f"/v1/files/{kept}").status_code == 200
+    assert upload(api, b"").status_code == 200
+
+
+def test_a_tenant_cannot_keep_more_open_batches_than_its_cap(database_url, tmp_path):
+    api = make_api(database_url, tmp_path, max_open_batches_per_tenant=2)
+    file_id = upload(api, LINE.encode()).get_json()["id"]
+    assert [create_batch(api, file_id).status_code for _ in range(2)] == [200, 200]
+
+    refused = create_batch(api, file_id)
+
+    assert refused.status_code == 429
+    assert "2 open batches (limit 2)" in refused.get_json()["error"]["message"]

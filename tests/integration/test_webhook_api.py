@@ -308,3 +308,51 @@ def test_openapi_documents_every_webhook_route(client):
             .replace("<delivery_id>", "{id}")
         methods = rule.methods - {"HEAD", "OPTIONS"}
         assert {m.lower() for m in methods} <= set(documented[path]), path
+
+
+def test_a_tenant_has_at_most_its_cap_of_endpoints(sqlite_url, model_cache_dir):
+    settings = make_settings(sqlite_url, model_cache_dir, webhook_allow_private=True,
+                             max_webhook_endpoints_per_tenant=2)
+    client, auth = create_app({"GENQ_SETTINGS": settings}).test_client(), auth_for(settings)
+    created = [client.post("/v1/webhook-endpoints", json={"url": HOOK}, headers=auth)
+               for _ in range(3)]
+
+    assert [response.status_code for response in created] == [201, 201, 429]
+    assert "2 webhook endpoints (limit 2)" in created[2].json["error"]["message"]
+    other = client.post("/v1/webhook-endpoints", json={"url": HOOK},
+                        headers=auth_for(settings, "globex"))
+    assert other.status_code == 201
+
+
+def test_replays_per_minute_are_capped(sqlite_url, model_cache_dir):
+    settings = make_settings(sqlite_url, model_cache_dir, webhook_allow_private=True,
+                             webhook_replays_per_minute=3)
+    client, auth = create_app({"GENQ_SETTINGS": settings}).test_client(), auth_for(settings)
+    client.post("/v1/webhook-secret", headers=auth)
+    job = submit(client, auth, webhook_url=HOOK)
+    move(settings, job["id"], JobStatus.FAILED)
+    [original] = client.get(f"/v1/jobs/{job['id']}/deliveries", headers=auth).json["data"]
+
+    replays = [client.post(f"/v1/deliveries/{original['id']}/replay", headers=auth)
+               for _ in range(4)]
+
+    assert [response.status_code for response in replays] == [202, 202, 202, 429]
+
+
+def test_a_private_url_refusal_names_the_setting_that_allows_it(sqlite_url, model_cache_dir):
+    settings = make_settings(sqlite_url, model_cache_dir)
+    client = create_app({"GENQ_SETTINGS": settings}).test_client()
+    response = client.post("/v1/webhook-endpoints", json={"url": "http://127.0.0.1:9000/"},
+                           headers=auth_for(settings))
+    assert response.status_code == 422
+    assert "GENQ_WEBHOOK_ALLOW_PRIVATE" in response.json["error"]["message"]
+
+
+def test_endpoint_events_may_be_named_as_in_the_payload(client, auth):
+    response = client.post("/v1/webhook-endpoints", headers=auth,
+                           json={"url": HOOK, "events": ["job.succeeded", "failed"]})
+    assert response.status_code == 201, response.json
+    assert response.json["events"] == ["succeeded", "failed"]
+    refused = client.post("/v1/webhook-endpoints", headers=auth,
+                          json={"url": HOOK, "events": ["job.started"]})
+    assert refused.status_code == 422

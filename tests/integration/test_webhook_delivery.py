@@ -36,6 +36,7 @@ WORKER_ENV = {
     "GENQ_WEBHOOK_TIMEOUT_SECONDS": "5",
     "GENQ_WEBHOOK_POLL_SECONDS": "0.1",
     "GENQ_WEBHOOK_CONCURRENCY": "8",
+    "GENQ_WEBHOOK_MAX_IN_FLIGHT_PER_URL": "2",
 }
 
 
@@ -59,7 +60,7 @@ def stack(tmp_path_factory):
         "--hostname", f"webhooks-test-{uuid.uuid4().hex[:6]}@%h",
     ])
     wait_for(lambda: " ready." in worker.log(), 60, "the webhook worker", worker)
-    yield settings, create_app({"GENQ_SETTINGS": settings}).test_client()
+    yield settings, create_app({"GENQ_SETTINGS": settings}).test_client(), worker
     group.stop_all()
     print(group.logs())  # shown by pytest only when something in the module failed
     redis.Redis.from_url(broker_url).flushdb()
@@ -69,7 +70,7 @@ class Tenant:
     """A fresh tenant with an API client; its jobs move through states on demand."""
 
     def __init__(self, stack) -> None:
-        self.settings, self.client = stack
+        self.settings, self.client, self.worker = stack
         self.auth = {"Authorization":
                      f"Bearer {make_key(self.settings.database_url, uuid.uuid4().hex)}"}
 
@@ -217,6 +218,21 @@ def test_a_hanging_receiver_does_not_delay_deliveries_to_others(tenant):
                             headers=tenant.auth)
 
 
+def test_a_slow_receiver_holds_at_most_its_share_of_the_webhook_threads(tenant):
+    # given a receiver that takes 3 s per answer and 6 events for it
+    with receiving([Reply(hang_seconds=3)]) as slow:
+        endpoint = tenant.endpoint(slow.url)
+        for job_id in [tenant.job() for _ in range(6)]:
+            tenant.move(job_id, JobStatus.FAILED)
+
+        # when its first calls are in flight: only 2 (the per-URL cap) of the 8 threads call it
+        wait_for(lambda: slow.requests, 10, "a call to the slow receiver")
+        time.sleep(2.0)
+        assert len(slow.requests) == 2
+        tenant.client.patch(f"/v1/webhook-endpoints/{endpoint['id']}",
+                            json={"enabled": False}, headers=tenant.auth)
+
+
 def test_replay_sends_the_same_event_again_with_the_same_id(tenant):
     secret = tenant.job_secret()
     with receiving() as receiver:
@@ -245,3 +261,15 @@ def test_after_a_rotation_deliveries_verify_with_the_old_and_the_new_secret(tena
         assert receiver.requests[0].headers["webhook-signature"].count("v1,") == 2
         for secret in (endpoint["secret"], rotated["secret"]):
             assert receiver.verified(secret)[0]["type"] == "job.failed"
+
+
+def test_delivered_events_log_no_info_lines(tenant):
+    with receiving() as receiver:
+        tenant.endpoint(receiver.url)
+        for job_id in [tenant.job() for _ in range(3)]:
+            tenant.move(job_id, JobStatus.FAILED)
+        wait_for(lambda: len(receiver.requests) == 3, 10, "the events")
+        time.sleep(0.5)
+    delivery_lines = [line for line in tenant.worker.log().splitlines()
+                      if "deliver_webhook[" in line or "webhook dlv_" in line]
+    assert delivery_lines == []

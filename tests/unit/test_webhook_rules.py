@@ -11,7 +11,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from genq.settings import Settings
 from genq.webhook_signing import new_secret, signed_headers
-from genq.webhook_urls import WebhookUrlError, parse_webhook_url
+from genq.webhook_urls import WebhookUrlError, parse_webhook_url, resolve
 from workers.webhook_delivery import next_delay, parse_retry_after, retry_delays
 
 REFUSED_URLS = [
@@ -34,6 +34,12 @@ REFUSED_URLS = [
     "http://224.0.0.1/",
     "http://0.0.0.0/",
     "http://[64:ff9b::a00:1]/",    # NAT64 of 10.0.0.1
+    "http://[::127.0.0.1]/",       # IPv4-compatible loopback
+    "http://[::a9fe:a9fe]/",       # IPv4-compatible metadata address
+    "http://[::ffff:0:7f00:1]/",   # IPv4-translated (SIIT) loopback
+    "http://[64:ff9b:1::a9fe:a9fe]/",  # local-use NAT64 of the metadata address
+    "http://[fec0::1]/",           # site-local
+    "http://[2001:db8::5efe:a00:1]/",  # ISATAP interface id carrying 10.0.0.1
     "ftp://example.com/",
     "file:///etc/passwd",
     "http://user:pw@example.com/",
@@ -52,6 +58,18 @@ def test_private_and_odd_urls_are_refused_as_written(url):
 def test_public_addresses_and_names_pass_the_submit_check(url):
     # Names are resolved and checked at send time (see the delivery tests for `localhost`).
     assert parse_webhook_url(url, allow_private=False).scheme in ("http", "https")
+
+
+def test_a_refused_name_does_not_reveal_its_private_address_and_names_the_setting():
+    with pytest.raises(WebhookUrlError) as refused:
+        resolve("http://localhost:9000/hook", allow_private=False)
+    assert "127.0.0.1" not in str(refused.value) and "::1" not in str(refused.value)
+    assert "GENQ_WEBHOOK_ALLOW_PRIVATE" in str(refused.value)
+
+
+def test_a_refused_literal_address_names_the_setting_that_allows_it():
+    with pytest.raises(WebhookUrlError, match="GENQ_WEBHOOK_ALLOW_PRIVATE"):
+        parse_webhook_url("http://127.0.0.1:8080/hook", allow_private=False)
 
 
 def test_the_allow_setting_lets_private_addresses_through():
