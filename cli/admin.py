@@ -88,3 +88,15 @@ def tenants_set_limits(tenant: str, **limits: int | None) -> None:
     except LookupError as exc:
         raise CommandFailed("not_found", str(exc)) from None
     click.echo(json.dumps({"tenant": tenant, **asdict(saved)}, indent=2))
+
+
+@click.command()
+@click.option("--dry-run", is_flag=True, help="Count what would go; delete nothing.")
+def prune(dry_run: bool) -> None:
+    """Delete what the retention settings no longer keep (GENQ_RETENTION_*)."""
+    from genq.retention import prune as prune_rows
+
+    settings = get_settings()
+    existing_database_url(settings)
+    report = prune_rows(settings, dry_run=dry_run)
+    click.echo(f"{'would delete' if dry_run else 'deleted'}: {report}")

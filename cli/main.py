@@ -9,7 +9,7 @@ import os
 import click
 import requests
 
-from cli.admin import keys, tenants
+from cli.admin import keys, prune, tenants
 from cli.batch import batch
 from cli.context import CommandFailed
 from cli.jobs import cancel, get, list_jobs, submit
@@ -58,6 +58,6 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-for command in (up, api, worker, webhook_worker, db_group, keys, tenants,
+for command in (up, api, worker, webhook_worker, db_group, keys, tenants, prune,
                 submit, get, list_jobs, cancel, batch):
     main.add_command(command)

@@ -99,6 +99,10 @@ class LLMEngine:
         token_ids = self.tokenize(prompt)
         if not token_ids:
             raise ValueError("prompt must not be empty")
+        vocab = self.runner.model.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in token_ids):
+            # One bad id would break the forward of every request batched with it.
+            raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt is {len(token_ids)} tokens, longer than the model's "
                              f"context (max_model_len={self.max_model_len}) allows")

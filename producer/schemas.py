@@ -18,6 +18,7 @@ from pydantic_core import PydanticCustomError
 
 from genq.job_view import JobResponse
 from genq.states import Priority
+from genq.webhook_events import WebhookEventName
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 256
@@ -54,15 +55,6 @@ StopSequence = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STO
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 WebhookUrl = stored_text(min_length=1, max_length=2048)
-
-
-def _short_event_name(value: Any) -> Any:
-    # Payloads name events `job.succeeded`; subscriptions take that name or the short one.
-    return value.removeprefix("job.") if isinstance(value, str) else value
-
-
-WebhookEventName = Annotated[Literal["running", "succeeded", "failed", "canceled", "expired"],
-                             BeforeValidator(_short_event_name)]
 
 
 def _stop_as_list(value: Any) -> Any:

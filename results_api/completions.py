@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from genq.errors import ErrorCode, GenqError
 from genq.models import Job
 from genq.states import JobStatus, Priority
-from producer.jobs import cancel_job, get_job
+from producer.jobs import cancel_job
 from producer.openai_compat import (
     CHAT_COMPLETIONS,
     COMPLETIONS,
@@ -25,8 +25,8 @@ from producer.openai_compat import (
 )
 from producer.submit import submit_job
 from results_api.context import authenticate, current_settings, current_tenant_id
-from results_api.jobs import WAIT_POLL_SECONDS
 from results_api.openai_errors import register_openai_errors
+from results_api.waits import required_wait_slot, wait_for_job
 
 bp = Blueprint("completions", __name__, url_prefix="/v1")
 register_openai_errors(bp)
@@ -57,27 +57,30 @@ def _request_for(endpoint: str) -> CompletionRequest:
 
 
 def _complete(completion: CompletionRequest) -> Response:
-    """One job per choice, all submitted first (they run side by side), then waited for."""
+    """One job per choice, all submitted first (they run side by side), then waited for.
+
+    The call holds one of the tenant's wait slots (429 beyond them), so synchronous completions
+    cannot take every request thread of the API."""
     settings, tenant_id = current_settings(), current_tenant_id()
     jobs: list[Job] = []
-    try:
-        for index in range(completion.num_choices):
-            jobs.append(submit_job(settings, tenant_id, completion.choice(index)).job)
-    except GenqError:  # e.g. a rate limit after the first choices: none of them is answered
-        for job in jobs:
-            _cancel_quietly(job)
-        raise
-    deadline = time.monotonic() + settings.completion_timeout_seconds
-    while not all(JobStatus(job.status).is_terminal for job in jobs):
-        if time.monotonic() >= deadline:
+    with required_wait_slot(tenant_id):
+        try:
+            for index in range(completion.num_choices):
+                jobs.append(submit_job(settings, tenant_id, completion.choice(index)).job)
+        except GenqError:  # e.g. a rate limit after the first choices: none of them is answered
             for job in jobs:
                 _cancel_quietly(job)
-            raise GenqError(ErrorCode.SERVICE_UNAVAILABLE,
-                            f"the completion did not finish within "
-                            f"{settings.completion_timeout_seconds:g} s; retry later")
-        time.sleep(WAIT_POLL_SECONDS)
-        jobs = [job if JobStatus(job.status).is_terminal else get_job(settings, tenant_id, job.id)
-                for job in jobs]
+            raise
+        deadline = time.monotonic() + settings.completion_timeout_seconds
+        for index, job in enumerate(jobs):
+            jobs[index] = wait_for_job(settings, tenant_id, job,
+                                       max(0.0, deadline - time.monotonic()))
+    if not all(JobStatus(job.status).is_terminal for job in jobs):
+        for job in jobs:
+            _cancel_quietly(job)
+        raise GenqError(ErrorCode.SERVICE_UNAVAILABLE,
+                        f"the completion did not finish within "
+                        f"{settings.completion_timeout_seconds:g} s; retry later")
     for job in jobs:
         if job.status != JobStatus.SUCCEEDED.value:
             raise _job_error(job)

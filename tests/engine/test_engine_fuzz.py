@@ -90,3 +90,10 @@ def test_an_extreme_request_leaves_its_neighbours_untouched(engine, alone, name)
     assert steps == steps_alone
     extreme = outputs["extreme"].outputs[0]
     assert 1 <= len(extreme.token_ids) and all(0 <= t < 49152 for t in extreme.token_ids)
+
+
+@pytest.mark.parametrize("bad_ids", [[5, -1, 7], [5, 49152], [5, 2**63], [5, 2.0]])
+def test_a_prompt_with_token_ids_outside_the_vocabulary_is_refused(engine, bad_ids):
+    with pytest.raises(ValueError, match="token ids"):
+        engine.add_request("bad-ids", bad_ids, SamplingParams(max_tokens=2))
+    assert not engine.has_unfinished_requests()

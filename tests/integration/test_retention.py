@@ -5,6 +5,7 @@ files (content included)."""
 from __future__ import annotations
 
 import io
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -59,3 +60,33 @@ def test_prune_deletes_old_finished_work_and_keeps_the_rest(database_url, tmp_pa
 
     # and a sweep now (nothing old enough) deletes nothing
     assert prune(settings).jobs == 0
+
+
+def test_genq_prune_previews_with_dry_run_then_deletes(sqlite_url, tmp_path):
+    from tests.unit.test_cli import assert_one_line_error, genq
+
+    # given one finished job and one queued job
+    settings = make_settings(sqlite_url, Path(MODEL_CACHE_DIR), data_dir=tmp_path)
+    client, auth = create_app({"GENQ_SETTINGS": settings}).test_client(), auth_for(settings)
+    finished = submit(client, auth)["id"]
+    submit(client, auth)
+    move(settings, finished, JobStatus.FAILED)
+    env = {"GENQ_DATABASE_URL": sqlite_url, "GENQ_DATA_DIR": str(tmp_path),
+           "GENQ_RETENTION_JOB_DAYS": "0.00001"}  # 0.86 s
+    time.sleep(1)
+
+    # when `genq prune --dry-run` runs: it names what would go and deletes nothing
+    preview = genq("prune", "--dry-run", cwd=tmp_path, **env)
+    assert preview.returncode == 0, preview.stderr
+    assert preview.stdout.startswith("would delete: jobs: 1,"), preview.stdout
+    assert _rows(sqlite_url, Job) == 2
+
+    # when `genq prune` runs: the finished job is gone, the queued one stays
+    done = genq("prune", cwd=tmp_path, **env)
+    assert done.returncode == 0 and done.stdout.startswith("deleted: jobs: 1,"), done
+    assert _rows(sqlite_url, Job) == 1
+
+    # and without a database it says so in one line, creating none
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert_one_line_error(genq("prune", cwd=elsewhere), "no_database")
