@@ -31,3 +31,10 @@ def test_engine_threads_leave_a_core_on_small_hosts(monkeypatch, cores, threads)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cores)))
     assert Settings().engine_threads_resolved == threads
     assert Settings(engine_threads=5).engine_threads_resolved == 5
+
+
+def test_the_workers_engine_runs_on_the_engine_threads():
+    from workers.runtime import engine_options
+
+    assert engine_options(Settings(engine_threads=3))["num_threads"] == 3
+    assert engine_options(Settings())["num_threads"] == Settings().engine_threads_resolved
