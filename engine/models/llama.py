@@ -63,7 +63,7 @@ class LlamaForCausalLM:
         tied = "lm_head.weight" not in sd or self.config.tie_word_embeddings
         # int4 on the 49k-row head raised SmolLM2's perplexity on tests/engine/data by 3.4%;
         # int8 there keeps it within 0.1% of bf16 and still halves the head's bytes.
-        head_options = dict(self._linear_options)
+        head_options = dict(self._linear_options, float_output=True)
         if head_options["quantization"] == "int4":
             head_options["quantization"] = "int8"
         self.lm_head = Linear(self.embed if tied else take("lm_head.weight"), **head_options)
