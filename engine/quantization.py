@@ -48,13 +48,9 @@ class Linear:
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 quantization: str = "none", max_quantized_rows: int = 8,
-                 float_output: bool = False):
+                 quantization: str = "none", max_quantized_rows: int = 8):
         self.weight, self.bias, self.packed = weight, bias, None
         self.max_quantized_rows = max_quantized_rows
-        # The head's int8 path computes in fp32: bf16 logits (steps of 0.125 near 20) plus the
-        # int8 error flipped SmolLM2's first answer token between two near-equal candidates.
-        self.float_output = float_output
         if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
@@ -64,7 +60,7 @@ class Linear:
         self.int4: tuple[torch.Tensor, torch.Tensor] | None = None
         if quantization == "int8":
             codes, scales = quantize_int8(weight)
-            self.int8 = (codes, scales if float_output else scales.to(weight.dtype))
+            self.int8 = (codes, scales.to(weight.dtype))
         elif quantization == "int4" and int4_supported(weight):
             codes, scales, minimums = quantize_int4(weight)
             zeros = minimums + 8 * scales
@@ -84,8 +80,7 @@ class Linear:
             out = torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.int4[0],
                                                     INT4_GROUP_SIZE, self.int4[1])
         elif self.int8 is not None:
-            x = x.float() if self.float_output else x.contiguous()
-            out = torch._weight_int8pack_mm(x, *self.int8)
+            out = torch._weight_int8pack_mm(x.contiguous(), *self.int8)
         else:
             return None
         return out if self.bias is None else out + self.bias

@@ -96,16 +96,3 @@ def test_quantized_perplexity_stays_within_two_percent_of_bf16():
     for quantization in ("int8", "int4"):
         assert perplexity(engine(quantization), TEXT) <= 1.02 * reference, quantization
 
-
-def test_the_int8_head_computes_logits_in_fp32():
-    # bf16 logits near 20 step by 0.125: with the int8 error on top, SmolLM2's first answer
-    # token flipped between two near-equal candidates (test_smollm2's chat test caught it).
-    torch.manual_seed(0)
-    weight = (torch.randn(512, 64) * 0.5).to(torch.bfloat16)
-    x = (torch.randn(1, 64) * 4).to(torch.bfloat16)
-    head = Linear(weight, quantization="int8", float_output=True)
-    out = head(x)
-    assert out.dtype == torch.float32
-    codes, scales = quantize_int8(weight)
-    exact = x.float() @ (codes.float() * scales[:, None]).T
-    assert torch.allclose(out, exact, atol=1e-3, rtol=1e-4)
