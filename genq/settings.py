@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     engine_threads: int = Field(0, ge=0)
     engine_device: str = "auto"
     engine_dtype: str = "auto"
+    # Weight-only quantization on the CPU (EngineConfig.quantization): auto is int4 in bf16.
+    engine_quantization: Literal["auto", "none", "int8", "int4"] = "auto"
     engine_max_num_batched_tokens: int = 2048
     engine_kv_cache_tokens: int = 0  # 0: the engine's default
     # Micro-batching: a worker reserves `(worker_concurrency + worker_standby_jobs) *

@@ -43,6 +43,7 @@ def engine_options(settings: Settings) -> dict:
         "max_num_batched_tokens": settings.engine_max_num_batched_tokens,
         "cache_dir": str(settings.model_cache_dir_resolved),
         "num_threads": settings.engine_threads_resolved,
+        "quantization": settings.engine_quantization,
         **({"kv_cache_tokens": settings.engine_kv_cache_tokens}
            if settings.engine_kv_cache_tokens else {}),
     }

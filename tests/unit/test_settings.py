@@ -38,3 +38,4 @@ def test_the_workers_engine_runs_on_the_engine_threads():
 
     assert engine_options(Settings(engine_threads=3))["num_threads"] == 3
     assert engine_options(Settings())["num_threads"] == Settings().engine_threads_resolved
+    assert engine_options(Settings(engine_quantization="int8"))["quantization"] == "int8"
