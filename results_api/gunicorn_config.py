@@ -12,8 +12,15 @@ def post_worker_init(worker: object) -> None:
     its workers at once, and the master then sends each worker SIGQUIT: a gthread worker whose
     second quit handler ran inside the first one's ThreadPoolExecutor.shutdown waited on its
     lock until the master SIGKILLed it (cpython issue 121649). The master's SIGQUIT still stops
-    the worker quickly, once."""
+    the worker quickly, once.
+
+    That SIGQUIT takes the graceful path (set a flag, wake the poller) instead of gthread's
+    quick quit, which shuts the thread pool down from inside the signal handler: a quit that
+    landed while the main thread was in ThreadPoolExecutor.submit, holding the pool's lock
+    while a new thread started, waited on that lock until the SIGKILL (py-spy stack; 2 of 3
+    Ctrl-Cs right after boot, when the tokenizer warm-up thread held the GIL)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGQUIT, worker.handle_exit)
 
 
 def worker_exit(server: object, worker: object) -> None:
