@@ -93,7 +93,7 @@ def tenants_set_limits(tenant: str, **limits: int | None) -> None:
 @click.command()
 @click.option("--dry-run", is_flag=True, help="Count what would go; delete nothing.")
 def prune(dry_run: bool) -> None:
-    """Delete what the retention settings no longer keep (GENQ_RETENTION_*)."""
+    """Delete old finished work (GENQ_RETENTION_* say how old)."""
     from genq.retention import prune as prune_rows
 
     settings = get_settings()
