@@ -71,13 +71,18 @@ def resolve_quantization(quantization: str, device: str, dtype: torch.dtype) -> 
     return quantization
 
 
-def cpu_has_native_bf16() -> bool:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "")
+            line = next((line for line in cpuinfo if line.startswith("flags")), "")
     except OSError:
-        return False
-    return bool({"amx_bf16", "avx512_bf16"} & set(flags.split()))
+        return set()
+    return set(line.partition(":")[2].split())
+
+
+def cpu_has_native_bf16() -> bool:
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,

@@ -15,18 +15,12 @@ import threading
 
 import torch
 
+from engine.config import cpu_flags
+
 log = logging.getLogger(__name__)
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "paged_attention.cpp")
 _lock = threading.Lock()
 _loaded: bool | None = None
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((line for line in cpuinfo if line.startswith("flags")), "")
-    except OSError:
-        return ""
 
 
 def paged_decode_kernel_available() -> bool:
@@ -44,7 +38,7 @@ def _load() -> bool:
     from torch.utils.cpp_extension import load
 
     # -march=native: the build is for this CPU only, so its flags are part of the name.
-    flags = hashlib.sha256(_cpu_flags().encode()).hexdigest()[:10]
+    flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:10]
     try:
         load(f"genq_paged_attention_{flags}", [_SOURCE], is_python_module=False,
              extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],

@@ -94,22 +94,27 @@ class Linear:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias,
                                                   "none", [], "")
 
+    def _fuses(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` goes through the packed bf16 GEMM, where epilogues are post-ops."""
+        return self.packed is not None and not (
+            self.is_quantized and x.shape[0] <= self.max_quantized_rows)
+
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + linear(x)``."""
-        if self.packed is None or (self.is_quantized and x.shape[0] <= self.max_quantized_rows):
+        if not self._fuses(x):
             return residual + self(x)
         return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), residual, self.packed,
                                                          self.bias, "add")
 
     def silu(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None or (self.is_quantized and x.shape[0] <= self.max_quantized_rows):
+        if not self._fuses(x):
             return F.silu(self(x))
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias,
                                                   "swish", [], "")
 
     def mul(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """``other * linear(x)``."""
-        if self.packed is None or (self.is_quantized and x.shape[0] <= self.max_quantized_rows):
+        if not self._fuses(x):
             return other * self(x)
         return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), other, self.packed,
                                                          self.bias, "mul")
