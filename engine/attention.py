@@ -103,7 +103,9 @@ def _paged_decode_attention(q: torch.Tensor, pool: torch.Tensor, paged: PagedDec
     # Per layer, one thread, Zen 4, bf16: 24-39 us at batch 1 against 120-170 us for gather +
     # GEMMs, 1.2-1.9x less at batch 32, even at 64. fp32 keeps the GEMM path: its results match
     # transformers token for token.
-    return torch.ops.genq.paged_decode_attention(q.contiguous(), pool, paged.tables,
+    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+        q = q.contiguous()
+    return torch.ops.genq.paged_decode_attention(q, pool, paged.tables,
                                                  paged.lengths, kv_heads, paged.block_size, scale)
 
 

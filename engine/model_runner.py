@@ -13,8 +13,8 @@ import torch
 
 from engine.attention import AttentionMetadata, DecodeGroup, PagedDecode, PrefillChunk
 from engine.config import EngineConfig, available_memory_bytes
+from engine.cpu_kernels import cpu_kernels_available
 from engine.models.llama import LlamaForCausalLM
-from engine.paged_kernel import paged_decode_kernel_available
 from engine.sampler import Sampler
 from engine.sequence import Sequence
 
@@ -37,7 +37,7 @@ class ModelRunner:
         # Row offset of (k|v, head) planes in a layer's pool: row = plane_offset + slot.
         self.plane_offsets = (torch.arange(2 * kv_heads) * self.num_slots).unsqueeze(1)
         self.uses_paged_kernel = (self.device.type == "cpu" and model.dtype == torch.bfloat16
-                                  and paged_decode_kernel_available())
+                                  and cpu_kernels_available())
 
     def _num_kv_blocks(self) -> int:
         config, model = self.config, self.model

@@ -27,7 +27,7 @@ inline void load_row(const c10::BFloat16* src, float* dst, int64_t n) {
 }
 
 template <typename T>
-void decode(const T* q, const T* pool, const int64_t* tables, const int64_t* lengths, T* out,
+void decode(const T* q, int64_t q_stride, const T* pool, const int64_t* tables, const int64_t* lengths, T* out,
             int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t num_slots,
             int64_t block_size, int64_t table_width, float scale) {
   const int64_t group = heads / kv_heads;
@@ -36,8 +36,9 @@ void decode(const T* q, const T* pool, const int64_t* tables, const int64_t* len
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kv_heads, h = task % kv_heads, length = lengths[b];
       const int64_t first_head = b * heads + h * group;
+      const T* query_rows = q + b * q_stride + h * group * dim;
       for (int64_t i = 0; i < group * dim; ++i) {
-        queries[i] = static_cast<float>(q[first_head * dim + i]) * scale;
+        queries[i] = static_cast<float>(query_rows[i]) * scale;
       }
       const T* keys = pool + h * num_slots * dim;
       const T* values = pool + (kv_heads + h) * num_slots * dim;
@@ -79,18 +80,20 @@ void decode(const T* q, const T* pool, const int64_t* tables, const int64_t* len
 
 }  // namespace
 
-// q [batch, heads, dim]; pool [2 * kv_heads * num_slots, dim] (plane (k|v, head) is slot-indexed);
+// q [batch, heads, dim], each row's heads contiguous (a view into the qkv GEMM's output is
+// fine); pool [2 * kv_heads * num_slots, dim] (plane (k|v, head) is slot-indexed);
 // tables [batch, width] block ids; lengths [batch] context lengths (the new token included).
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& pool,
                                   const at::Tensor& tables, const at::Tensor& lengths,
                                   int64_t kv_heads, int64_t block_size, double scale) {
-  TORCH_CHECK(q.is_contiguous() && pool.is_contiguous() && tables.is_contiguous());
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "q: each row's heads contiguous");
+  TORCH_CHECK(pool.is_contiguous() && tables.is_contiguous());
   TORCH_CHECK(q.scalar_type() == pool.scalar_type());
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t num_slots = pool.size(0) / (2 * kv_heads);
-  auto out = at::empty_like(q);
+  auto out = at::empty({batch, heads, dim}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "paged_decode_attention", [&] {
-    decode<scalar_t>(q.data_ptr<scalar_t>(), pool.data_ptr<scalar_t>(),
+    decode<scalar_t>(q.data_ptr<scalar_t>(), q.stride(0), pool.data_ptr<scalar_t>(),
                      tables.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
                      out.data_ptr<scalar_t>(), batch, heads, kv_heads, dim, num_slots,
                      block_size, tables.size(1), static_cast<float>(scale));

@@ -15,6 +15,7 @@ from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from engine.attention import AttentionMetadata, attend, write_kv
+from engine.cpu_kernels import cpu_kernels_available
 from engine.quantization import Linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -48,6 +49,10 @@ class LlamaForCausalLM:
                                     max_quantized_rows=max_quantized_rows)
         self._load(state_dict)
         self.cos_table, self.sin_table = self._rope_tables()
+        # bf16 on CPU: RMSNorm and RoPE as one op each (engine/csrc/fused_ops.cpp). fp32 keeps
+        # the ATen forms, whose outputs match transformers token for token.
+        self.uses_fused_ops = (torch.device(device).type == "cpu" and dtype == torch.bfloat16
+                               and cpu_kernels_available())
 
     def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
         return Linear(weight, bias, **self._linear_options)
@@ -118,27 +123,37 @@ class LlamaForCausalLM:
         """Float32 logits for the ``logits_index`` rows of the packed batch."""
         x = F.embedding(input_ids, self.embed)
         for layer, pool in zip(self.layers, kv_cache, strict=True):
-            h = self._attention(rms_norm(x, layer["input_norm"], self.eps), layer, pool, meta)
+            h = self._attention(self._norm(x, layer["input_norm"]), layer, pool, meta)
             x = layer["o"].add(h, x)
-            h = rms_norm(x, layer["post_norm"], self.eps)
+            h = self._norm(x, layer["post_norm"])
             x = layer["down"].add(layer["up"].mul(h, layer["gate"].silu(h)), x)
-        x = rms_norm(x[logits_index], self.final_norm, self.eps)
+        x = self._norm(x[logits_index], self.final_norm)
         return self.lm_head(x).float()
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.uses_fused_ops:
+            return torch.ops.genq.rms_norm(x, weight, self.eps)
+        return rms_norm(x, weight, self.eps)
 
     def _attention(self, h: torch.Tensor, layer: dict, pool: torch.Tensor,
                    meta: AttentionMetadata) -> torch.Tensor:
         num_tokens, dim = h.shape[0], self.head_dim
         heads, kv_heads = self.num_heads, self.num_kv_heads
         qkv = layer["qkv"](h).view(num_tokens, heads + 2 * kv_heads, dim)
-        if layer["q_norm"] is not None:
-            q = rms_norm(qkv[:, :heads], layer["q_norm"], self.eps)
-            k = rms_norm(qkv[:, heads:heads + kv_heads], layer["k_norm"], self.eps)
-            qk = torch.cat((q, k), dim=1)
+        if self.uses_fused_ops and layer["q_norm"] is None:  # q and k rotated inside qkv
+            torch.ops.genq.rope_store_(qkv, meta.cos, meta.sin, pool, meta.slots, heads,
+                                       kv_heads)
+            q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
         else:
-            qk = qkv[:, :heads + kv_heads]
-        half = dim // 2
-        swapped = torch.cat((qk[..., half:], qk[..., :half]), dim=-1)
-        qk = qk * meta.cos + swapped * meta.sin
-        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads:]
-        write_kv(pool, k, v, meta)
+            if layer["q_norm"] is not None:
+                q = rms_norm(qkv[:, :heads], layer["q_norm"], self.eps)
+                k = rms_norm(qkv[:, heads:heads + kv_heads], layer["k_norm"], self.eps)
+                qk = torch.cat((q, k), dim=1)
+            else:
+                qk = qkv[:, :heads + kv_heads]
+            half = dim // 2
+            swapped = torch.cat((qk[..., half:], qk[..., :half]), dim=-1)
+            qk = qk * meta.cos + swapped * meta.sin
+            q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads:]
+            write_kv(pool, k, v, meta)
         return attend(q, k, v, pool, meta, self.scale).view(num_tokens, heads * dim)

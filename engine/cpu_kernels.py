@@ -1,0 +1,57 @@
+"""Builds and loads genq's CPU ops from engine/csrc: the decode attention that reads the paged
+KV pool in place (``torch.ops.genq.paged_decode_attention``), and RMSNorm and RoPE + KV store
+as one op each (``torch.ops.genq.rms_norm``, ``torch.ops.genq.rope_store_``); bf16 on CPU.
+
+Compiled once per machine with the host's own instruction set (about a minute on 2 cores),
+then loaded from torch's extension cache. Without a C++ compiler the engine keeps its ATen
+paths, so the ops are a speed-up, never a requirement. GENQ_CPU_KERNELS=0 turns them off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+
+import torch
+
+from engine.config import cpu_flags
+
+log = logging.getLogger(__name__)
+_SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", name)
+            for name in ("paged_attention.cpp", "fused_ops.cpp")]
+_OPS = ("paged_decode_attention", "rms_norm", "rope_store_")
+_lock = threading.Lock()
+_loaded: bool | None = None
+
+
+def cpu_kernels_available() -> bool:
+    """True once the ops are loaded (building them on first call); False if they cannot be."""
+    global _loaded
+    with _lock:
+        if _loaded is None:
+            _loaded = _load()
+        return _loaded
+
+
+def _load() -> bool:
+    if os.environ.get("GENQ_CPU_KERNELS", "1") == "0":
+        return False
+    from torch.utils.cpp_extension import load
+
+    # -march=native: the build is for this CPU only, so its flags are part of the name, and so
+    # is the sources' text (an edited kernel is a new build, not a stale cached one).
+    key = hashlib.sha256(" ".join(sorted(cpu_flags())).encode())
+    for source in _SOURCES:
+        with open(source, "rb") as file:
+            key.update(file.read())
+    try:
+        load(f"genq_cpu_kernels_{key.hexdigest()[:10]}", _SOURCES, is_python_module=False,
+             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
+             extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as error:  # no compiler, no headers: fall back, loudly once
+        log.warning("genq CPU kernels unavailable (%s); using ATen ops",
+                    str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return False
+    return all(hasattr(torch.ops.genq, op) for op in _OPS)
