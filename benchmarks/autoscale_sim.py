@@ -160,7 +160,7 @@ class FleetSim:
             elif kind == "poll":
                 self._scale(now)
                 self._at(now + self.scaler.poll_seconds, "poll", None)
-            self._dispatch(now)
+            self._dispatch(now)  # after every event, a "ready" worker's included
         end = max(now, horizon)
         for worker in self.workers:
             worker.left_at = end if worker.left_at is None else worker.left_at
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
                        config)
         fleets.append(sim.report(name, sim.run(args.minutes * 60), spike_start))
     report = {
-        "config": {**{k: v for k, v in vars(args).items() if k != "json"},
+        "config": {**{k: v for k, v in vars(args).items() if k not in ("json", "engine_results")},
                    "worker_tokens_per_second": tokens_per_second,
                    "worker_tokens_per_second_source": source,
                    "fixed_workers": fixed_workers},

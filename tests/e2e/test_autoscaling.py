@@ -105,9 +105,9 @@ def test_deploy_files_are_complete_keda_and_hpa_objects():
 
 
 def test_scaling_signals_on_a_real_api_match_the_files_and_the_formula(
-        stack_factory, postgres_url, redis_url):
+        stack_factory, database_url, redis_url):
     # Given an API with queued jobs and no worker at all (scale from zero)
-    stack = stack_factory(postgres_url, redis_db(redis_url, AUTOSCALING_REDIS_DB), worker=False,
+    stack = stack_factory(database_url, redis_db(redis_url, AUTOSCALING_REDIS_DB), worker=False,
                           extra_env={"GENQ_TARGET_BACKLOG_SECONDS": str(TARGET_BACKLOG_SECONDS),
                                      "GENQ_THROUGHPUT_WINDOW_SECONDS": str(WINDOW_SECONDS)})
     _submit(stack, 6, "interactive")
@@ -136,12 +136,12 @@ def test_scaling_signals_on_a_real_api_match_the_files_and_the_formula(
     assert signals["genq_queue_backlog_seconds", TINY_MODEL, "batch"] == 0
 
     # When a worker has finished 3,000 tokens of work in the window (50 tokens/s)
-    with db.session_factory(postgres_url)() as session:
+    with db.session_factory(database_url)() as session:
         tenant_id = session.scalar(select(Job.tenant_id).limit(1))
-    _add_fleet(postgres_url, tenant_id, finished_tokens=3000)
+    _add_fleet(database_url, tenant_id, finished_tokens=3000)
 
     # Then backlog = queued work / 50 tokens/s and desired = that backlog over the target
-    queued = _queued_tokens(postgres_url, "interactive")
+    queued = _queued_tokens(database_url, "interactive")
     tokens_per_second = 3000 / WINDOW_SECONDS
     signals = _signals(stack.api_url)
     backlog = signals["genq_queue_backlog_seconds", TINY_MODEL, "interactive"]
