@@ -63,7 +63,7 @@ def _deploy_documents() -> list[dict]:
 def _submit(stack, count: int, priority: str) -> None:
     for number in range(count):
         response = requests.post(
-            f"{stack.api_url}/v1/jobs", timeout=10,
+            f"{stack.api_url}/v1/jobs", timeout=60,  # the first loads the tokenizer
             json={"prompt": f"job {number}", "max_tokens": 50, "priority": priority},
             headers={"Authorization": f"Bearer {stack.key}"})
         assert response.status_code == 202, response.text
@@ -94,7 +94,7 @@ def test_deploy_files_are_complete_keda_and_hpa_objects():
     kinds = {doc["kind"]: doc for doc in documents}
     assert kinds["ScaledObject"]["apiVersion"].startswith("keda.sh/")
     trigger = kinds["ScaledObject"]["spec"]["triggers"][0]
-    assert trigger["type"] == "prometheus"
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
     assert METRIC_NAME.search(trigger["metadata"]["query"])
     hpa = kinds["HorizontalPodAutoscaler"]
     assert hpa["apiVersion"] == "autoscaling/v2"
