@@ -11,7 +11,8 @@ fleet sized for the peak (interactive queue wait and worker-minutes).
   W-CPU workload of benchmarks/engine_throughput.py, every job running to max_tokens.
 - Fleet: discrete events, no processes. A worker has `--slots` batch slots (genq's default
   worker_concurrency) and makes the measured tokens/s at a full batch: genq's output_tok_s in
-  --engine-results (default: the 2-core Zen 4 run), unless --worker-tokens-per-second is given.
+  --engine-results (default: the 2-core Zen 4 run of the same workload, at up to 64 sequences),
+  unless --worker-tokens-per-second is given.
   Each running job decodes at tokens/s / slots (linear in the batch: pessimistic for small
   batches). A new worker serves after --startup-seconds (pod start + model load) and is billed
   from its request; a worker scaled down drains (takes no new job, leaves when empty).
