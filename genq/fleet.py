@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from genq.autoscaling import ClassLoad, FleetThroughput
 from genq.models import Batch, Job, WebhookDelivery, Worker, utcnow
 from genq.states import TERMINAL_STATES, JobStatus
 
@@ -63,6 +64,49 @@ def live_worker_models(session: Session, live_seconds: float) -> set[str]:
     since = utcnow() - timedelta(seconds=live_seconds)
     return set(session.scalars(
         select(Worker.model).where(Worker.last_heartbeat_at >= since).distinct()))
+
+
+def class_loads(session: Session) -> dict[tuple[str, str], ClassLoad]:
+    """(model, priority) -> queued jobs, their admitted tokens, running jobs: one aggregate."""
+    rows = session.execute(
+        select(Job.model, Job.priority, Job.status, func.count(),
+               func.coalesce(func.sum(Job.admitted_tokens), 0))
+        .where(Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+        .group_by(Job.model, Job.priority, Job.status)
+    )
+    loads: dict[tuple[str, str], ClassLoad] = {}
+    for model, priority, status, count, tokens in rows:
+        load = loads.get((model, priority), ClassLoad(0, 0, 0))
+        if status == JobStatus.QUEUED.value:
+            load = ClassLoad(count, int(tokens), load.running_jobs)
+        else:
+            load = ClassLoad(load.queued_jobs, load.queued_tokens, count)
+        loads[model, priority] = load
+    return loads
+
+
+def fleet_throughputs(session: Session, workers: list[Worker], window_seconds: float,
+                      default_slots: int) -> dict[str, FleetThroughput]:
+    """model -> its live `workers` and the admitted tokens of its jobs that succeeded in the
+    last `window_seconds` (one aggregate over the window, not over history)."""
+    now = utcnow()
+    finished = dict(session.execute(
+        select(Job.model, func.coalesce(func.sum(Job.admitted_tokens), 0))
+        .where(Job.finished_at >= now - timedelta(seconds=window_seconds),
+               Job.status == JobStatus.SUCCEEDED.value)
+        .group_by(Job.model)
+    ).tuples().all())
+    by_model: dict[str, list[Worker]] = {}
+    for worker in workers:
+        by_model.setdefault(worker.model, []).append(worker)
+    fleets = {}
+    for model in set(finished) | set(by_model):
+        live = by_model.get(model, [])
+        slots = round(sum(w.max_batch_size for w in live) / len(live)) if live else default_slots
+        seconds = sum(min(window_seconds, max((now - w.started_at).total_seconds(), 0.0))
+                      for w in live)
+        fleets[model] = FleetThroughput(len(live), slots, int(finished.get(model, 0)), seconds)
+    return fleets
 
 
 def recent_jobs(session: Session, tenant_id: str, limit: int = 20) -> list[Job]:

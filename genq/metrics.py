@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from genq import db, fleet
+from genq.autoscaling import ClassLoad, FleetThroughput, scaling_signal
 from genq.states import TERMINAL_STATES, JobStatus, Priority
 from genq.webhook_events import DeliveryStatus
 
@@ -25,15 +26,23 @@ MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class DatabaseCollector(Collector):
-    def __init__(self, database_url: str, worker_live_seconds: float) -> None:
+    def __init__(self, database_url: str, worker_live_seconds: float, *,
+                 target_backlog_seconds: float, throughput_window_seconds: float,
+                 default_worker_slots: int) -> None:
         self.database_url = database_url
         self.worker_live_seconds = worker_live_seconds
+        self.target_backlog_seconds = target_backlog_seconds
+        self.throughput_window_seconds = throughput_window_seconds
+        self.default_worker_slots = default_worker_slots
 
     def collect(self) -> Iterator[Metric]:
         with db.session_factory(self.database_url)() as session:
             counts = fleet.job_counts(session)
             deliveries = fleet.webhook_delivery_counts(session)
             workers = fleet.live_workers(session, self.worker_live_seconds)
+            loads = fleet.class_loads(session)
+            fleets = fleet.fleet_throughputs(session, workers, self.throughput_window_seconds,
+                                             self.default_worker_slots)
 
         depth = GaugeMetricFamily("genq_queue_depth", "Jobs waiting in the queue (status queued).",
                                   labels=["priority", "model"])
@@ -75,6 +84,30 @@ class DatabaseCollector(Collector):
         for model, value in sorted(by_model.items()):
             live.add_metric([model], value)
         yield from (depth, jobs, finished, webhooks, live, batch)
+        yield from self._autoscaling(loads, fleets, {c.model for c in counts})
+
+    def _autoscaling(self, loads: dict[tuple[str, str], ClassLoad],
+                     fleets: dict[str, FleetThroughput],
+                     models: set[str]) -> Iterator[Metric]:
+        """The two signals of docs/autoscaling.md, for every priority of every model that has
+        jobs or live workers (zero included, so a scaler's query never finds no series)."""
+        backlog = GaugeMetricFamily(
+            "genq_queue_backlog_seconds",
+            "Queued work (prompt + max tokens) over the model's recent tokens/s (+Inf: no "
+            "recent throughput).", labels=["model", "priority"])
+        desired = GaugeMetricFamily(
+            "genq_desired_workers",
+            "Workers wanted for GENQ_TARGET_BACKLOG_SECONDS: running jobs' batch slots plus "
+            "the queue's drain; a fraction, sum over priorities and round up.",
+            labels=["model", "priority"])
+        idle = FleetThroughput(0, self.default_worker_slots, 0, 0.0)
+        for model in sorted(models | set(fleets)):
+            for priority in Priority:
+                signal = scaling_signal(loads.get((model, priority.value), ClassLoad(0, 0, 0)),
+                                        fleets.get(model, idle), self.target_backlog_seconds)
+                backlog.add_metric([model, priority.value], signal.backlog_seconds)
+                desired.add_metric([model, priority.value], signal.desired_workers)
+        yield from (backlog, desired)
 
 
 def prepare_multiprocess_dir(data_dir: Path) -> Path:

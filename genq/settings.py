@@ -151,6 +151,10 @@ class Settings(BaseSettings):
     submit_when_broker_down: Literal["accept", "reject"] = "accept"
     breaker_reset_seconds: float = Field(5.0, gt=0)
     breaker_probe_timeout_seconds: float = Field(0.5, gt=0)
+    # Autoscaling signals on /metrics (docs/autoscaling.md): the queue backlog a scaler aims
+    # for, and the window of finished jobs that measures the fleet's tokens/s.
+    target_backlog_seconds: float = Field(30.0, gt=0)
+    throughput_window_seconds: float = Field(60.0, gt=0)
 
     @property
     def worker_window(self) -> int:

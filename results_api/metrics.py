@@ -55,8 +55,11 @@ def init_app(app: Flask) -> None:
     else:
         registry.register(HTTP_REQUESTS)
         registry.register(HTTP_REQUEST_SECONDS)
-    registry.register(DatabaseCollector(settings.database_url_resolved,
-                                        settings.worker_live_seconds))
+    registry.register(DatabaseCollector(
+        settings.database_url_resolved, settings.worker_live_seconds,
+        target_backlog_seconds=settings.target_backlog_seconds,
+        throughput_window_seconds=settings.throughput_window_seconds,
+        default_worker_slots=settings.worker_concurrency))
     app.extensions["genq_metrics_registry"] = registry
     app.register_blueprint(bp)
     app.before_request(_start_timer)
