@@ -2,7 +2,9 @@
 
 Queues are per model, so a worker (one engine, one model) consumes only its model's jobs.
 Redis: one queue per model and class (`genq.<model>.<class>`), polled in strict order. RabbitMQ:
-one `genq.jobs.<model>` priority queue per model. `<model>` is `model_slug(model)`.
+a `genq.jobs.<model>` priority queue per model, and `genq.interactive.<model>` for its
+interactive class (a worker's reserve consumer takes it beyond a full prefetch window, see
+workers.amqp_reserve). `<model>` is `model_slug(model)`.
 
 Inside a class, a message also carries its job's fair-share level (genq.fair_share). Class and
 level make one serving rank (`serving_rank`), encoded as the message priority of each broker.
@@ -20,6 +22,7 @@ from genq.states import Priority
 
 RUN_JOB_TASK = "genq.run_job"
 AMQP_JOBS_QUEUE_PREFIX = "genq.jobs"
+AMQP_INTERACTIVE_QUEUE_PREFIX = "genq.interactive"  # not genq.jobs.<model>.x: models have dots
 AMQP_MAX_PRIORITY = 9
 # Every genq connection to Redis (publisher, worker, reaper) uses these. kombu's Redis transport
 # keeps a queue's messages in one list per priority step (`<queue>\x06\x16<step>`, step 0 as
@@ -66,15 +69,20 @@ def is_amqp(broker_url: str) -> bool:
     return broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
 
 
-def _amqp_jobs_queue(slug: str) -> Queue:
-    return Queue(f"{AMQP_JOBS_QUEUE_PREFIX}.{slug}",
+def _amqp_jobs_queue(slug: str, priority: Priority | None = None) -> Queue:
+    """The model's priority queue; the interactive class's own queue with `priority`."""
+    prefix = (AMQP_INTERACTIVE_QUEUE_PREFIX if priority is Priority.INTERACTIVE
+              else AMQP_JOBS_QUEUE_PREFIX)
+    return Queue(f"{prefix}.{slug}",
                  queue_arguments={"x-max-priority": AMQP_MAX_PRIORITY})
 
 
 def job_queues(broker_url: str, model: str) -> list[Queue]:
-    """The queues a worker serving `model` consumes, in the order it must poll them."""
+    """The queues a worker serving `model` consumes, in the order it must poll them (the
+    interactive class's first)."""
     if is_amqp(broker_url):
-        return [_amqp_jobs_queue(model_slug(model))]
+        slug = model_slug(model)
+        return [_amqp_jobs_queue(slug, Priority.INTERACTIVE), _amqp_jobs_queue(slug)]
     return [Queue(queue_for(model, p)) for p in Priority]  # highest priority first
 
 
@@ -91,5 +99,5 @@ def route(queue: str, broker_url: str, share_level: int = 0) -> tuple[Queue, int
     slug, priority = _parse_queue(queue)
     rank = serving_rank(priority, share_level)
     if is_amqp(broker_url):  # RabbitMQ delivers the highest priority first
-        return _amqp_jobs_queue(slug), AMQP_MAX_PRIORITY - rank
+        return _amqp_jobs_queue(slug, priority), AMQP_MAX_PRIORITY - rank
     return Queue(queue), rank  # kombu's Redis transport pops the lowest step first

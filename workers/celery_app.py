@@ -18,8 +18,8 @@ Delivery settings, and why:
 - `task_queues`: only the queues of the model this worker serves (`settings.model`; `genq
   worker --model` sets it). Redis: the worker polls `genq.<model>.interactive`, then
   `.default`, then `.batch`, and each one's fair-share levels, strictly in that order
-  (genq.queues.REDIS_TRANSPORT_OPTIONS says how). RabbitMQ: one `genq.jobs.<model>` queue with
-  x-max-priority (genq.queues).
+  (genq.queues.REDIS_TRANSPORT_OPTIONS says how). RabbitMQ: a `genq.jobs.<model>` queue with
+  x-max-priority and the interactive class's `genq.interactive.<model>` (genq.queues).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from celery import bootsteps
 from celery.signals import worker_init, worker_shutdown
 
 from genq.queues import RUN_JOB_TASK, is_amqp, job_queues
+from workers.amqp_reserve import InteractiveReserve
 from workers.celery_app import app
 from workers.events import TaskEventsMiddleware
 from workers.micro_batch import JobMessage, deliver_now
@@ -20,7 +21,7 @@ from workers.runtime import get_runtime
 
 log = logging.getLogger(__name__)
 
-URGENT_RESERVE = 4  # interactive jobs a Redis worker takes beyond its full window
+URGENT_RESERVE = 4  # interactive jobs a worker takes beyond its full window
 
 
 @worker_init.connect
@@ -61,7 +62,8 @@ def run_job(job_id: str) -> None:
 
 class JobIntake(bootsteps.StartStopStep):
     """On Redis, starts the batch fetcher (Celery's consumer takes no job queue there; `genq
-    worker` excludes them). Warm shutdown (SIGTERM): no more messages (Celery's consumer stops
+    worker` excludes them); on RabbitMQ, the interactive reserve beside Celery's consumer.
+    Warm shutdown (SIGTERM): no more messages (Celery's consumer stops
     first; the fetcher here), then in-flight jobs get `worker_drain_seconds` to finish and the
     rest are handed back, while the broker connection is still open to ack them."""
 
@@ -69,23 +71,24 @@ class JobIntake(bootsteps.StartStopStep):
 
     def __init__(self, worker, **kwargs) -> None:
         super().__init__(worker, **kwargs)
-        self.fetcher: RedisJobFetcher | None = None
+        self.fetcher: RedisJobFetcher | InteractiveReserve | None = None
 
     def start(self, worker) -> None:
         runtime = get_runtime()
         settings = runtime.settings
         if app.conf.worker_send_task_events:  # Flower and `celery events` see every job
             runtime.runner.middleware.append(TaskEventsMiddleware(app, worker.hostname))
-        if is_amqp(settings.broker_url):
-            return
-        # Refill once half the standby jobs have started: the engine never runs short. The
-        # interactive queue (polled first) may take a few slots beyond a full window.
+        # The interactive queue (polled first) may take a few slots beyond a full window.
         queues = job_queues(settings.broker_url, settings.model)
-        self.fetcher = RedisJobFetcher(app, queues, settings.worker_window,
-                                       partial(deliver_now, get_runtime().runner),
-                                       refill_at=settings.worker_standby_jobs // 2,
-                                       urgent_queue=queues[0].name,
-                                       urgent_reserve=URGENT_RESERVE)
+        if is_amqp(settings.broker_url):
+            self.fetcher = InteractiveReserve(settings.broker_url, queues[0], URGENT_RESERVE,
+                                              runtime.batcher.receive)
+        else:  # refill once half the standby jobs have started: the engine never runs short
+            self.fetcher = RedisJobFetcher(app, queues, settings.worker_window,
+                                           partial(deliver_now, runtime.runner),
+                                           refill_at=settings.worker_standby_jobs // 2,
+                                           urgent_queue=queues[0].name,
+                                           urgent_reserve=URGENT_RESERVE)
         self.fetcher.start()
 
     def stop(self, worker) -> None:

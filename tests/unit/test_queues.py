@@ -47,12 +47,16 @@ def test_redis_workers_poll_their_models_classes_highest_first():
     assert route("genq.m.batch", REDIS)[0] == job_queues(REDIS, "m")[2]
 
 
-def test_rabbitmq_has_one_priority_queue_per_model():
+def test_rabbitmq_has_a_priority_queue_per_model_and_one_for_its_interactive_class():
+    # (the interactive one is what a worker's reserve consumer takes beyond a full window)
     model = "dummy:tiny-llama"
-    (queue,) = job_queues(AMQP, model)
+    interactive, queue = job_queues(AMQP, model)
     assert queue.name == f"genq.jobs.{model_slug(model)}"
-    assert queue.queue_arguments == {"x-max-priority": AMQP_MAX_PRIORITY}
-    for priority in Priority:
+    assert interactive.name == f"genq.interactive.{model_slug(model)}"
+    assert {q.queue_arguments["x-max-priority"] for q in (queue, interactive)} == {
+        AMQP_MAX_PRIORITY}
+    assert route(queue_for(model, Priority.INTERACTIVE), AMQP)[0] == interactive
+    for priority in (Priority.DEFAULT, Priority.BATCH):
         assert route(queue_for(model, priority), AMQP)[0] == queue
     assert route(queue_for("other", Priority.DEFAULT), AMQP)[0].name == "genq.jobs.other"
 
