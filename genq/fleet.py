@@ -59,10 +59,12 @@ def live_workers(session: Session, live_seconds: float) -> list[Worker]:
         select(Worker).where(Worker.last_heartbeat_at >= since).order_by(Worker.id)))
 
 
-def live_worker_models(session: Session, live_seconds: float) -> set[str]:
+def live_worker_versions(session: Session, live_seconds: float) -> set[tuple[str, str | None]]:
+    """(model, version) of every live worker; version None for an unversioned one."""
     since = utcnow() - timedelta(seconds=live_seconds)
-    return set(session.scalars(
-        select(Worker.model).where(Worker.last_heartbeat_at >= since).distinct()))
+    rows = session.execute(select(Worker.model, Worker.model_version)
+                           .where(Worker.last_heartbeat_at >= since).distinct())
+    return {(model, version) for model, version in rows}
 
 
 def recent_jobs(session: Session, tenant_id: str, limit: int = 20) -> list[Job]:

@@ -80,7 +80,7 @@ class JobIntake(bootsteps.StartStopStep):
             return
         # Refill once half the standby jobs have started: the engine never runs short. The
         # interactive queue (polled first) may take a few slots beyond a full window.
-        queues = job_queues(settings.broker_url, settings.model)
+        queues = job_queues(settings.broker_url, settings.model, settings.model_version or None)
         self.fetcher = RedisJobFetcher(app, queues, settings.worker_window,
                                        partial(deliver_now, get_runtime().runner),
                                        refill_at=settings.worker_standby_jobs // 2,
