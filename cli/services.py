@@ -159,9 +159,18 @@ def _require_broker(settings: Settings) -> None:
         raise click.UsageError("set GENQ_BROKER_URL (or use `genq up`, which embeds Redis)")
 
 
+def _check_version(_ctx: click.Context, _param: click.Parameter, value: str | None
+                   ) -> str | None:
+    from genq.routing import VERSION_PATTERN
+
+    if value is not None and not VERSION_PATTERN.fullmatch(value):
+        raise click.BadParameter("letters, digits, '.', '_' or '-' only (at most 64)")
+    return value
+
+
 @click.command()
 @click.option("--model", default=None, help="The model served (default GENQ_MODEL).")
-@click.option("--model-version", default=None,
+@click.option("--model-version", default=None, callback=_check_version,
               help="The version served; it takes only that version's jobs.")
 @click.option("--concurrency", default=None, type=int, help="Jobs in flight (engine batch).")
 @click.option("--hostname", default=None, help="Celery node name.")
@@ -181,11 +190,6 @@ def worker(model: str | None, model_version: str | None, concurrency: int | None
     if model:
         os.environ["GENQ_MODEL"] = model
     if model_version:
-        from genq.routing import VERSION_PATTERN
-
-        if not VERSION_PATTERN.fullmatch(model_version):
-            raise click.BadParameter("letters, digits, '.', '_' or '-' only",
-                                     param_hint="--model-version")
         os.environ["GENQ_MODEL_VERSION"] = model_version
     if concurrency:  # the engine's batch (runtime) and Celery's threads must agree
         os.environ["GENQ_WORKER_CONCURRENCY"] = str(concurrency)

@@ -14,6 +14,9 @@ from genq.models import Batch, Job, WebhookDelivery, Worker, utcnow
 from genq.states import TERMINAL_STATES, JobStatus
 
 MAX_SERIES_JOBS = 50_000  # finished jobs of the last hour read for the charts; beyond, sampled
+# The window of the per-version figures (canary comparison): recent enough to show a bad
+# version within minutes, long enough to hold a few jobs of a 10% canary.
+VERSION_WINDOW_SECONDS = 300
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,19 @@ class MinutePoint:
     generated_tokens_per_second: float
     latency_p50_seconds: float | None
     latency_p95_seconds: float | None
+
+
+@dataclass(frozen=True)
+class VersionStats:
+    """A model version's jobs finished in the last `VERSION_WINDOW_SECONDS`."""
+
+    model: str
+    version: str
+    succeeded: int
+    failed: int  # failed or expired: the errors to compare between versions
+    latency_p50_seconds: float | None  # submit to finish, of the succeeded ones
+    latency_p95_seconds: float | None
+    generated_tokens_per_second: float  # over the window
 
 
 @dataclass(frozen=True)
@@ -112,6 +128,32 @@ def minute_series(session: Session, minutes: int = 60) -> list[MinutePoint]:
             latency_p95_seconds=_percentile(latencies, 0.95),
         ))
     return points
+
+
+def version_stats(session: Session, window_seconds: float = VERSION_WINDOW_SECONDS
+                  ) -> list[VersionStats]:
+    """Per (model, version) figures of the jobs that finished in the window, versioned only."""
+    rows = session.execute(
+        select(Job.model, Job.model_version, Job.status, Job.created_at, Job.finished_at,
+               Job.completion_tokens)
+        .where(Job.finished_at >= utcnow() - timedelta(seconds=window_seconds),
+               Job.model_version.is_not(None))
+        .limit(MAX_SERIES_JOBS)
+    ).all()
+    groups: dict[tuple[str, str], list] = {}
+    for model, version, *job in rows:
+        groups.setdefault((model, version), []).append(job)
+    stats = []
+    for (model, version), jobs in sorted(groups.items()):
+        latencies = sorted((f - c).total_seconds() for status, c, f, _ in jobs
+                           if status == JobStatus.SUCCEEDED.value)
+        errors = sum(status in (JobStatus.FAILED.value, JobStatus.EXPIRED.value)
+                     for status, *_ in jobs)
+        stats.append(VersionStats(
+            model, version, len(latencies), errors, _percentile(latencies, 0.50),
+            _percentile(latencies, 0.95),
+            sum(tokens or 0 for *_, tokens in jobs) / window_seconds))
+    return stats
 
 
 def _percentile(sorted_values: list[float], fraction: float) -> float | None:
