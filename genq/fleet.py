@@ -83,6 +83,16 @@ def live_worker_versions(session: Session, live_seconds: float) -> set[tuple[str
     return {(model, version) for model, version in rows}
 
 
+def queued_by_version(session: Session) -> dict[tuple[str, str], int]:
+    """Queued jobs per (model, version), versioned jobs only: a version's workers may stop
+    once its count is 0 and no weight sends it more."""
+    rows = session.execute(
+        select(Job.model, Job.model_version, func.count())
+        .where(Job.status == JobStatus.QUEUED.value, Job.model_version.is_not(None))
+        .group_by(Job.model, Job.model_version))
+    return {(model, version): count for model, version, count in rows}
+
+
 def recent_jobs(session: Session, tenant_id: str, limit: int = 20) -> list[Job]:
     return list(session.scalars(
         select(Job).where(Job.tenant_id == tenant_id).order_by(Job.id.desc()).limit(limit)))

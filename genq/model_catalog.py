@@ -28,6 +28,7 @@ class CatalogVersion:
     version: str
     weight: int  # its share in the rule in force; 0 for a version only workers serve
     live_workers: int
+    queued: int  # its jobs waiting in its queue
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ def list_models(session: Session, settings: Settings) -> list[CatalogModel]:
     versions, read now (not cached)."""
     workers = fleet.live_workers(session, settings.worker_live_seconds)
     rules = routing.current_rules(session)
+    queued = fleet.queued_by_version(session)
     names = configured_models(settings)
     names += sorted(({w.model for w in workers} | set(rules)) - set(names))
     catalog = []
@@ -110,8 +112,10 @@ def list_models(session: Session, settings: Settings) -> list[CatalogModel]:
         rule = rules.get(name)
         weights = dict(rule.weights) if rule else {}
         served = [w.model_version for w in workers if w.model == name and w.model_version]
-        versions = [CatalogVersion(version, weights.get(version, 0), served.count(version))
-                    for version in dict.fromkeys([*weights, *sorted(served)])]
+        waiting = sorted(version for model, version in queued if model == name)
+        versions = [CatalogVersion(version, weights.get(version, 0), served.count(version),
+                                   queued.get((name, version), 0))
+                    for version in dict.fromkeys([*weights, *sorted(served), *waiting])]
         catalog.append(CatalogModel(name, len(starts), min(starts, default=0), rule, versions))
     return catalog
 

@@ -156,9 +156,10 @@ def _versions(catalog: list[model_catalog.CatalogModel], stats: list[fleet.Versi
     live workers and recent figures, side by side."""
     by_version = {(s.model, s.version): s for s in stats}
     rows = {(m.id, v.version): {"model": m.id, "version": v.version, "weight": v.weight,
-                                "live_workers": v.live_workers, "stats": None}
+                                "live_workers": v.live_workers, "queued": v.queued,
+                                "stats": None}
             for m in catalog for v in m.versions}
     for key, value in by_version.items():
         rows.setdefault(key, {"model": key[0], "version": key[1], "weight": 0,
-                              "live_workers": 0, "stats": None})["stats"] = value
+                              "live_workers": 0, "queued": 0, "stats": None})["stats"] = value
     return [rows[key] for key in sorted(rows)]

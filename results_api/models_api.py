@@ -39,6 +39,7 @@ def _versions(model: CatalogModel) -> dict:
             "sticky": rule.sticky, "when_unserved": rule.when_unserved,
             "created_at": int(rule.created_at.timestamp()) if rule.created_at else None},
         "versions": [{"version": v.version, "weight": v.weight, "live_workers": v.live_workers,
+                      "queued": v.queued,
                       "status": "available" if v.live_workers else "no_live_worker"}
                      for v in model.versions],
     }

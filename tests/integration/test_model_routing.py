@@ -135,6 +135,9 @@ def test_a_pinned_version_of_a_live_worker_needs_no_rule(api, settings):
     job_id = _submit(api, f"{TINY_MODEL}@v3").get_json()["id"]
 
     assert _job_and_queue(settings, job_id)[0].model_version == "v3"
+    model = next(m for m in api.get("/v1/models").get_json()["data"] if m["id"] == TINY_MODEL)
+    assert model["routing"] is None
+    assert [(v["version"], v["queued"]) for v in model["versions"]] == [("v3", 1)]
 
 
 def test_an_unserved_versions_share_goes_to_the_live_ones_or_waits(api, settings):
@@ -175,10 +178,10 @@ def test_models_lists_versions_weights_and_live_workers(api, settings):
 
     assert model["routing"]["sticky"] == "tenant"
     assert model["routing"]["when_unserved"] == "reroute"
-    assert [(v["version"], v["weight"], v["live_workers"], v["status"])
+    assert [(v["version"], v["weight"], v["live_workers"], v["queued"], v["status"])
             for v in model["versions"]] == [
-        ("v1", 90, 2, "available"), ("v2", 10, 0, "no_live_worker"),
-        ("v3", 0, 1, "available")]
+        ("v1", 90, 2, 0, "available"), ("v2", 10, 0, 0, "no_live_worker"),
+        ("v3", 0, 1, 0, "available")]
 
 
 def test_rollback_puts_everything_on_the_previous_rules_main_version(settings):
