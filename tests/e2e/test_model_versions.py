@@ -1,19 +1,22 @@
 """Canary routing on a real stack: an API under gunicorn, a v1 and a v2 worker (real Celery
 processes, tiny Llama), Redis and PostgreSQL. A 50/50 rule splits jobs between the versions, a
 rollback sends the next jobs all to v1, and the swap (rollback, v2 drains on SIGTERM) loses
-no job and runs none twice."""
+no job and runs none twice. On RabbitMQ too, a version's worker takes only its own jobs."""
 
 from __future__ import annotations
 
 import signal
 import time
+from uuid import uuid4
 
 import pytest
 import requests
+from kombu import Connection
 from sqlalchemy import select
 
 from genq import db, routing
 from genq.models import Job, Worker
+from genq.queues import job_queues
 from genq.routing import RoutingRule
 from genq.states import JobStatus
 from tests.conftest import TINY_MODEL
@@ -23,9 +26,10 @@ from tests.processes import wait_for
 pytestmark = pytest.mark.integration
 
 
-def _route(database_url: str, *weights: str) -> None:
+def _route(database_url: str, *weights: str, **options) -> None:
     with db.transaction(database_url) as session:
-        routing.set_rule(session, RoutingRule(TINY_MODEL, routing.parse_weights(list(weights))))
+        routing.set_rule(session, RoutingRule(TINY_MODEL, routing.parse_weights(list(weights)),
+                                              **options))
 
 
 def _submit(stack, count: int, max_tokens: int = 8) -> list[str]:
@@ -96,3 +100,26 @@ def test_canary_split_rollback_and_swap_lose_no_job(stack_factory, postgres_url,
             if (j.status, j.attempts) != (JobStatus.SUCCEEDED.value, 1)] == []
     assert all(version_of[job.worker_id] == job.model_version for job in jobs)
     assert v1.popen.poll() is None
+
+
+def test_a_versions_worker_on_rabbitmq_takes_only_its_versions_jobs(stack_factory, sqlite_url,
+                                                                     rabbitmq_url):
+    # Versions unique to the run: their queues on the shared vhost hold nothing of another run.
+    canary, main = f"v2-{uuid4().hex[:8]}", f"v1-{uuid4().hex[:8]}"
+    stack = stack_factory(sqlite_url, rabbitmq_url, worker=False)
+    _route(stack.database_url, f"{main}=50", f"{canary}=50", when_unserved=routing.WAIT)
+    stack.start_worker(name="worker-canary", env={"GENQ_MODEL_VERSION": canary})
+
+    ids = _submit(stack, 20)
+
+    def canary_done() -> bool:
+        return all(j.finished_at for j in _jobs(stack.database_url, ids)
+                   if j.model_version == canary)
+
+    wait_for(canary_done, 120, "the canary's jobs")
+    time.sleep(2)  # long enough for a worker that took the main version's jobs to run them
+    outcome = {(j.model_version, j.status) for j in _jobs(stack.database_url, ids)}
+    assert outcome == {(canary, JobStatus.SUCCEEDED.value), (main, JobStatus.QUEUED.value)}
+    with Connection(rabbitmq_url, connect_timeout=5) as connection:  # the run's own queues
+        for version in (main, canary):
+            connection.channel().queue_delete(job_queues(rabbitmq_url, TINY_MODEL, version)[0].name)

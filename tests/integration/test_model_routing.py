@@ -110,7 +110,8 @@ def test_a_pinned_version_is_kept_whatever_the_weights(api, settings, broker_url
     response = _submit(api, f"{TINY_MODEL}@v2")
 
     assert response.status_code == 202, response.get_data(as_text=True)
-    assert response.get_json()["model"] == TINY_MODEL
+    assert (response.get_json()["model"], response.get_json()["model_version"]) == (
+        TINY_MODEL, "v2")
     job, queue = _job_and_queue(settings, response.get_json()["id"])
     assert (job.model_version, queue) == ("v2", queue_for(TINY_MODEL, Priority.DEFAULT, "v2"))
     assert queue.endswith("@v2.default")
