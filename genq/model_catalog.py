@@ -82,6 +82,8 @@ def resolve_version(settings: Settings, model: str, pinned: str | None, *, job_i
     """The version a job of `model` runs on: the pinned one if the model has it (else a 422),
     else the one its routing rule picks; None for a model without a rule."""
     rule = routing.cached_rules(settings.database_url_resolved).get(model)
+    if rule is None and pinned is None:  # the usual case: an unversioned model
+        return None
     live = frozenset(version for name, version in _live_models(settings).versions
                      if name == model and version is not None)
     if pinned is not None:
@@ -92,8 +94,6 @@ def resolve_version(settings: Settings, model: str, pinned: str | None, *, job_i
                             f"model {model!r} has no version {pinned!r}; "
                             f"its versions: {listed or 'none'}", param="model")
         return pinned
-    if rule is None:
-        return None
     key = routing.routing_key(rule, job_id, tenant_id, metadata)
     return routing.choose_version(rule, key, live)
 
