@@ -1,5 +1,5 @@
-"""`genq models route | rollback | show`: each model's versions and routing rule, straight on
-the database (genq.routing); every API process applies a new rule within a second."""
+"""`genq models route | rollback | unroute | show`: each model's versions and routing rule,
+straight on the database (genq.routing); every API process applies a new rule within a second."""
 
 from __future__ import annotations
 
@@ -51,6 +51,20 @@ def rollback(model: str) -> None:
     except routing.RuleError as exc:
         raise CommandFailed("no_previous_rule", str(exc)) from None
     console.print(f"[green]rolled back[/] {rule.describe()}")
+
+
+@models.command("unroute")
+@click.argument("model")
+def unroute(model: str) -> None:
+    """Stop routing MODEL: new jobs go to unversioned workers.
+
+    Start a worker without --model-version first: versioned ones do not take them.
+    """
+    from genq import db, routing
+
+    with db.transaction(existing_database_url(get_settings())) as session:
+        rule = routing.set_rule(session, routing.RoutingRule(model, ()))
+    console.print(f"[green]routing off[/] {rule.describe()}")
 
 
 @models.command("show")

@@ -5,6 +5,8 @@ show them side by side. Real Redis and both DBs; workers are stood in for by hea
 
 from __future__ import annotations
 
+import io
+import json
 import time
 from collections import Counter
 from datetime import timedelta
@@ -22,6 +24,7 @@ from genq.queues import queue_for
 from genq.routing import RoutingRule, RuleError
 from genq.settings import Settings
 from genq.states import JobStatus, Priority
+from producer.batch_feeder import feed_batches
 from producer.submit import load_tokenizer_cached
 from results_api.app import create_app
 from tests.conftest import MODEL_CACHE_DIR, TINY_MODEL, make_key, redis_queue_messages
@@ -233,3 +236,33 @@ def test_metrics_and_dashboard_show_versions_side_by_side(api, settings):
     assert samples["genq_version_generated_tokens_per_second", v1] == pytest.approx(10 / 300)
     assert samples["genq_version_latency_seconds", (*v1[:1], ("quantile", "0.95"), v1[1])] > 1
     assert f'data-version="{TINY_MODEL}@v1"' in page and f'data-version="{TINY_MODEL}@v2"' in page
+
+
+def test_batch_lines_are_routed_and_published_to_their_versions_queues(settings, broker_url,
+                                                                        tmp_path):
+    settings = settings.model_copy(update={"data_dir": tmp_path})
+    api = create_app({"GENQ_SETTINGS": settings}).test_client()
+    api.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {make_key(settings.database_url)}"
+    _set_rule(settings, "v1=100", "v2=0")
+    models = [TINY_MODEL] * 6 + [f"{TINY_MODEL}@v2"] * 4 + [f"{TINY_MODEL}@v9"]
+    content = "".join(json.dumps({
+        "custom_id": f"c{n}", "method": "POST", "url": "/v1/completions",
+        "body": {"model": model, "prompt": "Hi", "max_tokens": 2}}) + "\n"
+        for n, model in enumerate(models)).encode()
+    file_id = api.post("/v1/files", data={"purpose": "batch", "file": (io.BytesIO(content),
+                                                                       "f.jsonl")},
+                       content_type="multipart/form-data").get_json()["id"]
+    batch_id = api.post("/v1/batches", json={"input_file_id": file_id,
+                                             "endpoint": "/v1/completions"}).get_json()["id"]
+
+    feed_batches(settings)
+    feed_batches(settings)
+
+    with db.session_factory(settings.database_url)() as session:
+        lines = session.execute(select(Job.custom_id, Job.status, Job.model_version)
+                                .where(Job.batch_id == batch_id)).all()
+    assert Counter((status, version) for _, status, version in lines) == {
+        ("queued", "v1"): 6, ("queued", "v2"): 4, ("failed", None): 1}
+    for version, expected in (("v1", 6), ("v2", 4)):
+        queue = queue_for(TINY_MODEL, Priority.BATCH, version)
+        assert len(redis_queue_messages(broker_url, queue)) == expected

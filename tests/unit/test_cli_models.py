@@ -9,7 +9,8 @@ from tests.unit.test_cli import assert_one_line_error, genq
 
 
 @pytest.mark.parametrize("command", [["models"], ["models", "route"], ["models", "rollback"],
-                                     ["models", "show"], ["worker"]])
+                                     ["models", "show"], ["models", "unroute"],
+                                     ["worker"]])
 def test_models_help_fits_80_columns(command, tmp_path):
     result = genq(*command, "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -59,3 +60,16 @@ def test_worker_refuses_a_bad_version_name(tmp_path):
     result = genq("worker", "--model-version", "v 2", cwd=tmp_path,
                   GENQ_BROKER_URL="redis://127.0.0.1:9/0", GENQ_DATABASE_URL="sqlite://")
     assert result.returncode == 2 and "--model-version" in result.stderr, result
+
+
+def test_unroute_turns_routing_off_and_rollback_restores_the_rule_before(tmp_path, sqlite_url):
+    env = {"GENQ_DATABASE_URL": sqlite_url}
+    assert genq("models", "route", "m", "v1=60", "v2=40", cwd=tmp_path, **env).returncode == 0
+
+    unrouted = genq("models", "unroute", "m", cwd=tmp_path, **env)
+    in_force = genq("models", "show", cwd=tmp_path, **env)
+    rolled = genq("models", "rollback", "m", cwd=tmp_path, **env)
+
+    assert unrouted.returncode == 0 and "m: off" in unrouted.stderr, unrouted
+    assert_one_line_error(in_force, "not_found")
+    assert rolled.returncode == 0 and "m: v1=100" in rolled.stderr, rolled
