@@ -105,7 +105,7 @@ def list_models(session: Session, settings: Settings) -> list[CatalogModel]:
     rules = routing.current_rules(session)
     queued = fleet.queued_by_version(session)
     names = configured_models(settings)
-    names += sorted(({w.model for w in workers} | set(rules)) - set(names))
+    names += sorted({w.model for w in workers} - set(names))
     catalog = []
     for name in names:
         starts = [int(w.started_at.timestamp()) for w in workers if w.model == name]
