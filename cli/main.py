@@ -13,6 +13,7 @@ from cli.admin import keys, prune, tenants
 from cli.batch import batch
 from cli.context import CommandFailed
 from cli.jobs import cancel, get, list_jobs, submit
+from cli.models import models
 from cli.services import api, db_group, up, webhook_worker, worker
 from genq.settings import get_settings
 from producer.client import GenqAPIError
@@ -59,5 +60,5 @@ def main() -> None:
 
 
 for command in (up, api, worker, webhook_worker, db_group, keys, tenants, prune,
-                submit, get, list_jobs, cancel, batch):
+                submit, get, list_jobs, cancel, batch, models):
     main.add_command(command)

@@ -159,11 +159,23 @@ def _require_broker(settings: Settings) -> None:
         raise click.UsageError("set GENQ_BROKER_URL (or use `genq up`, which embeds Redis)")
 
 
+def _check_version(_ctx: click.Context, _param: click.Parameter, value: str | None
+                   ) -> str | None:
+    from genq.routing import VERSION_PATTERN
+
+    if value is not None and not VERSION_PATTERN.fullmatch(value):
+        raise click.BadParameter("letters, digits, '.', '_' or '-' only (at most 64)")
+    return value
+
+
 @click.command()
 @click.option("--model", default=None, help="The model served (default GENQ_MODEL).")
+@click.option("--model-version", default=None, callback=_check_version,
+              help="The version served; it takes only that version's jobs.")
 @click.option("--concurrency", default=None, type=int, help="Jobs in flight (engine batch).")
 @click.option("--hostname", default=None, help="Celery node name.")
-def worker(model: str | None, concurrency: int | None, hostname: str | None) -> None:
+def worker(model: str | None, model_version: str | None, concurrency: int | None,
+           hostname: str | None) -> None:
     """Run a worker for one model (micro-batches)."""
     from genq.queues import is_amqp, job_queues
     from producer.outbox import run_relay
@@ -177,6 +189,8 @@ def worker(model: str | None, concurrency: int | None, hostname: str | None) -> 
     # environment before any of it loads.
     if model:
         os.environ["GENQ_MODEL"] = model
+    if model_version:
+        os.environ["GENQ_MODEL_VERSION"] = model_version
     if concurrency:  # the engine's batch (runtime) and Celery's threads must agree
         os.environ["GENQ_WORKER_CONCURRENCY"] = str(concurrency)
     get_settings.cache_clear()
@@ -190,9 +204,11 @@ def worker(model: str | None, concurrency: int | None, hostname: str | None) -> 
                      name="genq-batch-feeder").start()
     from workers.tasks import app  # registers the task and the engine-loading signals
 
-    queue_names = ",".join(q.name for q in job_queues(served.broker_url, served.model))
+    queue_names = ",".join(q.name for q in job_queues(served.broker_url, served.model,
+                                                      served.model_version or None))
     # Celery's banner lists only the queues its own consumer takes, none on Redis.
-    console.print(f"[green]worker[/] for model {served.model} takes jobs from {queue_names} "
+    served_name = served.model + (f"@{served.model_version}" if served.model_version else "")
+    console.print(f"[green]worker[/] for model {served_name} takes jobs from {queue_names} "
                   f"({'Celery' if is_amqp(served.broker_url) else 'the batch fetcher'})")
     argv = [
         "worker", "--pool", "threads",

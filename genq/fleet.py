@@ -15,6 +15,9 @@ from genq.models import Batch, Job, WebhookDelivery, Worker, utcnow
 from genq.states import TERMINAL_STATES, JobStatus
 
 MAX_SERIES_JOBS = 50_000  # finished jobs of the last hour read for the charts; beyond, sampled
+# The window of the per-version figures (canary comparison): recent enough to show a bad
+# version within minutes, long enough to hold a few jobs of a 10% canary.
+VERSION_WINDOW_SECONDS = 300
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,19 @@ class MinutePoint:
     generated_tokens_per_second: float
     latency_p50_seconds: float | None
     latency_p95_seconds: float | None
+
+
+@dataclass(frozen=True)
+class VersionStats:
+    """A model version's jobs finished in the last `VERSION_WINDOW_SECONDS`."""
+
+    model: str
+    version: str
+    succeeded: int
+    failed: int  # failed or expired: the errors to compare between versions
+    latency_p50_seconds: float | None  # submit to finish, of the succeeded ones
+    latency_p95_seconds: float | None
+    generated_tokens_per_second: float  # over the window
 
 
 @dataclass(frozen=True)
@@ -60,10 +76,22 @@ def live_workers(session: Session, live_seconds: float) -> list[Worker]:
         select(Worker).where(Worker.last_heartbeat_at >= since).order_by(Worker.id)))
 
 
-def live_worker_models(session: Session, live_seconds: float) -> set[str]:
+def live_worker_versions(session: Session, live_seconds: float) -> set[tuple[str, str | None]]:
+    """(model, version) of every live worker; version None for an unversioned one."""
     since = utcnow() - timedelta(seconds=live_seconds)
-    return set(session.scalars(
-        select(Worker.model).where(Worker.last_heartbeat_at >= since).distinct()))
+    rows = session.execute(select(Worker.model, Worker.model_version)
+                           .where(Worker.last_heartbeat_at >= since).distinct())
+    return {(model, version) for model, version in rows}
+
+
+def queued_by_version(session: Session) -> dict[tuple[str, str], int]:
+    """Queued jobs per (model, version), versioned jobs only: a version's workers may stop
+    once its count is 0 and no weight sends it more."""
+    rows = session.execute(
+        select(Job.model, Job.model_version, func.count())
+        .where(Job.status == JobStatus.QUEUED.value, Job.model_version.is_not(None))
+        .group_by(Job.model, Job.model_version))
+    return {(model, version): count for model, version, count in rows}
 
 
 def class_loads(session: Session) -> dict[tuple[str, str], ClassLoad]:
@@ -154,6 +182,32 @@ def minute_series(session: Session, minutes: int = 60) -> list[MinutePoint]:
             latency_p95_seconds=_percentile(latencies, 0.95),
         ))
     return points
+
+
+def version_stats(session: Session, window_seconds: float = VERSION_WINDOW_SECONDS
+                  ) -> list[VersionStats]:
+    """Per (model, version) figures of the jobs that finished in the window, versioned only."""
+    rows = session.execute(
+        select(Job.model, Job.model_version, Job.status, Job.created_at, Job.finished_at,
+               Job.completion_tokens)
+        .where(Job.finished_at >= utcnow() - timedelta(seconds=window_seconds),
+               Job.model_version.is_not(None))
+        .limit(MAX_SERIES_JOBS)
+    ).all()
+    groups: dict[tuple[str, str], list] = {}
+    for model, version, *job in rows:
+        groups.setdefault((model, version), []).append(job)
+    stats = []
+    for (model, version), jobs in sorted(groups.items()):
+        latencies = sorted((f - c).total_seconds() for status, c, f, _ in jobs
+                           if status == JobStatus.SUCCEEDED.value)
+        errors = sum(status in (JobStatus.FAILED.value, JobStatus.EXPIRED.value)
+                     for status, *_ in jobs)
+        stats.append(VersionStats(
+            model, version, len(latencies), errors, _percentile(latencies, 0.50),
+            _percentile(latencies, 0.95),
+            sum(tokens or 0 for *_, tokens in jobs) / window_seconds))
+    return stats
 
 
 def _percentile(sorted_values: list[float], fraction: float) -> float | None:

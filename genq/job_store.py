@@ -113,10 +113,11 @@ class Claimed:
 
 
 def claim_deliveries(session: Session, job_ids: list[str], *, model: str, worker_id: str,
-                     lease_expires_at: datetime,
+                     lease_expires_at: datetime, model_version: str | None = None,
                      is_holder_dead: Callable[[str], bool] = lambda _holder: False,
                      suspect_after: int | None = None) -> Claimed:
-    """Claim a worker's micro-batch of delivered jobs of `model` → RUNNING under `worker_id`.
+    """Claim a worker's micro-batch of delivered jobs of `model` (`model_version`, None for an
+    unversioned worker: then only unversioned jobs) → RUNNING under `worker_id`.
 
     A queued job is claimed whatever its attempts (a redelivered job runs in the micro-batch
     like any other), with one more attempt; one with `suspect_after` attempts or more is a
@@ -126,7 +127,8 @@ def claim_deliveries(session: Session, job_ids: list[str], *, model: str, worker
     host: no need to wait for its lease). Usually one UPDATE; a SELECT and an UPDATE per job
     only for the ids the first UPDATE did not take.
     """
-    params = {"claim_ids": job_ids, "claim_model": model, "claim_worker": worker_id,
+    params = {"claim_ids": job_ids, "claim_model": model, "claim_version": model_version,
+              "claim_worker": worker_id,
               "claim_lease": lease_expires_at, "claim_now": utcnow(),
               "claim_below": suspect_after if suspect_after is not None else _NO_LIMIT}
     jobs = list(session.execute(_claim_statement(JobStatus.QUEUED, True), params).all())
@@ -139,6 +141,7 @@ def claim_deliveries(session: Session, job_ids: list[str], *, model: str, worker
         select(_JOBS.c.id, _JOBS.c.status, _JOBS.c.worker_id, _JOBS.c.lease_expires_at,
                _JOBS.c.attempts)
         .where(_JOBS.c.id.in_(left), _JOBS.c.model == model,
+               _JOBS.c.model_version.is_not_distinct_from(model_version),
                _JOBS.c.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
                or_(_JOBS.c.worker_id.is_(None), _JOBS.c.worker_id != worker_id))).all()
     now, held = utcnow(), []
@@ -222,6 +225,7 @@ def _claim_statement(source: JobStatus, spend_attempt: bool):
     attempt, or none (a held suspect)."""
     where = [_JOBS.c.id.in_(bindparam("claim_ids", expanding=True)),
              _JOBS.c.status == source.value, _JOBS.c.model == bindparam("claim_model"),
+             _JOBS.c.model_version.is_not_distinct_from(bindparam("claim_version")),
              _JOBS.c.attempts < bindparam("claim_below")]
     if source is JobStatus.RUNNING:
         where.append(_JOBS.c.worker_id == bindparam("claim_holder"))
@@ -299,10 +303,10 @@ def _announce(session: Session, job_id: str, target: JobStatus,
 
 
 def enqueue_run_message(session: Session, job_id: str, model: str, priority: Priority,
-                        share_level: int = 0) -> Outbox:
+                        share_level: int = 0, model_version: str | None = None) -> Outbox:
     """Add the outbox row that (re)publishes a job's run message, in the caller's transaction.
     `share_level`: the job's fair-share level in its class (genq.fair_share)."""
-    outbox = Outbox(kind=RUN_JOB_OUTBOX_KIND, job_id=job_id, queue=queue_for(model, priority),
-                    share_level=share_level)
+    outbox = Outbox(kind=RUN_JOB_OUTBOX_KIND, job_id=job_id,
+                    queue=queue_for(model, priority, model_version), share_level=share_level)
     session.add(outbox)
     return outbox

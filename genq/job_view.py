@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from genq.models import Job
 from genq.states import JobStatus, Priority
@@ -41,6 +41,9 @@ class JobResponse(BaseModel):
     status: JobStatus
     priority: Priority
     model: str
+    model_version: str | None = Field(
+        None, description="The version the job was routed to and runs on; null for a model "
+        "without versions.")
     created_at: int
     started_at: int | None
     finished_at: int | None
@@ -56,6 +59,7 @@ class JobResponse(BaseModel):
             status=JobStatus(job.status),
             priority=Priority(job.priority),
             model=job.model,
+            model_version=job.model_version,
             created_at=unix_seconds(job.created_at),
             started_at=unix_seconds(job.started_at),
             finished_at=unix_seconds(job.finished_at),

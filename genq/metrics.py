@@ -17,7 +17,7 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from genq import db, fleet
+from genq import db, fleet, routing
 from genq.autoscaling import ClassLoad, FleetThroughput, scaling_signal
 from genq.states import TERMINAL_STATES, JobStatus, Priority
 from genq.webhook_events import DeliveryStatus
@@ -43,6 +43,8 @@ class DatabaseCollector(Collector):
             loads = fleet.class_loads(session)
             fleets = fleet.fleet_throughputs(session, workers, self.throughput_window_seconds,
                                              self.default_worker_slots)
+            versions = fleet.version_stats(session)
+            rules = routing.current_rules(session)
 
         depth = GaugeMetricFamily("genq_queue_depth", "Jobs waiting in the queue (status queued).",
                                   labels=["priority", "model"])
@@ -85,6 +87,7 @@ class DatabaseCollector(Collector):
             live.add_metric([model], value)
         yield from (depth, jobs, finished, webhooks, live, batch)
         yield from self._autoscaling(loads, fleets, {c.model for c in counts})
+        yield from _version_metrics(versions, rules, workers)
 
     def _autoscaling(self, loads: dict[tuple[str, str], ClassLoad],
                      fleets: dict[str, FleetThroughput],
@@ -108,6 +111,47 @@ class DatabaseCollector(Collector):
                 backlog.add_metric([model, priority.value], signal.backlog_seconds)
                 desired.add_metric([model, priority.value], signal.desired_workers)
         yield from (backlog, desired)
+
+
+def _version_metrics(versions: list[fleet.VersionStats], rules: dict[str, routing.RoutingRule],
+                     workers: list) -> Iterator[Metric]:
+    """Model versions side by side (canary): the weights in force, live workers, and the
+    outcome, latency and throughput of the jobs each version finished recently."""
+    window = f"in the last {fleet.VERSION_WINDOW_SECONDS} s"
+    labels = ["model", "version"]
+    weight = GaugeMetricFamily("genq_version_weight", "Routing weight of each model version.",
+                               labels=labels)
+    live = GaugeMetricFamily("genq_version_workers_live", "Live workers of each model version.",
+                             labels=labels)
+    outcome = GaugeMetricFamily("genq_version_jobs", f"Jobs of each model version finished "
+                                f"{window}, by outcome (failed: failed or expired).",
+                                labels=[*labels, "outcome"])
+    latency = GaugeMetricFamily("genq_version_latency_seconds", f"Submit-to-finish latency of "
+                                f"the jobs each model version finished {window}.",
+                                labels=[*labels, "quantile"])
+    tokens = GaugeMetricFamily("genq_version_generated_tokens_per_second",
+                               f"Tokens each model version generated per second {window}.",
+                               labels=labels)
+    for rule in rules.values():
+        for version, value in rule.weights:
+            weight.add_metric([rule.model, version], value)
+    counts: dict[tuple[str, str], int] = {}
+    for worker in workers:
+        if worker.model_version:
+            key = (worker.model, worker.model_version)
+            counts[key] = counts.get(key, 0) + 1
+    for (model, version), value in sorted(counts.items()):
+        live.add_metric([model, version], value)
+    for stats in versions:
+        key = [stats.model, stats.version]
+        outcome.add_metric([*key, "succeeded"], stats.succeeded)
+        outcome.add_metric([*key, "failed"], stats.failed)
+        for quantile, value in (("0.5", stats.latency_p50_seconds),
+                                ("0.95", stats.latency_p95_seconds)):
+            if value is not None:
+                latency.add_metric([*key, quantile], value)
+        tokens.add_metric(key, stats.generated_tokens_per_second)
+    yield from (weight, live, outcome, latency, tokens)
 
 
 def prepare_multiprocess_dir(data_dir: Path) -> Path:

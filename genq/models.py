@@ -95,6 +95,9 @@ class Job(Base):
     status: Mapped[JobStatus] = mapped_column(String(16), default=JobStatus.QUEUED)
     priority: Mapped[Priority] = mapped_column(String(16), default=Priority.DEFAULT)
     model: Mapped[str] = mapped_column(String(200))
+    # The version routed at submit (genq.routing), and so the one whose worker runs it; None
+    # for a model without a routing rule.
+    model_version: Mapped[str | None] = mapped_column(String(64), default=None)
     prompt: Mapped[str | None] = mapped_column(Text, default=None)
     messages: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None)
     sampling_params: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -137,11 +140,28 @@ class Worker(Base):
     id: Mapped[str] = mapped_column(String(200), primary_key=True)  # host:pid
     hostname: Mapped[str] = mapped_column(String(200))
     model: Mapped[str] = mapped_column(String(200))
+    model_version: Mapped[str | None] = mapped_column(String(64), default=None)
     max_batch_size: Mapped[int] = mapped_column(Integer)
     num_running: Mapped[int] = mapped_column(Integer, default=0)
     metrics_port: Mapped[int | None] = mapped_column(Integer, default=None)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class ModelRoute(Base):
+    """A model's routing rule: version -> weight (genq.routing). The latest row of a model is
+    in force; earlier ones stay as its history (`genq models rollback` reads them)."""
+
+    __tablename__ = "model_routes"
+    __table_args__ = (Index("ix_model_routes_model_id", "model", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(200))
+    weights: Mapped[dict[str, Any]] = mapped_column()  # {"v1": 90, "v2": 10}, in order
+    sticky: Mapped[str | None] = mapped_column(String(80), default=None)  # tenant | field:NAME
+    when_unserved: Mapped[str] = mapped_column(String(16), default="reroute",
+                                               server_default="reroute")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Outbox(Base):

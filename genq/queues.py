@@ -4,7 +4,8 @@ Queues are per model, so a worker (one engine, one model) consumes only its mode
 Redis: one queue per model and class (`genq.<model>.<class>`), polled in strict order. RabbitMQ:
 a `genq.jobs.<model>` priority queue per model, and `genq.interactive.<model>` for its
 interactive class (a worker's reserve consumer takes it beyond a full prefetch window, see
-workers.amqp_reserve). `<model>` is `model_slug(model)`.
+workers.amqp_reserve). `<model>` is `model_slug(model)`, plus `@<version>` for a job routed to
+a version (genq.routing): each version has its own queues.
 
 Inside a class, a message also carries its job's fair-share level (genq.fair_share). Class and
 level make one serving rank (`serving_rank`), encoded as the message priority of each broker.
@@ -50,10 +51,16 @@ def model_slug(model: str) -> str:
     return f"{_UNSAFE_CHARS.sub('-', model)[:48].strip('-')}~{digest}"
 
 
-def queue_for(model: str, priority: Priority) -> str:
-    """The logical queue of a model and class, stored on outbox rows; `route` maps it onto the
-    broker."""
-    return f"genq.{model_slug(model)}.{priority.value}"
+def queue_key(model: str, version: str | None = None) -> str:
+    """The model's part of its queue names: its slug, plus `@<version>` for a version. A slug
+    never contains `@`, and versions are safe names (genq.routing), so keys never collide."""
+    return model_slug(model) if not version else f"{model_slug(model)}@{version}"
+
+
+def queue_for(model: str, priority: Priority, version: str | None = None) -> str:
+    """The logical queue of a model (version) and class, stored on outbox rows; `route` maps it
+    onto the broker."""
+    return f"genq.{queue_key(model, version)}.{priority.value}"
 
 
 def _parse_queue(queue: str) -> tuple[str, Priority]:
@@ -77,13 +84,13 @@ def _amqp_jobs_queue(slug: str, priority: Priority | None = None) -> Queue:
                  queue_arguments={"x-max-priority": AMQP_MAX_PRIORITY})
 
 
-def job_queues(broker_url: str, model: str) -> list[Queue]:
-    """The queues a worker serving `model` consumes, in the order it must poll them (the
-    interactive class's first)."""
+def job_queues(broker_url: str, model: str, version: str | None = None) -> list[Queue]:
+    """The queues a worker serving `model` (`version`) consumes, in the order it must poll
+    them (the interactive class's first)."""
     if is_amqp(broker_url):
-        slug = model_slug(model)
-        return [_amqp_jobs_queue(slug, Priority.INTERACTIVE), _amqp_jobs_queue(slug)]
-    return [Queue(queue_for(model, p)) for p in Priority]  # highest priority first
+        key = queue_key(model, version)
+        return [_amqp_jobs_queue(key, Priority.INTERACTIVE), _amqp_jobs_queue(key)]
+    return [Queue(queue_for(model, p, version)) for p in Priority]  # highest priority first
 
 
 def serving_rank(priority: Priority, share_level: int) -> int:

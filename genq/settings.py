@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     # The default model: jobs that name none get it, and `genq worker` serves it unless given
     # --model. Keep it the same on every host.
     model: str = "smollm2-135m"
+    # The version `genq worker --model-version` serves (genq.routing); empty: unversioned.
+    model_version: str = ""
     # Comma-separated further models the deployment accepts even while no worker serves them
     # (their jobs wait queued). Models of live workers are accepted too (genq.model_catalog).
     models: str = ""

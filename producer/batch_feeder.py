@@ -30,9 +30,10 @@ from genq.batch_store import transition_batch, transition_batch_jobs
 from genq.errors import ErrorCode, GenqError
 from genq.job_store import RUN_JOB_OUTBOX_KIND
 from genq.limits import JobCost, TenantLimits, admit, check_job_size, tenant_limits
-from genq.model_catalog import resolve_model
+from genq.model_catalog import resolve_model, resolve_version
 from genq.models import Batch, File, Job, Outbox, new_id, utcnow
 from genq.queues import queue_for
+from genq.routing import split_pinned
 from genq.settings import Settings
 from genq.states import JobStatus, Priority
 from producer.batch_lines import ParsedLine, parse_batch_file
@@ -163,7 +164,8 @@ def top_up_window(settings: Settings, batch: Batch) -> int:
         if room <= 0:
             return 0
         lines = session.execute(
-            select(Job.id, Job.batch_line, Job.model, Job.admitted_tokens, Job.sampling_params)
+            select(Job.id, Job.batch_line, Job.model, Job.model_version, Job.admitted_tokens,
+                   Job.sampling_params)
             .where(Job.batch_id == batch.id, Job.batch_line > cursor,
                    Job.status == JobStatus.QUEUED.value)
             .order_by(Job.batch_line).limit(room)
@@ -187,7 +189,8 @@ def top_up_window(settings: Settings, batch: Batch) -> int:
                         .values(admitted_at=now))
         # Share level 0 (the default) for every line: the window already shares the batch
         # class among tenants, since each has at most `batch_window_jobs` messages waiting.
-        messages = [(line.id, queue_for(line.model, Priority.BATCH)) for line in lines]
+        messages = [(line.id, queue_for(line.model, Priority.BATCH, line.model_version))
+                    for line in lines]
         session.execute(insert(Outbox), [
             {"kind": RUN_JOB_OUTBOX_KIND, "job_id": job_id, "queue": queue,
              "created_at": now, "publish_attempts": 0}
@@ -259,14 +262,19 @@ def _job_row(settings: Settings, batch: Batch, parsed: ParsedLine,
     now = utcnow()
     row: dict[str, Any] = {
         "id": new_id("job"), "tenant_id": batch.tenant_id, "priority": Priority.BATCH.value,
-        "model": settings.model, "batch_id": batch.id, "custom_id": parsed.custom_id,
+        "model": settings.model, "model_version": None, "batch_id": batch.id,
+        "custom_id": parsed.custom_id,
         "batch_line": parsed.number, "created_at": now, "attempts": 0, "metadata_": {},
         "sampling_params": {},
     }
     request, error = parsed.request, parsed.error
     if request is not None:
         try:
-            row["model"] = resolve_model(settings, request.model)
+            model, pinned = split_pinned(request.model or settings.model)
+            row["model"] = resolve_model(settings, model)
+            row["model_version"] = resolve_version(
+                settings, row["model"], pinned, job_id=row["id"], tenant_id=batch.tenant_id,
+                metadata=request.metadata)
         except GenqError as exc:
             request, error = None, f"invalid body: {exc.message}"
     if request is None:
@@ -325,10 +333,13 @@ def _copy_retried_lines(settings: Settings, batch: Batch) -> int:
 
 def _retry_row(settings: Settings, batch: Batch, job: Job,
                limits: TenantLimits) -> dict[str, Any]:
-    now = utcnow()
+    now, job_id = utcnow(), new_id("job")
     row = {
-        "id": new_id("job"), "tenant_id": batch.tenant_id, "status": JobStatus.QUEUED.value,
+        "id": job_id, "tenant_id": batch.tenant_id, "status": JobStatus.QUEUED.value,
         "priority": Priority.BATCH.value, "model": job.model, "prompt": job.prompt,
+        # Routed again, as a new job: the old line's version may be rolled back since.
+        "model_version": resolve_version(settings, job.model, None, job_id=job_id,
+                                         tenant_id=batch.tenant_id, metadata=job.metadata_),
         "messages": job.messages, "sampling_params": job.sampling_params,
         "metadata_": job.metadata_, "batch_id": batch.id, "custom_id": job.custom_id,
         "batch_line": job.batch_line, "created_at": now, "attempts": 0,

@@ -55,15 +55,18 @@ class WrittenJob:
 
 def new_job(tenant_id: str, request: JobRequest, model: str, prompt_tokens: int,
             now: datetime, *, name: str | None = None, idempotency_key: str | None = None,
-            request_hash: str | None = None) -> NewJob:
-    """The job of a validated request. `name`: its place in a bulk request, for its errors."""
+            request_hash: str | None = None, job_id: str | None = None,
+            model_version: str | None = None) -> NewJob:
+    """The job of a validated request. `name`: its place in a bulk request, for its errors;
+    `model_version`: the version routed (genq.routing), None for an unversioned model."""
     admitted_tokens = prompt_tokens + request.max_tokens
     row = _EMPTY_JOB_ROW | {
-        "id": new_id("job"),
+        "id": job_id or new_id("job"),
         "tenant_id": tenant_id,
         "status": JobStatus.QUEUED.value,
         "priority": request.priority.value,
         "model": model,
+        "model_version": model_version,
         "prompt": request.prompt,
         "messages": None if request.messages is None
         else [message.model_dump() for message in request.messages],
@@ -90,7 +93,8 @@ def insert_jobs(connection: Connection, new_jobs: Sequence[NewJob],
                 share_levels: Sequence[int]) -> list[WrittenJob]:
     """Insert the jobs' rows and their outbox rows, in the caller's transaction."""
     connection.execute(_INSERT_JOBS, [job.row for job in new_jobs])
-    messages = [RunMessage(job.row["id"], queue_for(job.model, job.priority), level)
+    messages = [RunMessage(job.row["id"],
+                           queue_for(job.model, job.priority, job.row["model_version"]), level)
                 for job, level in zip(new_jobs, share_levels, strict=True)]
     outbox_ids = connection.scalars(_INSERT_OUTBOX, [
         {"kind": RUN_JOB_OUTBOX_KIND, "job_id": message.job_id, "queue": message.queue,

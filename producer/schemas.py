@@ -76,7 +76,8 @@ class JobRequest(BaseModel):
 
     prompt: stored_text(min_length=1) | None = None
     messages: Annotated[list[Message], Field(min_length=1)] | None = None
-    model: str | None = Field(None, description="Defaults to the server's configured model.")
+    model: str | None = Field(None, description="Defaults to the server's configured model. "
+                              "`MODEL@VERSION` pins one of the model's versions.")
     max_tokens: int = Field(256, ge=1, le=8192)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)

@@ -18,8 +18,9 @@ from genq import db
 from genq.errors import ErrorCode, GenqError
 from genq.fair_share import share_levels
 from genq.limits import admit
-from genq.model_catalog import resolve_model
-from genq.models import Job, Outbox, utcnow
+from genq.model_catalog import resolve_model, resolve_version
+from genq.models import Job, Outbox, new_id, utcnow
+from genq.routing import split_pinned
 from genq.settings import Settings
 from producer.breakers import broker_breaker, require
 from producer.job_rows import NewJob, OutboxMessage, WrittenJob, insert_jobs, new_job
@@ -42,19 +43,20 @@ def submit_job(
     settings: Settings, tenant_id: str, request: JobRequest, idempotency_key: str | None = None
 ) -> SubmitResult:
     """Persist and publish a job. With an idempotency key, a replay returns the first job."""
-    model = resolve_model(settings, request.model)
+    model, pinned = split_pinned(request.model or settings.model)
+    model = resolve_model(settings, model)
     url = settings.database_url_resolved
     request_hash = None
     if idempotency_key is not None:
-        request_hash = _request_hash(request, model)
+        request_hash = _request_hash(request, model if pinned is None else f"{model}@{pinned}")
         existing = _replayed_job(url, tenant_id, idempotency_key, request_hash)
         if existing is not None:  # a replay needs no broker: answered even in reject mode
             return SubmitResult(existing, created=False)
     if settings.submit_when_broker_down == "reject":
         require(broker_breaker(settings))  # 503 with Retry-After while the broker is down
 
-    job = _validated_job(settings, tenant_id, request, model, idempotency_key=idempotency_key,
-                         request_hash=request_hash)
+    job = _validated_job(settings, tenant_id, request, model, pinned,
+                         idempotency_key=idempotency_key, request_hash=request_hash)
     try:
         written = _write_jobs(url, tenant_id, [job])
     except IntegrityError:
@@ -90,8 +92,9 @@ def submit_jobs(settings: Settings, tenant_id: str,
     for index, request in enumerate(requests):
         name = f"jobs.{index}"
         try:
-            model = resolve_model(settings, request.model)
-            jobs.append(_validated_job(settings, tenant_id, request, model, name=name))
+            model, pinned = split_pinned(request.model or settings.model)
+            model = resolve_model(settings, model)
+            jobs.append(_validated_job(settings, tenant_id, request, model, pinned, name=name))
         except GenqError as error:
             raise error.about_item(name) from None
     written = _write_jobs(settings.database_url_resolved, tenant_id, jobs)
@@ -99,14 +102,19 @@ def submit_jobs(settings: Settings, tenant_id: str,
     return [SubmitResult(written_job.job, created=True) for written_job in written]
 
 
-def _validated_job(settings: Settings, tenant_id: str, request: JobRequest, model: str, *,
-                   name: str | None = None, idempotency_key: str | None = None,
+def _validated_job(settings: Settings, tenant_id: str, request: JobRequest, model: str,
+                   pinned: str | None, *, name: str | None = None,
+                   idempotency_key: str | None = None,
                    request_hash: str | None = None) -> NewJob:
+    job_id = new_id("job")
+    version = resolve_version(settings, model, pinned, job_id=job_id, tenant_id=tenant_id,
+                              metadata=request.metadata)
     prompt_tokens = count_prompt_tokens(settings, model, request)
     check_context_length(settings, request, prompt_tokens)
     check_job_webhook(settings, tenant_id, request)
     return new_job(tenant_id, request, model, prompt_tokens, utcnow(), name=name,
-                   idempotency_key=idempotency_key, request_hash=request_hash)
+                   idempotency_key=idempotency_key, request_hash=request_hash,
+                   job_id=job_id, model_version=version)
 
 
 def _write_jobs(url: str, tenant_id: str, jobs: Sequence[NewJob]) -> list[WrittenJob]:

@@ -1,5 +1,6 @@
 """`GET /dashboard`: a read-only, server-rendered page for operators and tenants: queues per
-priority class and per model, and live workers (all tenants, counts only), the signed-in
+priority class and per model, model versions side by side, and live workers (all tenants,
+counts only), the signed-in
 tenant's recent jobs and batches, and throughput and latency charts of the last hour (Chart.js,
 vendored in static/).
 
@@ -77,8 +78,10 @@ def dashboard() -> str | tuple[str, int]:
         jobs = fleet.recent_jobs(session, tenant_id)
         batches = fleet.recent_batches(session, tenant_id)
         series = fleet.minute_series(session)
+        stats = fleet.version_stats(session)
     return render_template(
         "dashboard.html", queues=_queues(counts), models=_models(catalog, counts),
+        versions=_versions(catalog, stats), version_window=fleet.VERSION_WINDOW_SECONDS // 60,
         workers=workers, jobs=jobs, batches=batches,
         chart_data={
             "labels": [point.minute.strftime("%H:%M") for point in series],
@@ -145,3 +148,18 @@ def _models(catalog: list[model_catalog.CatalogModel], counts: list[fleet.JobCou
                                                 "queued": 0, "running": 0})
             row[count.status] += count.count
     return list(rows.values())
+
+
+def _versions(catalog: list[model_catalog.CatalogModel], stats: list[fleet.VersionStats]
+              ) -> list[dict]:
+    """Every version of a routed model (or one that finished jobs lately), with its weight,
+    live workers and recent figures, side by side."""
+    by_version = {(s.model, s.version): s for s in stats}
+    rows = {(m.id, v.version): {"model": m.id, "version": v.version, "weight": v.weight,
+                                "live_workers": v.live_workers, "queued": v.queued,
+                                "stats": None}
+            for m in catalog for v in m.versions}
+    for key, value in by_version.items():
+        rows.setdefault(key, {"model": key[0], "version": key[1], "weight": 0,
+                              "live_workers": 0, "queued": 0, "stats": None})["stats"] = value
+    return [rows[key] for key in sorted(rows)]

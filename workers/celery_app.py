@@ -19,7 +19,9 @@ Delivery settings, and why:
   worker --model` sets it). Redis: the worker polls `genq.<model>.interactive`, then
   `.default`, then `.batch`, and each one's fair-share levels, strictly in that order
   (genq.queues.REDIS_TRANSPORT_OPTIONS says how). RabbitMQ: a `genq.jobs.<model>` queue with
-  x-max-priority and the interactive class's `genq.interactive.<model>` (genq.queues).
+  x-max-priority and the interactive class's `genq.interactive.<model>` (genq.queues). A
+  worker of a version (`--model-version`) takes only that version's queues
+  (`<model>@<version>`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=settings.worker_prefetch_multiplier,
         task_ignore_result=True,
-        task_queues=job_queues(broker_url, settings.model),
+        task_queues=job_queues(broker_url, settings.model, settings.model_version or None),
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": REDIS_VISIBILITY_TIMEOUT_SECONDS,

@@ -25,6 +25,7 @@ def beat(settings: Settings, worker_id: str, num_running: int) -> None:
         if not updated:  # first beat of this process (worker ids are host:pid, never shared)
             session.add(Worker(
                 id=worker_id, hostname=socket.gethostname(), model=settings.model,
+                model_version=settings.model_version or None,
                 max_batch_size=settings.worker_concurrency, num_running=num_running,
                 metrics_port=settings.worker_metrics_port or None, started_at=now,
                 last_heartbeat_at=now,

@@ -340,7 +340,8 @@ class JobRunner:
         """Claim a micro-batch of delivered jobs (see job_store.claim_deliveries)."""
         return claim_deliveries(
             session, list(dict.fromkeys(job_ids)), model=self.settings.model,
-            worker_id=self.worker_id, lease_expires_at=self._lease_expiry(),
+            model_version=self.settings.model_version or None, worker_id=self.worker_id,
+            lease_expires_at=self._lease_expiry(),
             is_holder_dead=is_dead_local_worker,
             suspect_after=LOST_DELIVERIES_BEFORE_ISOLATION)
 
@@ -383,9 +384,11 @@ class JobRunner:
         def requeue(session: Session) -> None:
             if hand_back(session, job_id, worker_id=self.worker_id,
                          attempt_spent=attempt_spent):
-                model, priority = session.execute(
-                    select(Job.model, Job.priority).where(Job.id == job_id)).one()
-                enqueue_run_message(session, job_id, model, Priority(priority))
+                model, priority, version = session.execute(
+                    select(Job.model, Job.priority, Job.model_version)
+                    .where(Job.id == job_id)).one()
+                enqueue_run_message(session, job_id, model, Priority(priority),
+                                    model_version=version)
 
         return requeue
 

@@ -38,11 +38,11 @@ def reap_expired_leases(settings: Settings, limit: int = 200) -> int:
         dead = [holder for holder in local_holders if is_dead_local_worker(holder)]
         expired = (or_(Job.lease_expires_at < now, Job.worker_id.in_(dead)),)
         stale = session.execute(
-            select(Job.id, Job.attempts, Job.model, Job.priority)
+            select(Job.id, Job.attempts, Job.model, Job.priority, Job.model_version)
             .where(Job.status == JobStatus.RUNNING.value, *expired)
             .limit(limit)
         ).all()
-        for job_id, attempts, model, priority in stale:
+        for job_id, attempts, model, priority, version in stale:
             if attempts >= settings.job_max_attempts:
                 moved = transition(
                     session, job_id, JobStatus.FAILED, only_from={JobStatus.RUNNING},
@@ -53,7 +53,8 @@ def reap_expired_leases(settings: Settings, limit: int = 200) -> int:
                 moved = transition(session, job_id, JobStatus.QUEUED, extra_where=expired,
                                    worker_id=None, lease_expires_at=None)
                 if moved:  # share level 0: the job had already waited its turn once
-                    enqueue_run_message(session, job_id, model, Priority(priority))
+                    enqueue_run_message(session, job_id, model, Priority(priority),
+                                        model_version=version)
             reaped += moved
     if reaped:
         log.warning("reaper: %d job(s) whose worker is gone requeued or failed", reaped)
@@ -90,37 +91,40 @@ def republish_orphaned_queued(settings: Settings, limit: int = 500) -> int:
                   .order_by(Outbox.id.desc()).limit(1).scalar_subquery())
     with db.transaction(settings.database_url_resolved) as session:
         candidates = session.execute(
-            select(Job.id, Job.model, Job.priority, last_level)
+            select(Job.id, Job.model, Job.model_version, Job.priority, last_level)
             .where(Job.status == JobStatus.QUEUED.value, published, ~recent)
             .limit(limit)
         ).all()
         if not candidates:  # the usual case: no broker round trip at all
             return 0
-        empty = _empty_queues(settings.broker_url, {model for _, model, _, _ in candidates})
-        orphans = [(job_id, model, Priority(p), level) for job_id, model, p, level in candidates
-                   if (model, Priority(p)) in empty]
-        for job_id, model, priority, level in orphans:
-            enqueue_run_message(session, job_id, model, priority, level)
+        empty = _empty_queues(settings.broker_url,
+                              {(model, version) for _, model, version, _, _ in candidates})
+        orphans = [(job_id, model, version, Priority(p), level)
+                   for job_id, model, version, p, level in candidates
+                   if (model, version, Priority(p)) in empty]
+        for job_id, model, version, priority, level in orphans:
+            enqueue_run_message(session, job_id, model, priority, level, version)
     if orphans:
         log.warning("reaper: %d queued job(s) had lost their broker message; republishing",
                     len(orphans))
     return len(orphans)
 
 
-def _empty_queues(broker_url: str, models: set[str]) -> set[tuple[str, Priority]]:
-    """The (model, class) pairs with no message waiting on the broker. On RabbitMQ a model's
+def _empty_queues(broker_url: str, models: set[tuple[str, str | None]]
+                  ) -> set[tuple[str, str | None, Priority]]:
+    """The (model, version, class) with no message waiting on the broker. On RabbitMQ a model's
     classes share one priority queue, so they are all empty or none is. On Redis a class's
     messages sit in one list per level; kombu counts them all with the transport's steps."""
     empty, sizes = set(), {}
     with Connection(broker_url, connect_timeout=2,
                     transport_options=REDIS_TRANSPORT_OPTIONS) as connection:
-        for model in models:
+        for model, version in models:
             for priority in Priority:
-                queue, _ = route(queue_for(model, priority), broker_url)
+                queue, _ = route(queue_for(model, priority, version), broker_url)
                 if queue.name not in sizes:
                     sizes[queue.name] = _message_count(connection, queue)
                 if not sizes[queue.name]:
-                    empty.add((model, priority))
+                    empty.add((model, version, priority))
     return empty
 
 

@@ -79,7 +79,7 @@ class JobIntake(bootsteps.StartStopStep):
         if app.conf.worker_send_task_events:  # Flower and `celery events` see every job
             runtime.runner.middleware.append(TaskEventsMiddleware(app, worker.hostname))
         # The interactive queue (polled first) may take a few slots beyond a full window.
-        queues = job_queues(settings.broker_url, settings.model)
+        queues = job_queues(settings.broker_url, settings.model, settings.model_version or None)
         if is_amqp(settings.broker_url):
             self.fetcher = InteractiveReserve(settings.broker_url, queues[0], URGENT_RESERVE,
                                               runtime.batcher.receive)
