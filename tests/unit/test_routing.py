@@ -131,4 +131,7 @@ def test_each_version_has_its_own_queues_and_unversioned_ones_are_unchanged():
     assert route(queue_for("m", Priority.BATCH, "v2"), "amqp://x")[0].name == "genq.jobs.m@v2"
     assert [q.name for q in job_queues("redis://x", "m", "v2")] == [
         "genq.m@v2.interactive", "genq.m@v2.default", "genq.m@v2.batch"]
-    assert job_queues("amqp://x", "m")[0].name == "genq.jobs.m"
+    assert [q.name for q in job_queues("amqp://x", "m")] == ["genq.interactive.m",
+                                                             "genq.jobs.m"]
+    assert [q.name for q in job_queues("amqp://x", "m", "v2")] == ["genq.interactive.m@v2",
+                                                                   "genq.jobs.m@v2"]
