@@ -21,7 +21,9 @@ class EngineConfig:
     ``"int8"`` (per output channel) or ``"none"``; quantized weights serve steps of at most
     ``max_quantized_rows`` rows, where reading weights bounds the step. ``"auto"`` is int4 on
     a CPU in bf16 (perplexity within 2% of bf16 on tests/engine/data, see
-    test_quantization.py), none in fp32 (the exact path) and on a GPU.
+    test_quantization.py), none in fp32 (the exact path) and on a GPU. ``head_quantization``
+    (``"none"`` or ``"int8"``, CPU only) applies to the output head alone, which stays bf16 by
+    default (see LlamaForCausalLM._load).
     """
 
     model: str = "smollm2-135m"
@@ -38,6 +40,7 @@ class EngineConfig:
     num_threads: int | None = None
     quantization: str = "auto"
     max_quantized_rows: int = 8
+    head_quantization: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -50,6 +53,11 @@ class EngineConfig:
         self.device = resolve_device(self.device)
         self.dtype = resolve_dtype(self.dtype, self.device)
         self.quantization = resolve_quantization(self.quantization, self.device, self.dtype)
+        if self.head_quantization not in ("none", "int8"):
+            raise ValueError(f"head_quantization must be 'none' or 'int8', "
+                             f"got {self.head_quantization!r}")
+        if self.head_quantization != "none" and self.device != "cpu":
+            raise ValueError("head_quantization is for the CPU")
 
 
 def resolve_device(device: str) -> str:

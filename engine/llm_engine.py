@@ -42,7 +42,8 @@ class LLMEngine:
         # `encode` keeps the GIL, gives the same ids and costs half the CPU.
         self._backend_tokenizer = getattr(self.tokenizer, "backend_tokenizer", None)
         model = LlamaForCausalLM(hf_config, state_dict, config.dtype, config.device,
-                                 config.quantization, config.max_quantized_rows)
+                                 config.quantization, config.max_quantized_rows,
+                                 config.head_quantization)
         del state_dict
         self.max_model_len = model.max_model_len
         self.eos_token_ids = _eos_token_ids(hf_config, self.tokenizer)

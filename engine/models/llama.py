@@ -31,7 +31,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class LlamaForCausalLM:
     def __init__(self, config: PretrainedConfig, state_dict: dict[str, torch.Tensor],
                  dtype: torch.dtype, device: str, quantization: str = "none",
-                 max_quantized_rows: int = 8):
+                 max_quantized_rows: int = 8, head_quantization: str = "none"):
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {config.model_type!r} is not supported "
                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
@@ -47,6 +47,8 @@ class LlamaForCausalLM:
         self.max_model_len = config.max_position_embeddings
         self._linear_options = dict(quantization=quantization,
                                     max_quantized_rows=max_quantized_rows)
+        self._head_options = dict(quantization=head_quantization,
+                                  max_quantized_rows=max_quantized_rows)
         self._load(state_dict)
         self.cos_table, self.sin_table = self._rope_tables()
         # bf16 on CPU: RMSNorm and RoPE as one op each (engine/csrc/fused_ops.cpp). fp32 keeps
@@ -69,7 +71,8 @@ class LlamaForCausalLM:
         # The head stays bf16: int4 there raised SmolLM2's perplexity on tests/engine/data by
         # 3.4%, and int8 was no faster (3.05 ms against 2.75 ms at one row, Zen 4, 2 threads)
         # while its error flipped the first token of the README's chat answer.
-        self.lm_head = Linear(self.embed if tied else take("lm_head.weight"))
+        self.lm_head = Linear(self.embed if tied else take("lm_head.weight"),
+                              **self._head_options)
         self.final_norm = take("model.norm.weight")
         self.layers = []
         for i in range(self.num_layers):
