@@ -6,10 +6,36 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace {
 
 constexpr int64_t kRowsPerTask = 16;
+
+// Loads and stores through fp32. The bf16 ones are plain bit operations (round to nearest even,
+// as c10's conversion, minus its NaN branch) so that the loops vectorize; c10's do not.
+inline float load(float v) { return v; }
+inline float load(double v) { return static_cast<float>(v); }
+inline float load(c10::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline void store(float* p, float v) { *p = v; }
+inline void store(double* p, float v) { *p = v; }
+inline void store(c10::BFloat16* p, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  p->x = static_cast<uint16_t>(bits >> 16);
+}
+template <typename T>
+inline float round_trip(float v) {  // v rounded to T and back, as storing and loading it
+  T t;
+  store(&t, v);
+  return load(t);
+}
 
 // x [rows, n] (row stride free, unit column stride) -> out [rows, n]. The arithmetic of
 // engine.models.llama.rms_norm: mean of squares and scale in fp32, rounded to T, then times
@@ -21,15 +47,16 @@ void rms_norm_rows(const T* x, int64_t row_stride, const T* weight, T* out, int6
     for (int64_t r = begin; r < end; ++r) {
       const T* row = x + r * row_stride;
       float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
       for (int64_t i = 0; i < n; ++i) {
-        const float v = static_cast<float>(row[i]);
+        const float v = load(row[i]);
         squares += v * v;
       }
       const float scale = 1.f / std::sqrt(squares / static_cast<float>(n) + eps);
       T* o = out + r * n;
+#pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
-        const T normed = static_cast<T>(static_cast<float>(row[i]) * scale);
-        o[i] = static_cast<T>(static_cast<float>(weight[i]) * static_cast<float>(normed));
+        store(o + i, load(weight[i]) * round_trip<T>(load(row[i]) * scale));
       }
     }
   });
@@ -45,15 +72,15 @@ void rope_rows(T* qkv, const T* cos, const T* sin, int64_t tokens, int64_t heads
   const int64_t half = dim / 2;
   at::parallel_for(0, tokens, kRowsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const T* c = cos + t * dim;
-      const T* s = sin + t * dim;
+      const T* __restrict__ c = cos + t * dim;
+      const T* __restrict__ s = sin + t * dim;
       for (int64_t h = 0; h < rotated; ++h) {
-        T* x = qkv + (t * heads + h) * dim;
+        T* __restrict__ x = qkv + (t * heads + h) * dim;
+#pragma omp simd
         for (int64_t i = 0; i < half; ++i) {
-          const float lo = static_cast<float>(x[i]), hi = static_cast<float>(x[i + half]);
-          x[i] = static_cast<T>(lo * static_cast<float>(c[i]) + hi * static_cast<float>(s[i]));
-          x[i + half] = static_cast<T>(hi * static_cast<float>(c[i + half]) +
-                                       lo * static_cast<float>(s[i + half]));
+          const float lo = load(x[i]), hi = load(x[i + half]);
+          store(x + i, lo * load(c[i]) + hi * load(s[i]));
+          store(x + i + half, hi * load(c[i + half]) + lo * load(s[i + half]));
         }
       }
       const T* kv = qkv + (t * heads + rotated - kv_heads) * dim;  // K heads, then V heads

@@ -95,4 +95,20 @@ def test_quantized_perplexity_stays_within_two_percent_of_bf16():
     assert 10 < reference < 60  # SmolLM2-135M on plain English prose
     for quantization in ("int8", "int4"):
         assert perplexity(engine(quantization), TEXT) <= 1.02 * reference, quantization
+    with_int8_head = LLMEngine.from_model(
+        "smollm2-135m", dtype="bfloat16", device="cpu", quantization="int4",
+        head_quantization="int8", max_quantized_rows=10**9, kv_cache_tokens=2048,
+        cache_dir=MODEL_CACHE_DIR)
+    assert perplexity(with_int8_head, TEXT) <= 1.02 * reference
+
+
+def test_the_head_is_quantized_only_when_asked_and_only_to_int8(tiny_engine_factory):
+    from engine.config import EngineConfig
+
+    assert not tiny_engine_factory(dtype="bfloat16").runner.model.lm_head.is_quantized
+    engine = tiny_engine_factory(dtype="bfloat16", head_quantization="int8")
+    assert engine.runner.model.lm_head.int8 is not None
+    for bad in (dict(head_quantization="int4"), dict(head_quantization="int8", device="cuda")):
+        with pytest.raises(ValueError):
+            EngineConfig(**bad)
 
