@@ -14,7 +14,7 @@ from genq.settings import Settings
 from producer.job_stream import Delta, Finished, Idle, StatusChanged, follow_job
 from producer.jobs import get_job
 from results_api.context import authenticate, current_settings, current_tenant_id
-from results_api.sse import KEEP_ALIVE, sse, stream_response
+from results_api.sse import KEEP_ALIVE, sse, stream_response, take_stream_slot
 
 bp = Blueprint("job_events", __name__, url_prefix="/v1")
 bp.before_request(authenticate)
@@ -25,7 +25,7 @@ def job_events(job_id: str) -> Response:
     settings, tenant_id = current_settings(), current_tenant_id()
     job = get_job(settings, tenant_id, job_id)  # 404 for another tenant's job
     after = EventId.parse(request.headers.get("Last-Event-ID"))
-    return stream_response(tenant_id, _events(settings, tenant_id, job, after))
+    return stream_response(_events(settings, tenant_id, job, after), take_stream_slot(tenant_id))
 
 
 def _events(settings: Settings, tenant_id: str, job, after: EventId | None) -> Iterator[str]:

@@ -43,15 +43,18 @@ class _HeldStream:
             release()
 
 
-def stream_response(tenant_id: str, events: Iterator[str]) -> Response:
-    """An SSE response of `events` holding a wait slot; 429 when the tenant has none free (an
-    open stream holds a request thread, as a wait does)."""
+def take_stream_slot(tenant_id: str) -> Callable[[], None]:
+    """One of the tenant's wait slots for a stream (an open stream holds a request thread, as
+    a wait does); returns its release. 429 when none is free."""
     slots: WaitSlots = current_app.extensions["genq_wait_slots"]
     if not slots.try_take(tenant_id):
-        events.close()
         raise GenqError(ErrorCode.RATE_LIMITED,
                         "too many streams and waits of this tenant are open; retry later",
                         headers={"Retry-After": "1"})
-    held = _HeldStream(events, lambda: slots.give_back(tenant_id))
-    return Response(held, mimetype="text/event-stream",
+    return lambda: slots.give_back(tenant_id)
+
+
+def stream_response(events: Iterator[str], release: Callable[[], None]) -> Response:
+    """An SSE response of `events`; `release` (the stream's slot) is called once it closes."""
+    return Response(_HeldStream(events, release), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
