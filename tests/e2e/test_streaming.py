@@ -149,3 +149,27 @@ def test_a_client_that_goes_away_cancels_its_stream_and_keeps_partial_output(
     assert job["output"]["finish_reason"] == "abort"
     assert 0 < job["usage"]["completion_tokens"] < 1900
     assert job["output"]["text"].startswith("".join(c["choices"][0]["text"] for c in chunks))
+
+
+def test_on_rabbitmq_a_stream_gets_status_and_the_final_output(stack_factory, postgres_url,
+                                                               rabbitmq_url):
+    # given a stack on RabbitMQ, which has no Redis for token deltas
+    stack = stack_factory(postgres_url, rabbitmq_url)
+    client = openai_client(stack)
+
+    # when a chat completion is streamed, then its text comes whole, as the job stored it
+    chunks = list(client.chat.completions.create(
+        model=TINY_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+        temperature=0, stream=True))
+    job = get_job(stack, chunks[0].id.removeprefix("chatcmpl-"))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == job["output"]["text"]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    # and a job's events are its status changes, one delta with its output, and the job
+    job = submit(stack, prompt="Hello", max_tokens=8, temperature=0)
+    with requests.get(f"{stack.api_url}/v1/jobs/{job['id']}/events", headers=headers(stack),
+                      stream=True, timeout=30) as response:
+        events = sse_events(response)
+    assert events[0]["event"] == "status"
+    assert [e["event"] for e in events[-2:]] == ["delta", "job"]
+    assert events[-2]["data"]["text"] == events[-1]["data"]["output"]["text"]
