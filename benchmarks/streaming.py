@@ -29,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import redis
 import requests
 from sqlalchemy import func, select
@@ -119,6 +120,23 @@ class Stack:
                              str(streams)], env, log_path,
                             lambda: " ready." in log_path.read_text(errors="replace"))
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """User + system CPU seconds so far of the API, the worker with its engine process,
+        and this process (the clients)."""
+        def of(process: subprocess.Popen) -> float:
+            parent = psutil.Process(process.pid)
+            return sum(sum(p.cpu_times()[:2]) for p in [parent, *parent.children(True)])
+
+        return {"api": of(self.api), "worker": of(self.worker),
+                "clients": sum(psutil.Process().cpu_times()[:2])}
+
+    def measure(self, name: str, run, *args) -> dict:
+        before = self.cpu_seconds()
+        result = run(*args)
+        after = self.cpu_seconds()
+        cpu = {key: round(after[key] - before[key], 2) for key in after}
+        return {"name": name, **result, "cpu_seconds": cpu}
+
     def close(self) -> None:
         for process in (self.worker, self.api):
             if process is not None:
@@ -147,9 +165,11 @@ class Stack:
             with requests.post(f"{self.url}/v1/chat/completions", json=body,
                                headers=self.headers, stream=True, timeout=600) as response:
                 response.raise_for_status()
-                for line in response.iter_lines(decode_unicode=True):
-                    if line.startswith("data: {") and '"usage":{' in line:
-                        tokens[index] = json.loads(line[6:])["usage"]["completion_tokens"]
+                # Read as it comes, parse once at the end: the client's CPU is not the system's
+                # (the 2 cores are shared), so it does as little per chunk as it can.
+                body = b"".join(response.iter_content(chunk_size=None))
+            usage = body.rsplit(b"data: {", 1)[1].split(b"\n", 1)[0]
+            tokens[index] = json.loads(b"{" + usage)["usage"]["completion_tokens"]
 
         threads = [threading.Thread(target=stream_one, args=(i,)) for i in range(len(prompts))]
         started = time.perf_counter()
@@ -243,13 +263,14 @@ def main(argv: list[str] | None = None) -> dict:
                                        for _ in range(args.ttft_samples)]
             runs = []
             for _ in range(args.rounds):
-                runs.append({"name": "unstreamed", **stack.unstreamed(prompts, args.max_tokens)})
-                runs.append({"name": "streamed", **stack.streamed(prompts, args.max_tokens)})
+                runs.append(stack.measure("unstreamed", stack.unstreamed, prompts,
+                                          args.max_tokens))
+                runs.append(stack.measure("streamed", stack.streamed, prompts, args.max_tokens))
                 progress(f"runs {runs[-2:]}")
             stack.start_worker(args.streams, stream_events=False)
             for _ in range(args.rounds):
-                runs.append({"name": "unstreamed_no_events",
-                             **stack.unstreamed(prompts, args.max_tokens)})
+                runs.append(stack.measure("unstreamed_no_events", stack.unstreamed, prompts,
+                                          args.max_tokens))
             report["runs"] = runs
         finally:
             stack.close()
@@ -270,6 +291,10 @@ def summarize(report: dict) -> None:
                                      if run["name"] == name)
              for name in ("unstreamed", "streamed", "unstreamed_no_events")}
     report["tok_s_median"] = speed
+    report["cpu_seconds_mean"] = {
+        name: {key: round(statistics.mean(run["cpu_seconds"][key] for run in report["runs"]
+                                          if run["name"] == name), 2)
+               for key in ("api", "worker", "clients")} for name in speed}
     report["streamed_vs_unstreamed"] = round(speed["streamed"] / speed["unstreamed"], 3)
     report["streamed_vs_no_events"] = round(
         speed["streamed"] / speed["unstreamed_no_events"], 3)
@@ -282,11 +307,14 @@ def print_table(report: dict) -> None:
     print(f"{'  through API + worker, stream: true':<44}"
           f"{report['system_ttft_median_s'] * 1000:>10.1f}")
     print(f"{'  difference (target <= 30)':<44}{report['ttft_overhead_ms']:>10.1f}")
-    print(f"{report['streams']} jobs of {report['max_tokens']} tokens at once{'tok/s':>19}")
+    print(f"{report['streams']} jobs of {report['max_tokens']} tokens at once{'tok/s':>19}"
+          f"   CPU s per run: api  worker  clients")
     for name, label in (("unstreamed", "  unstreamed (polled)"),
                         ("streamed", "  streamed (SSE)"),
                         ("unstreamed_no_events", "  unstreamed, worker without deltas")):
-        print(f"{label:<44}{report['tok_s_median'][name]:>10.1f}")
+        cpu = report["cpu_seconds_mean"][name]
+        print(f"{label:<44}{report['tok_s_median'][name]:>10.1f}{cpu['api']:>21.2f}"
+              f"{cpu['worker']:>8.2f}{cpu['clients']:>9.2f}")
     print(f"{'  streamed / unstreamed (target >= 0.9)':<44}"
           f"{report['streamed_vs_unstreamed']:>10.3f}")
     print(f"{'  streamed / worker without deltas':<44}{report['streamed_vs_no_events']:>10.3f}")

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from genq.job_events import EventId, EventKind, JobEventLog
+from genq.job_events import EventId, EventKind, JobEvent, JobEventLog
 from genq.models import Job
 from genq.settings import Settings
 from genq.states import JobStatus
@@ -72,6 +72,9 @@ def follow_job(settings: Settings, tenant_id: str, job: Job,
         except Exception:  # Redis down: the rest comes from the job row
             resumed = None
         num_chars = resumed.chars if resumed is not None else 0
+        if (resumed is None and JobStatus(job.status).is_terminal
+                and after.offset >= (job.completion_tokens or 0)):
+            num_chars = len(job.output_text or "")  # it had the last delta, from the row
     status, ended, partial_deadline = None, False, None
     next_check = time.monotonic() + DB_CHECK_SECONDS
     cursor = after
@@ -93,7 +96,7 @@ def follow_job(settings: Settings, tenant_id: str, job: Job,
         events = _read(event_log, job.id, cursor)
         if not events:
             yield Idle()
-        for event in events:
+        for event in _coalesced(events):
             cursor = event.id
             if event.id.attempt != attempt:  # a new attempt (a rerun) starts its text over
                 attempt, num_chars = event.id.attempt, 0
@@ -114,6 +117,21 @@ def _finish(job: Job, attempt: int | None, num_chars: int) -> Iterator[JobStream
         yield Delta(EventId(attempt or job.attempts, job.completion_tokens or 0),
                     text[num_chars:], ())
     yield Finished(job)
+
+
+def _coalesced(events: list[JobEvent]) -> list[JobEvent]:
+    """Runs of deltas of one attempt as one delta: a reader that fell behind (a busy API, a
+    slow client) catches up with one write instead of one per engine step."""
+    merged: list[JobEvent] = []
+    for event in events:
+        last = merged[-1] if merged else None
+        if (last is not None and event.kind is EventKind.DELTA and last.kind is EventKind.DELTA
+                and event.id.attempt == last.id.attempt):
+            merged[-1] = replace(event, text=last.text + event.text,
+                                 token_ids=last.token_ids + event.token_ids)
+        else:
+            merged.append(event)
+    return merged
 
 
 def _read(event_log: JobEventLog | None, job_id: str, after: EventId | None) -> list:
