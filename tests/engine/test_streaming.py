@@ -33,7 +33,9 @@ def test_streamed_deltas_join_to_the_final_text_and_tokens(tiny_engine_factory):
         assert len(deltas) == 19
         assert all(len(delta.token_ids) == 1 for delta in deltas)
         assert [t for d in deltas for t in d.token_ids] == completion.token_ids[:19]
-        assert completion.text.startswith("".join(delta.text for delta in deltas))
+        streamed = "".join(delta.text for delta in deltas)
+        assert streamed and completion.text.startswith(streamed)
+        assert streamed == engine.tokenizer.decode(completion.token_ids[:19])[:len(streamed)]
 
 
 def test_deltas_never_show_a_stop_string(tiny_engine_factory):
