@@ -75,13 +75,15 @@ def follow_job(settings: Settings, tenant_id: str, job: Job,
         if (resumed is None and JobStatus(job.status).is_terminal
                 and after.offset >= (job.completion_tokens or 0)):
             num_chars = len(job.output_text or "")  # it had the last delta, from the row
-    status, ended, partial_deadline = None, False, None
+    status, partial_deadline = None, None
+    ended = refresh = False  # the current attempt's outcome is written; re-read the row
     next_check = time.monotonic() + DB_CHECK_SECONDS
     cursor = after
     while True:
         now = time.monotonic()
-        if ended or now >= next_check:
+        if refresh or now >= next_check:
             job, next_check = get_job(settings, tenant_id, job.id), now + DB_CHECK_SECONDS
+            refresh = False
         if JobStatus(job.status).is_terminal:
             # Canceled while it ran: its worker stores the partial output a moment later (and
             # then says `ended`); a worker that is gone never will.
@@ -99,9 +101,9 @@ def follow_job(settings: Settings, tenant_id: str, job: Job,
         for event in _coalesced(events):
             cursor = event.id
             if event.id.attempt != attempt:  # a new attempt (a rerun) starts its text over
-                attempt, num_chars = event.id.attempt, 0
+                attempt, num_chars, ended = event.id.attempt, 0, False
             if event.kind is EventKind.ENDED:
-                ended = True
+                ended = refresh = True
                 continue
             if status != JobStatus.RUNNING.value:
                 status = JobStatus.RUNNING.value
