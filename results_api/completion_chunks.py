@@ -28,17 +28,28 @@ DONE = "data: [DONE]\n\n"
 
 def stream_completion(settings: Settings, tenant_id: str,
                       completion: CompletionRequest) -> Response:
-    release = take_stream_slot(tenant_id)
+    release_slot = take_stream_slot(tenant_id)
     try:
         job = submit_job(settings, tenant_id, completion.choice(0)).job
     except BaseException:
-        release()
+        release_slot()
         raise
-    return stream_response(_chunks(settings, tenant_id, job, completion), release)
+    finished: list[bool] = []  # set by the stream once the job's final chunks are out
+
+    def release() -> None:
+        """When the response closes, even before its first chunk: a client that went away
+        (or a stream that broke) stops spending on its job."""
+        try:
+            if not finished:
+                _cancel_quietly(settings, tenant_id, job.id)
+        finally:
+            release_slot()
+
+    return stream_response(_chunks(settings, tenant_id, job, completion, finished), release)
 
 
-def _chunks(settings: Settings, tenant_id: str, job: Job,
-            completion: CompletionRequest) -> Iterator[str]:
+def _chunks(settings: Settings, tenant_id: str, job: Job, completion: CompletionRequest,
+            finished: list[bool]) -> Iterator[str]:
     chat = job.messages is not None
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job.id}",
             "object": "chat.completion.chunk" if chat else "text_completion",
@@ -56,21 +67,16 @@ def _chunks(settings: Settings, tenant_id: str, job: Job,
                       "finish_reason": finish_reason}
         return sse({**head, "choices": [choice], **extra})
 
-    finished = False
-    try:
-        if chat:
-            yield chunk("", role=True)
-        for event in follow_job(settings, tenant_id, job):
-            if isinstance(event, Delta) and event.text:
-                yield chunk(event.text)
-            elif isinstance(event, Idle):
-                yield KEEP_ALIVE
-            elif isinstance(event, Finished):
-                finished = True
-                yield from _last_chunks(event.job, chunk, head, completion.include_usage)
-    finally:
-        if not finished:  # the client went away (or the stream broke): stop spending on it
-            _cancel_quietly(settings, tenant_id, job.id)
+    if chat:
+        yield chunk("", role=True)
+    for event in follow_job(settings, tenant_id, job):
+        if isinstance(event, Delta) and event.text:
+            yield chunk(event.text)
+        elif isinstance(event, Idle):
+            yield KEEP_ALIVE
+        elif isinstance(event, Finished):
+            finished.append(True)
+            yield from _last_chunks(event.job, chunk, head, completion.include_usage)
 
 
 def _last_chunks(job: Job, chunk, head: dict[str, Any], include_usage: bool) -> Iterator[str]:
