@@ -1,6 +1,7 @@
-"""A job's event log on the broker's Redis: the worker appends status and token deltas, the API
-reads them for SSE. One Redis stream per job, entry id `attempt-token_offset`, so a reader can
-resume from any event id (Last-Event-ID) and a rerun's events sort after the earlier attempt's."""
+"""A job's event log on the broker's Redis: the worker appends token deltas and the end of each
+attempt, the API reads them for SSE. One Redis stream per job, entry id `attempt-token_offset`,
+so a reader can resume after any event (Last-Event-ID) and a rerun's events sort after the
+earlier attempt's."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ SOCKET_TIMEOUT_SECONDS = MAX_BLOCK_SECONDS + 2.0
 
 
 class EventKind(str, Enum):
-    RUNNING = "running"  # an attempt started in the engine (offset 0)
     DELTA = "delta"  # new text and token ids; offset = output tokens so far
     ENDED = "ended"  # the attempt's outcome is committed: read the job row
 
@@ -76,15 +76,16 @@ class JobEventLog:
 
     def append(self, events: list[tuple[str, JobEvent]]) -> None:
         """Append (job id, event) pairs in one round trip. An id at or below the log's last
-        (a duplicate) is refused by Redis and skipped."""
+        (a duplicate) is refused by Redis and skipped. Two commands per job and attempt set the
+        log's lifetime: at its first delta, and at its end."""
         pipe = self.redis.pipeline(transaction=False)
         for job_id, event in events:
             key = events_key(job_id)
             pipe.xadd(key, event.fields(), id=str(event.id))
-            if event.kind is EventKind.RUNNING:
-                pipe.expire(key, RUNNING_TTL_SECONDS)
-            elif event.kind is EventKind.ENDED:
+            if event.kind is EventKind.ENDED:
                 pipe.expire(key, FINISHED_TTL_SECONDS)
+            elif event.id.offset == len(event.token_ids):  # the attempt's first delta
+                pipe.expire(key, RUNNING_TTL_SECONDS)
         for result in pipe.execute(raise_on_error=False):
             if isinstance(result, redis.ConnectionError | redis.TimeoutError):
                 raise result

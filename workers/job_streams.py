@@ -1,4 +1,4 @@
-"""Publish running jobs' events (started, token deltas, ended) to their logs on the broker's
+"""Publish running jobs' events (token deltas, ended) to their logs on the broker's
 Redis (genq.job_events), for the API's SSE streams. One thread sends whatever is pending in one
 pipelined round trip, so a step's deltas for every running job cost one, never one per token."""
 
@@ -42,8 +42,6 @@ class JobStreams:
         with self._lock:
             for job_id, attempt in jobs:
                 self._jobs[job_id] = _Progress(attempt)
-                self._pending.append((job_id, JobEvent(EventId(attempt, 0), EventKind.RUNNING)))
-        self._wakeup.set()
 
     def add_deltas(self, deltas: list[RequestOutput]) -> None:
         """One engine step's deltas (called by the engine's outcome reader)."""

@@ -10,7 +10,14 @@ import pytest
 import redis
 
 from engine.outputs import CompletionOutput, RequestOutput
-from genq.job_events import END_OFFSET, FINISHED_TTL_SECONDS, EventId, EventKind, JobEventLog
+from genq.job_events import (
+    END_OFFSET,
+    FINISHED_TTL_SECONDS,
+    RUNNING_TTL_SECONDS,
+    EventId,
+    EventKind,
+    JobEventLog,
+)
 from tests.e2e.conftest import redis_db
 from workers.job_streams import JobStreams
 
@@ -43,11 +50,10 @@ def test_streams_publish_a_jobs_deltas_with_offsets_and_an_end(redis_url):
     streams.add_deltas([delta(first, "lo\x00", [11, 12]), delta(second, "B", [8])])
     streams.ended(first)
 
-    # then the first job's log holds: running, the deltas with token offsets and character
-    # counts (NUL as the job row stores it), then the end
-    events = read_all(event_log, first, 4)
+    # then the first job's log holds the deltas with token offsets and character counts (NUL
+    # as the job row stores it), then the end
+    events = read_all(event_log, first, 3)
     assert [(str(e.id), e.kind, e.text, e.token_ids, e.chars) for e in events] == [
-        ("3-0", EventKind.RUNNING, "", (), 0),
         ("3-1", EventKind.DELTA, "Hel", (10,), 3),
         ("3-3", EventKind.DELTA, "lo\ufffd", (11, 12), 6),
         (f"3-{END_OFFSET}", EventKind.ENDED, "", (), 6),
@@ -58,7 +64,8 @@ def test_streams_publish_a_jobs_deltas_with_offsets_and_an_end(redis_url):
         "3-3", f"3-{END_OFFSET}"]
     assert event_log.event(first, EventId(3, 3)).chars == 6
     # and the other job's log is its own
-    assert [e.text for e in read_all(event_log, second, 3)] == ["", "A", "B"]
+    assert [e.text for e in read_all(event_log, second, 2)] == ["A", "B"]
+    assert 0 < redis.Redis.from_url(url).ttl(f"genq:job-events:{second}") <= RUNNING_TTL_SECONDS
 
 
 def test_a_rerun_appends_after_the_earlier_attempt(redis_url):
@@ -68,16 +75,15 @@ def test_a_rerun_appends_after_the_earlier_attempt(redis_url):
     job_id = f"job_{uuid.uuid4().hex}"
     streams.started([(job_id, 1)])
     streams.add_deltas([delta(job_id, "old", [1])])
-    read_all(event_log, job_id, 2)
+    read_all(event_log, job_id, 1)
 
     # when attempt 2 starts over
     streams.started([(job_id, 2)])
     streams.add_deltas([delta(job_id, "new", [2])])
 
     # then its events follow the first attempt's, their offsets counted from 0 again
-    events = read_all(event_log, job_id, 4)
-    assert [(str(e.id), e.text, e.chars) for e in events] == [
-        ("1-0", "", 0), ("1-1", "old", 3), ("2-0", "", 0), ("2-1", "new", 3)]
+    events = read_all(event_log, job_id, 2)
+    assert [(str(e.id), e.text, e.chars) for e in events] == [("1-1", "old", 3), ("2-1", "new", 3)]
 
 
 def test_ids_parse_back_and_refuse_garbage():
