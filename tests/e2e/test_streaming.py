@@ -123,14 +123,15 @@ def test_job_events_resume_replay_and_stay_with_their_tenant(stack_factory, sqli
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
 
 
-def test_a_client_that_goes_away_cancels_its_stream_and_keeps_partial_output(
+def test_a_stream_holds_a_wait_slot_and_going_away_cancels_its_job_keeping_output(
         stack_factory, sqlite_url, redis_url):
-    # given a streamed completion that would run for long
-    stack = stack_factory(sqlite_url, redis_db(redis_url))
+    # given a tenant with one wait slot, and a streamed completion that would run for long
+    stack = stack_factory(sqlite_url, redis_db(redis_url),
+                          extra_env={"GENQ_MAX_WAITS_PER_TENANT": "1"})
     body = {"model": TINY_MODEL, "prompt": "Count forever:", "max_tokens": 1900,
             "temperature": 0, "stream": True}
-    response = requests.post(f"{stack.api_url}/v1/completions", json=body,
-                             headers=headers(stack), stream=True, timeout=30)
+    url = f"{stack.api_url}/v1/completions"
+    response = requests.post(url, json=body, headers=headers(stack), stream=True, timeout=30)
     chunks = []
     for line in response.iter_lines(decode_unicode=True):
         if line.startswith("data: "):
@@ -138,6 +139,11 @@ def test_a_client_that_goes_away_cancels_its_stream_and_keeps_partial_output(
         if len(chunks) >= 5:
             break
     job_id = chunks[0]["id"].removeprefix("cmpl-")
+
+    # then a second stream of the tenant, beyond its slot, is refused before it is queued
+    refused = requests.post(url, json={**body, "max_tokens": 4}, headers=headers(stack),
+                            timeout=10)
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
 
     # when the client closes the connection mid-stream
     response.close()
@@ -149,6 +155,10 @@ def test_a_client_that_goes_away_cancels_its_stream_and_keeps_partial_output(
     assert job["output"]["finish_reason"] == "abort"
     assert 0 < job["usage"]["completion_tokens"] < 1900
     assert job["output"]["text"].startswith("".join(c["choices"][0]["text"] for c in chunks))
+    # and its slot is free again
+    again = requests.post(url, json={**body, "max_tokens": 4}, headers=headers(stack),
+                          timeout=30)
+    assert again.status_code == 200 and again.text.endswith("data: [DONE]\n\n")
 
 
 def test_on_rabbitmq_a_stream_gets_status_and_the_final_output(stack_factory, postgres_url,
