@@ -1,9 +1,6 @@
-"""Follow one job to its end: its status changes, its token deltas (from the job's event log on
-the broker's Redis, genq.job_events), then the job as committed. The final text comes from the
-job row, so the deltas followed by the last one always join to the job's `output_text`.
-
-On RabbitMQ (no Redis), or when the log is gone, a follower gets status changes and the
-whole output as one last delta, from the DB."""
+"""Follow one job to its end: status changes, token deltas (its event log, genq.job_events),
+then the job as committed, whose row gives the last delta: the deltas join to `output_text`.
+Without Redis (RabbitMQ) the row gives it all: status changes, then the output as one delta."""
 
 from __future__ import annotations
 
