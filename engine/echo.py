@@ -22,7 +22,8 @@ class EchoEngine:
         self._live: dict[str, RequestOutput] = {}
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
-                    priority: int = 0) -> None:
+                    priority: int = 0, stream: bool = False) -> None:
+        """`stream` changes nothing: an echoed request finishes at its first step."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             token_ids = self.tokenizer.encode(prompt)

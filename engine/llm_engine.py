@@ -94,8 +94,10 @@ class LLMEngine:
         return self._backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
-                    priority: int = 0) -> None:
-        """Queue a request; raises ValueError for a duplicate id or a prompt that cannot fit."""
+                    priority: int = 0, stream: bool = False) -> None:
+        """Queue a request; raises ValueError for a duplicate id or a prompt that cannot fit.
+        A `stream` request also gets an unfinished RequestOutput from every step() that gives it
+        new tokens: the delta (new text and token ids) since the previous one."""
         params = params or SamplingParams()
         token_ids = self.tokenize(prompt)
         if not token_ids:
@@ -120,7 +122,7 @@ class LLMEngine:
             if seed is None:
                 seed = self._seed_source.getrandbits(63)
             generator.manual_seed(seed)
-            seq = Sequence(request_id, token_ids, params, priority, generator)
+            seq = Sequence(request_id, token_ids, params, priority, generator, stream)
             self._live[request_id] = seq
             self._inbox.append(seq)
 
@@ -146,8 +148,10 @@ class LLMEngine:
             num_generated_tokens=self._num_generated_tokens, num_steps=self._num_steps)
 
     def step(self) -> list[RequestOutput]:
-        """One engine iteration: schedule -> run -> postprocess. Returns finished requests."""
+        """One engine iteration: schedule -> run -> postprocess. Returns finished requests, then
+        the deltas of unfinished streamed ones (`finished=False`)."""
         finished = self._drain_inbox()
+        deltas: list[RequestOutput] = []
         scheduled = self.scheduler.schedule()
         if scheduled:
             seqs, token_ids, logprobs = self.runner.run(scheduled)
@@ -158,7 +162,9 @@ class LLMEngine:
             for seq, token_id, logprob in zip(seqs, token_ids, logprobs, strict=True):
                 if self._append_token(seq, token_id, logprob):
                     finished.append(seq)
-        return [self._finish_output(seq) for seq in finished]
+                elif seq.stream:
+                    deltas.append(self._delta_output(seq))
+        return [*(self._finish_output(seq) for seq in finished), *deltas]
 
     def _drain_inbox(self) -> list[Sequence]:
         with self._lock:
@@ -187,7 +193,7 @@ class LLMEngine:
                 token_id in params.stop_token_ids
                 or (not params.ignore_eos and token_id in self.eos_token_ids)):
             reason = "stop"
-        elif params.stop and self._truncate_at_stop_string(seq):
+        elif (params.stop or seq.stream) and self._truncate_at_stop_string(seq):
             reason = "stop"
         elif seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
             reason = "length"
@@ -197,8 +203,9 @@ class LLMEngine:
         return True
 
     def _truncate_at_stop_string(self, seq: Sequence) -> bool:
+        """Decode the new token's text; True when it completes a stop string."""
         new_text = self._decode_new_text(seq)
-        if seq.num_output_tokens < seq.params.min_tokens:
+        if not seq.params.stop or seq.num_output_tokens < seq.params.min_tokens:
             return False
         text = seq.output_text
         # Earlier steps found no stop, so a match ends in the new text; the 16 characters keep
@@ -227,6 +234,18 @@ class LLMEngine:
         seq.output_text += new_text
         seq.prefix_offset, seq.read_offset = seq.read_offset, seq.num_output_tokens
         return new_text
+
+    def _delta_output(self, seq: Sequence) -> RequestOutput:
+        """The text and token ids `seq` produced since its previous delta. Text that could still
+        become the start of a stop string is held back, so that every delta is a prefix of the
+        final text (which cuts the stop string off); the final output carries the rest."""
+        held_back = max(map(len, seq.params.stop), default=1) - 1
+        end = max(seq.num_streamed_chars, len(seq.output_text) - held_back)
+        text = seq.output_text[seq.num_streamed_chars:end]
+        token_ids = seq.token_ids[seq.num_prompt_tokens + seq.num_streamed_tokens:]
+        seq.num_streamed_chars, seq.num_streamed_tokens = end, seq.num_output_tokens
+        return RequestOutput(seq.request_id, [], [CompletionOutput(text, token_ids, None)],
+                             finished=False)
 
     def _decode(self, seq: Sequence) -> str:
         return self._decode_ids(seq.output_token_ids)

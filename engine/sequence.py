@@ -28,7 +28,8 @@ class Sequence:
     _arrival_counter = itertools.count()
 
     def __init__(self, request_id: str, token_ids: list[int], params: SamplingParams,
-                 priority: int = 0, generator: torch.Generator | None = None):
+                 priority: int = 0, generator: torch.Generator | None = None,
+                 stream: bool = False):
         self.request_id = request_id
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)
@@ -43,7 +44,11 @@ class Sequence:
         self.last_block_hash: bytes | None = None
         self.finish_reason: str | None = None
         self.stop_text: str | None = None  # output text cut before a matched stop string
-        # Incremental detokenization, kept only for requests with stop strings: the text of
+        # A streamed request reports its new text and token ids at every step; these count
+        # what it has reported so far.
+        self.stream = stream
+        self.num_streamed_chars = self.num_streamed_tokens = 0
+        # Incremental detokenization, kept for requests with stop strings or streamed: the text of
         # the first ``read_offset`` output tokens, and where the next decode window starts.
         self.output_text = ""
         self.prefix_offset = self.read_offset = 0

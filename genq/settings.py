@@ -65,6 +65,8 @@ class Settings(BaseSettings):
 
     # Worker and engine
     worker_concurrency: int = 32  # jobs in flight per worker process (engine max_num_seqs)
+    # Workers publish running jobs' token deltas on the broker's Redis for SSE streams.
+    stream_events: bool = True
     # Jobs a worker claims beyond its engine batch; they wait in the engine's own queue, so a
     # sequence that finishes is replaced at the next step instead of after an ack, a broker
     # round trip and a claim (which left batch slots empty for steps at a time).

@@ -33,11 +33,10 @@ MAX_CHOICES = 8
 # naming it (the error type `unsupported_parameter`, results_api.openai_errors), rather than
 # answered as if it had been honoured. False, null and the default `{"type": "text"}` pass.
 UNSUPPORTED_PARAMETERS = ("tools", "tool_choice", "functions", "function_call",
-                          "response_format", "store", "parallel_tool_calls", "stream",
-                          "logprobs", "top_logprobs", "logit_bias", "audio", "modalities",
-                          "prediction", "web_search_options", "suffix", "best_of")
+                          "response_format", "store", "parallel_tool_calls", "logprobs",
+                          "top_logprobs", "logit_bias", "audio", "modalities", "prediction",
+                          "web_search_options", "suffix", "best_of")
 WHY_UNSUPPORTED = {
-    "stream": "streaming is not supported yet; send `stream: false` or leave it out",
     "logprobs": "log-probabilities are not returned yet",
     "top_logprobs": "log-probabilities are not returned yet",
 }
@@ -70,9 +69,14 @@ def _is_unset(name: str, value: Any) -> bool:
         name == "response_format" and value == {"type": "text"})
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool | None = None
+
+
 class _SamplingBody(BaseModel):
-    """The OpenAI sampling fields genq honours; `stream` only as false, `stream_options` and
-    `user` are accepted and ignored."""
+    """The OpenAI sampling fields genq honours; `user` is accepted and ignored."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -87,9 +91,10 @@ class _SamplingBody(BaseModel):
     n: int | None = Field(None, ge=1, le=MAX_CHOICES, description=(
         f"Up to {MAX_CHOICES} choices on the synchronous routes, each its own job; 1 in a "
         "batch line."))
-    stream: Literal[False] | None = Field(
-        None, description="Streaming is not supported yet; only `false` is accepted.")
-    stream_options: dict[str, Any] | None = None
+    stream: bool | None = Field(None, description=(
+        "Server-sent `chat.completion.chunk` / `text_completion` chunks, then `data: [DONE]`; "
+        "with n = 1 only, and not in a batch line."))
+    stream_options: StreamOptions | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
 
@@ -106,7 +111,7 @@ class _SamplingBody(BaseModel):
                     {"param": name, "why": why})
         # What is left of them asks for nothing (false, null, the default format).
         return {name: value for name, value in data.items()
-                if name not in UNSUPPORTED_PARAMETERS or name == "stream"}
+                if name not in UNSUPPORTED_PARAMETERS}
 
     @field_validator("n")
     @classmethod
@@ -114,6 +119,14 @@ class _SamplingBody(BaseModel):
         if n and n > 1 and (info.context or {}).get("in_batch"):
             raise PydanticCustomError("n_in_batch", "a batch line takes n = 1 (one job a line)")
         return n
+
+    @model_validator(mode="after")
+    def _stream_one_choice(self, info: ValidationInfo) -> _SamplingBody:
+        if self.stream and (info.context or {}).get("in_batch"):
+            raise PydanticCustomError("stream_in_batch", "a batch line cannot stream")
+        if self.stream and (self.n or 1) > 1:
+            raise PydanticCustomError("stream_n", "streaming takes n = 1")
+        return self
 
     def _job_fields(self) -> dict[str, Any]:
         fields = {"model": self.model, "temperature": self.temperature, "top_p": self.top_p,
@@ -165,6 +178,8 @@ class CompletionRequest:
 
     job: JobRequest
     num_choices: int
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
 
     def choice(self, index: int) -> JobRequest:
         """Choice `index`'s job: with a seed, seed + index (so choices differ, reproducibly)."""
@@ -182,7 +197,8 @@ def parse_request(endpoint: str, body: dict[str, Any] | bytes, priority: Priorit
     model, context = BODY_MODELS[endpoint], {"in_batch": in_batch}
     parsed = (model.model_validate_json(body, context=context) if isinstance(body, bytes)
               else model.model_validate(body, context=context))
-    return CompletionRequest(parsed.to_job_request(priority), parsed.n or 1)
+    return CompletionRequest(parsed.to_job_request(priority), parsed.n or 1, bool(parsed.stream),
+                             bool(parsed.stream_options and parsed.stream_options.include_usage))
 
 
 def parse_body(endpoint: str, body: dict[str, Any] | bytes, priority: Priority) -> JobRequest:

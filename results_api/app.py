@@ -19,6 +19,7 @@ from results_api import (
     docs,
     files,
     health,
+    job_events,
     jobs,
     metrics,
     models_api,
@@ -48,6 +49,7 @@ def create_app(config: dict | None = None) -> Flask:
     dashboard.init_app(app, settings)
     app.register_blueprint(models_api.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(job_events.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(docs.bp)
     app.register_blueprint(webhooks.bp)

@@ -1,5 +1,6 @@
 """Synchronous OpenAI `POST /v1/chat/completions` and `POST /v1/completions`: the request runs
-as an `interactive` job through the queue like any other, and the call waits for it.
+as an `interactive` job through the queue like any other, and the call waits for it (or, with
+`stream: true`, streams it: results_api.completion_chunks).
 
 Past `completion_timeout_seconds` the job is canceled and the call answers 503
 `service_unavailable` (genq is overloaded; the openai client retries 5xx on its own).
@@ -24,6 +25,7 @@ from producer.openai_compat import (
     parse_request,
 )
 from producer.submit import submit_job
+from results_api.completion_chunks import stream_completion
 from results_api.context import authenticate, current_settings, current_tenant_id
 from results_api.openai_errors import register_openai_errors
 from results_api.waits import required_wait_slot, wait_for_job
@@ -35,12 +37,18 @@ bp.before_request(authenticate)
 
 @bp.post("/chat/completions")
 def chat_completions() -> Response:
-    return _complete(_request_for(CHAT_COMPLETIONS))
+    return _answer(_request_for(CHAT_COMPLETIONS))
 
 
 @bp.post("/completions")
 def completions() -> Response:
-    return _complete(_request_for(COMPLETIONS))
+    return _answer(_request_for(COMPLETIONS))
+
+
+def _answer(completion: CompletionRequest) -> Response:
+    if completion.stream:
+        return stream_completion(current_settings(), current_tenant_id(), completion)
+    return _complete(completion)
 
 
 def _request_for(endpoint: str) -> CompletionRequest:

@@ -138,6 +138,21 @@ def _paths() -> dict[str, Any]:
                               **_errors(*common_errors, 409)},
             },
         },
+        "/v1/jobs/{id}/events": {
+            "get": {
+                "summary": "Follow a job as server-sent events",
+                "description": (
+                    "`status` events, `delta` events (`{\"text\", \"token_ids\"}`, id "
+                    "`attempt-token_offset`) as the engine makes tokens, then a `job` event "
+                    "with the job. Send `Last-Event-ID` to resume after an event; the deltas "
+                    "joined equal the job's `output.text`."),
+                "parameters": [job_id, {"name": "Last-Event-ID", "in": "header",
+                                        "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "An event stream",
+                                      "content": {"text/event-stream": {}}},
+                              **_errors(*common_errors, 429)},
+            },
+        },
         **_webhook_paths(),
         "/healthz": {"get": {"summary": "Liveness", "security": [],
                              "responses": {"200": {"description": "The process is up"}}}},

@@ -52,6 +52,7 @@ class EngineRequest:
     params: SamplingParams
     priority: int
     isolated: bool = False
+    stream: bool = False  # report its new tokens at every step (on_deltas)
 
 
 @dataclass
@@ -63,10 +64,13 @@ class _InFlight:
 class EngineLoop:
     def __init__(self, make_engine: Callable[[], LLMEngine],
                  batch_wait_seconds: float = 0.0,
-                 after_pass: Callable[[], None] | None = None) -> None:
+                 after_pass: Callable[[], None] | None = None,
+                 on_deltas: Callable[[list[RequestOutput]], None] | None = None) -> None:
         """`after_pass`: called by the loop thread after each pass (admit, step, resolve), e.g.
-        to send the outcomes the pass resolved in one message."""
+        to send the outcomes the pass resolved in one message. `on_deltas`: called by the loop
+        thread with the deltas of a step's unfinished streamed requests, all in one call."""
         self._make_engine = make_engine
+        self._on_deltas = on_deltas or (lambda deltas: None)
         self._after_pass = after_pass or (lambda: None)
         self.engine: LLMEngine | None = None  # built by the loop thread in `start`
         self._built: Future[None] = Future()
@@ -150,9 +154,14 @@ class EngineLoop:
         except Exception as exc:
             self._recover_from_failed_step(exc)
             return
+        deltas = []
         for output in outputs:
             if output.finished:
                 self._resolve(output)
+            else:
+                deltas.append(output)
+        if deltas:
+            self._on_deltas(deltas)
 
     def _has_queued(self) -> bool:
         with self._lock:
@@ -177,7 +186,7 @@ class EngineLoop:
             request = item.request
             try:
                 self.engine.add_request(request.request_id, request.prompt, request.params,
-                                        priority=request.priority)
+                                        priority=request.priority, stream=request.stream)
             except Exception as exc:
                 item.future.set_exception(exc)
                 continue

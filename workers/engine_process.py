@@ -11,10 +11,11 @@ does offline, and the worker's process keeps the job bookkeeping.
 The child runs an EngineLoop (workers.engine_loop: continuous batching, fault isolation) and a
 pipe reader that hands it requests and aborts. Both directions go in batches: a micro-batch
 of requests is one message, and the outcomes of the requests that one engine step finished
-come back as one message, with the engine's stats (which also come every `STATS_SECONDS`, for
-the worker's metrics). On a machine with few cores every wake-up of a thread here or in the
-worker preempts one of torch's threads, which the others then wait for at the next barrier, so
-one message per step rather than one per job is worth it (benchmarks.queue_overhead).
+come back as one message, with the step's deltas of streamed requests and the engine's stats
+(which also come every `STATS_SECONDS`, for the worker's metrics). On a machine with few cores
+every wake-up of a thread here or in the worker preempts one of torch's threads, which the
+others then wait for at the next barrier, so one message per step rather than one per job is
+worth it (benchmarks.queue_overhead).
 
 Lifetimes:
 - The child ignores SIGINT and SIGTERM (a Ctrl-C, or systemd's stop, reaches every process of
@@ -66,8 +67,12 @@ def make_engine(options: dict):
 
 
 class EngineProcess:
-    def __init__(self, options: dict, batch_wait_seconds: float = 0.0) -> None:
-        """`options`: EngineConfig's arguments (the engine process builds the config)."""
+    def __init__(self, options: dict, batch_wait_seconds: float = 0.0,
+                 on_deltas: Callable[[list[RequestOutput]], None] | None = None) -> None:
+        """`options`: EngineConfig's arguments (the engine process builds the config).
+        `on_deltas`: called (by the outcome reader) with a step's streamed deltas, before the
+        outcomes of that step."""
+        self._on_deltas = on_deltas or (lambda deltas: None)
         context = multiprocessing.get_context("spawn")  # no forked CUDA state, no held locks
         self._conn, child_conn = context.Pipe()
         self._process = context.Process(target=_serve,
@@ -145,7 +150,9 @@ class EngineProcess:
                 logging.shutdown()
                 os._exit(ENGINE_DIED_EXIT_CODE)
             if kind == "done":
-                outcomes, self.stats = payload
+                outcomes, deltas, self.stats = payload
+                if deltas:
+                    self._on_deltas(deltas)
                 with self._lock:
                     futures = [self._futures.pop(request_id, None)
                                for request_id, _output, _error in outcomes]
@@ -170,7 +177,7 @@ def _serve(conn: Connection, options: dict, batch_wait_seconds: float) -> None:
     _use_no_process_shared_locks()
     replies = _Replies(conn)
     loop = EngineLoop(partial(make_engine, options), batch_wait_seconds,
-                      after_pass=replies.send_outcomes)
+                      after_pass=replies.send_outcomes, on_deltas=replies.add_deltas)
     try:
         loop.start()
     except BaseException as exc:
@@ -225,6 +232,7 @@ class _Replies:
         self._conn = conn
         self._lock = threading.Lock()  # a Connection is not shared between threads
         self._outcomes: list[tuple[str, RequestOutput | None, BaseException | None]] = []
+        self._deltas: list[RequestOutput] = []
         self.stats: Callable[[], EngineStats | None] = lambda: None
 
     def send(self, message: tuple) -> None:
@@ -238,11 +246,15 @@ class _Replies:
         with self._lock:
             self._outcomes.append(outcome)
 
+    def add_deltas(self, deltas: list[RequestOutput]) -> None:
+        with self._lock:
+            self._deltas.extend(deltas)
+
     def send_outcomes(self) -> None:
         with self._lock:
-            if self._outcomes:
-                self._conn.send(("done", self._outcomes, self.stats()))
-                self._outcomes = []
+            if self._outcomes or self._deltas:
+                self._conn.send(("done", self._outcomes, self._deltas, self.stats()))
+                self._outcomes, self._deltas = [], []
 
 
 def _picklable(error: BaseException) -> BaseException:

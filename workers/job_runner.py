@@ -46,6 +46,7 @@ from genq.states import JobStatus, Priority
 from workers.engine_loop import EngineLoop, EngineRequest, RequestAborted
 from workers.engine_process import EngineProcess
 from workers.group_commit import BatchedWrite, GroupCommitter
+from workers.job_streams import JobStreams
 from workers.leases import WORKER_ID, is_dead_local_worker
 from workers.middleware import load_middleware, run_hook
 
@@ -85,8 +86,10 @@ class _Running:
 
 class JobRunner:
     def __init__(self, settings: Settings, loop: EngineLoop | EngineProcess,
-                 worker_id: str = WORKER_ID) -> None:
+                 worker_id: str = WORKER_ID, streams: JobStreams | None = None) -> None:
+        """`streams`: where running jobs' token deltas go (None: nowhere, none are made)."""
         self.settings = settings
+        self.streams = streams
         self.loop = loop
         self.worker_id = worker_id
         self.url = settings.database_url_resolved
@@ -194,12 +197,15 @@ class JobRunner:
                 prompt=job.messages if job.messages is not None else job.prompt or "",
                 params=SamplingParams(**job.sampling_params),
                 priority=Priority(job.priority).rank,
+                stream=self.streams is not None,
             ))
             runs.append(running)
         if not requests:
             return
         with self._lock:
             self._running.update((running.job.id, running) for running in runs)
+        if self.streams is not None:
+            self.streams.started([(running.job.id, running.job.attempts) for running in runs])
         try:
             futures = self.loop.submit_many(requests)
         except Exception:
@@ -273,6 +279,8 @@ class JobRunner:
         write.add_done_callback(after_commit)
 
     def _ended(self, running: _Running, committed: bool) -> None:
+        if self.streams is not None:
+            self.streams.ended(running.job.id)
         try:
             run_hook(self.middleware, "after_job", running.job)
             run_hook(self.middleware, "job_ended", running.job,

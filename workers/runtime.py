@@ -11,12 +11,14 @@ from functools import lru_cache
 
 from engine.sampling_params import SamplingParams
 from genq import db
+from genq.job_events import JobEventLog
 from genq.queues import is_amqp
 from genq.settings import Settings, get_settings
 from workers import heartbeat
 from workers.engine_loop import EngineRequest
 from workers.engine_process import EngineProcess
 from workers.job_runner import JobRunner
+from workers.job_streams import JobStreams
 from workers.leases import LeaseRenewer
 from workers.metrics import JobTimingMiddleware, start_metrics_server
 from workers.micro_batch import MicroBatcher
@@ -54,9 +56,15 @@ class WorkerRuntime:
         self.settings = settings
         db.ensure_schema_current(settings.database_url_resolved)
         started = time.monotonic()
-        self.loop = EngineProcess(engine_options(settings), settings.worker_batch_wait_ms / 1000)
+        # Token streams need the broker's Redis; on RabbitMQ the API streams status and the
+        # final output from the DB.
+        broker_url = settings.broker_url_resolved
+        streams = (JobStreams(JobEventLog(broker_url))
+                   if settings.stream_events and broker_url.startswith("redis") else None)
+        self.loop = EngineProcess(engine_options(settings), settings.worker_batch_wait_ms / 1000,
+                                  on_deltas=streams.add_deltas if streams else None)
         self.loop.start()
-        self.runner = JobRunner(settings, self.loop)
+        self.runner = JobRunner(settings, self.loop, streams=streams)
         self.runner.middleware.append(JobTimingMiddleware())
         # RabbitMQ's consumer hands messages over one by one, to be gathered into micro-batches;
         # on Redis each round of the fetcher is one already (workers.tasks.JobIntake).

@@ -161,7 +161,7 @@ def test_openai_parameters_people_send(stack_factory, sqlite_url, redis_url):
     unsupported = {
         "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
         "response_format": {"type": "json_object"}, "store": True,
-        "parallel_tool_calls": True, "logprobs": True, "stream": True,
+        "parallel_tool_calls": True, "logprobs": True,
     }
     for name, value in unsupported.items():
         with pytest.raises(openai.BadRequestError) as refused:

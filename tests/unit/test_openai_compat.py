@@ -29,7 +29,7 @@ def test_a_batch_line_takes_one_choice():
 @pytest.mark.parametrize("endpoint, body", [
     (CHAT_COMPLETIONS, {**HELLO, "tools": [{"type": "function"}]}),
     (CHAT_COMPLETIONS, {**HELLO, "response_format": {"type": "json_schema"}}),
-    (CHAT_COMPLETIONS, {**HELLO, "stream": True}),
+    (CHAT_COMPLETIONS, {**HELLO, "logit_bias": {"1": 5}}),
     (COMPLETIONS, {"model": "m", "prompt": "Hi", "logprobs": 2}),
 ])
 def test_unsupported_parameters_are_named(endpoint, body):
@@ -45,3 +45,22 @@ def test_unsupported_parameters_are_named(endpoint, body):
                                       {"stream_options": {"include_usage": True}}])
 def test_default_values_of_unsupported_parameters_pass(harmless):
     assert parse_request(CHAT_COMPLETIONS, {**HELLO, **harmless}, Priority.INTERACTIVE)
+
+
+def test_stream_is_parsed_with_its_usage_option():
+    parsed = parse_request(CHAT_COMPLETIONS, {**HELLO, "stream": True,
+                                              "stream_options": {"include_usage": True}},
+                           Priority.INTERACTIVE)
+    assert (parsed.stream, parsed.include_usage) == (True, True)
+
+
+@pytest.mark.parametrize("body", [{**HELLO, "stream": True, "n": 2},
+                                  {**HELLO, "stream_options": {"include_usage": "maybe"}}])
+def test_stream_refuses_what_it_cannot_do(body):
+    with pytest.raises(ValidationError):
+        parse_request(CHAT_COMPLETIONS, body, Priority.INTERACTIVE)
+
+
+def test_a_batch_line_cannot_stream():
+    with pytest.raises(ValidationError):
+        parse_body(CHAT_COMPLETIONS, {**HELLO, "stream": True}, Priority.BATCH)
