@@ -52,6 +52,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def empty_redis_db(redis_url: str, number: int) -> Iterator[str]:
+    """A fixture's body: the URL of database `number` of the test Redis, empty before the test
+    and after it."""
+    import redis
+
+    url = urlparse(redis_url)._replace(path=f"/{number}").geturl()
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+
+
 @pytest.fixture
 def redis_url() -> str:
     require_service("Redis", REDIS_URL)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlparse
 
 import kombu
 import kombu.exceptions
 import pytest
-import redis
 from sqlalchemy import func, select
 
 from genq import db
@@ -27,6 +26,7 @@ from results_api.app import create_app
 from tests.conftest import (
     MODEL_CACHE_DIR,
     TINY_MODEL,
+    empty_redis_db,
     free_port,
     make_key,
     redis_queue_messages,
@@ -47,12 +47,8 @@ def model_cache_dir() -> Path:
 
 
 @pytest.fixture
-def broker_url(redis_url) -> str:
-    url = urlparse(redis_url)._replace(path=f"/{TEST_REDIS_DB}").geturl()
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
+def broker_url(redis_url) -> Iterator[str]:
+    yield from empty_redis_db(redis_url, TEST_REDIS_DB)
 
 
 def make_settings(database_url: str, broker_url: str, model_cache_dir, **overrides) -> Settings:

@@ -8,18 +8,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
-import redis
 import requests
 
 from genq.db import SchemaOutOfDate
 from genq.settings import Settings
 from producer.client import GenqAPIError, GenqClient
 from results_api.app import create_app
-from tests.conftest import MODEL_CACHE_DIR, TINY_MODEL, free_port, make_key
+from tests.conftest import MODEL_CACHE_DIR, TINY_MODEL, empty_redis_db, free_port, make_key
 
 pytestmark = pytest.mark.integration
 
@@ -28,12 +27,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def broker_url(redis_url) -> str:
-    url = urlparse(redis_url)._replace(path=f"/{TEST_REDIS_DB}").geturl()
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
+def broker_url(redis_url) -> Iterator[str]:
+    yield from empty_redis_db(redis_url, TEST_REDIS_DB)
 
 
 def make_client(database_url: str, broker_url: str):

@@ -5,12 +5,11 @@ workers are stood in for by their heartbeat rows (the e2e tests run real ones)."
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
-import redis
 from sqlalchemy import func, select, update
 
 from genq import db
@@ -21,7 +20,13 @@ from genq.settings import Settings
 from genq.states import Priority
 from producer.submit import load_tokenizer_cached
 from results_api.app import create_app
-from tests.conftest import MODEL_CACHE_DIR, TINY_MODEL, make_key, redis_queue_messages
+from tests.conftest import (
+    MODEL_CACHE_DIR,
+    TINY_MODEL,
+    empty_redis_db,
+    make_key,
+    redis_queue_messages,
+)
 from workers import heartbeat
 
 pytestmark = pytest.mark.integration
@@ -32,12 +37,8 @@ WORKER_MODEL = "dummy:tiny-qwen3"
 
 
 @pytest.fixture
-def broker_url(redis_url) -> str:
-    url = urlparse(redis_url)._replace(path=f"/{CATALOG_REDIS_DB}").geturl()
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
+def broker_url(redis_url) -> Iterator[str]:
+    yield from empty_redis_db(redis_url, CATALOG_REDIS_DB)
 
 
 @pytest.fixture

@@ -9,12 +9,11 @@ import io
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select, update
 
@@ -27,7 +26,13 @@ from genq.states import JobStatus, Priority
 from producer.batch_feeder import feed_batches
 from producer.submit import load_tokenizer_cached
 from results_api.app import create_app
-from tests.conftest import MODEL_CACHE_DIR, TINY_MODEL, make_key, redis_queue_messages
+from tests.conftest import (
+    MODEL_CACHE_DIR,
+    TINY_MODEL,
+    empty_redis_db,
+    make_key,
+    redis_queue_messages,
+)
 from workers import heartbeat
 
 pytestmark = pytest.mark.integration
@@ -36,12 +41,8 @@ ROUTING_REDIS_DB = 7
 
 
 @pytest.fixture
-def broker_url(redis_url) -> str:
-    url = urlparse(redis_url)._replace(path=f"/{ROUTING_REDIS_DB}").geturl()
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
+def broker_url(redis_url) -> Iterator[str]:
+    yield from empty_redis_db(redis_url, ROUTING_REDIS_DB)
 
 
 @pytest.fixture
