@@ -69,21 +69,59 @@ def _chunks(settings: Settings, tenant_id: str, job: Job, completion: Completion
 
     if chat:
         yield chunk("", role=True)
+    sent = _SentText()
     for event in follow_job(settings, tenant_id, job):
         if isinstance(event, Delta) and event.text:
-            yield chunk(event.text)
+            new_text = sent.add(event)
+            if new_text is None:
+                yield _RESTARTED
+                return
+            if new_text:
+                yield chunk(new_text)
         elif isinstance(event, Idle):
             yield KEEP_ALIVE
         elif isinstance(event, Finished):
             finished.append(True)
+            if event.job.status == JobStatus.SUCCEEDED.value and sent.text != (
+                    event.job.output_text or ""):
+                yield _RESTARTED
+                return
             yield from _last_chunks(event.job, chunk, head, completion.include_usage)
+
+
+class _SentText:
+    """The text a client was sent. Chunks cannot be taken back, so a rerun of the job (its
+    worker lost) is sent only past that text, and only if it starts with it (greedy or seeded
+    sampling does); otherwise the stream ends with an error rather than disagree with the
+    job's output."""
+
+    def __init__(self) -> None:
+        self.text, self._attempt, self._attempt_text = "", None, ""
+
+    def add(self, delta: Delta) -> str | None:
+        """The part of `delta` to send ("" while a rerun catches up); None when it diverged."""
+        if delta.id.attempt != self._attempt:
+            self._attempt, self._attempt_text = delta.id.attempt, ""
+        self._attempt_text += delta.text
+        if len(self._attempt_text) <= len(self.text):
+            return "" if self.text.startswith(self._attempt_text) else None
+        if not self._attempt_text.startswith(self.text):
+            return None
+        new_text, self.text = self._attempt_text[len(self.text):], self._attempt_text
+        return new_text
+
+
+# The openai client raises APIError for an `error` event.
+_RESTARTED = sse({"error": {
+    "message": "the job restarted after its worker was lost and its new output differs from "
+               "the text already streamed; read the job (GET /v1/jobs/{id}) for its output",
+    "type": "server_error", "code": "stream_restarted", "param": None}})
 
 
 def _last_chunks(job: Job, chunk, head: dict[str, Any], include_usage: bool) -> Iterator[str]:
     if job.status != JobStatus.SUCCEEDED.value:
         code = job.error_code or job.status
         message = f"the completion {job.status}: {job.error_message or code}"
-        # The openai client raises APIError for an `error` event.
         yield sse({"error": {"message": message, "type": "server_error", "code": code,
                              "param": None}})
         return
