@@ -1,15 +1,19 @@
-"""Celery task events for genq jobs, so that Flower and `celery events` show what a worker does
-although its jobs skip Celery's pool: each job is a `genq.run_job` task whose id is the job's
-id; received and started when it is claimed, succeeded or failed once its outcome is
-committed. On only with `GENQ_WORKER_SEND_EVENTS` (as Celery's `-E`): each event is a broker
-publish, about three per job."""
+"""Celery's tooling for genq jobs, although they skip Celery's pool: each job is a
+`genq.run_job` task whose id is the job's id. `celery inspect active` lists the jobs a worker
+runs (ActiveJobsMiddleware, always on). Task events, so that Flower and `celery events` show
+what a worker does: received and started when a job is claimed, succeeded or failed once its
+outcome is committed; on only with `GENQ_WORKER_SEND_EVENTS` (as Celery's `-E`): each event is
+a broker publish, about three per job."""
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 
 from celery import Celery
+from celery.worker import state as worker_state
 
 from genq.queues import RUN_JOB_TASK
 
@@ -47,3 +51,41 @@ class TaskEventsMiddleware:
             self._dispatcher.send(event_type, timestamp=time.time(), **fields)
         except Exception:
             log.debug("could not send the %s event", event_type, exc_info=True)
+
+
+class _ActiveJob:
+    """What `celery inspect active` reports of a request (celery.worker.request.Request.info)."""
+
+    def __init__(self, job, hostname: str) -> None:
+        self.id = job.id
+        self._info = {"id": job.id, "name": RUN_JOB_TASK, "args": [job.id], "kwargs": {},
+                      "type": RUN_JOB_TASK, "hostname": hostname, "time_start": time.time(),
+                      "acknowledged": False, "delivery_info": {}, "worker_pid": os.getpid()}
+
+    def info(self, safe: bool = False) -> dict:
+        return dict(self._info, args=repr(self._info["args"]) if safe else self._info["args"])
+
+    def terminate(self, pool, signal=None) -> None:  # `celery control revoke --terminate`
+        log.warning("job %s: revoke does not stop genq jobs; cancel it (genq cancel)", self.id)
+
+
+class ActiveJobsMiddleware:
+    """Worker middleware that lists each job in Celery's active requests while it runs, for
+    `celery inspect active` (Celery keeps them in a WeakSet: this holds the references)."""
+
+    def __init__(self, hostname: str) -> None:
+        self.hostname = hostname
+        self._active: dict[str, _ActiveJob] = {}
+        self._lock = threading.Lock()
+
+    def before_job(self, job) -> None:
+        active = _ActiveJob(job, self.hostname)
+        with self._lock:
+            self._active[job.id] = active
+        worker_state.active_requests.add(active)
+
+    def after_job(self, job) -> None:
+        with self._lock:
+            active = self._active.pop(job.id, None)
+        if active is not None:
+            worker_state.active_requests.discard(active)

@@ -14,7 +14,7 @@ from celery.signals import worker_init, worker_shutdown
 from genq.queues import RUN_JOB_TASK, is_amqp, job_queues
 from workers.amqp_reserve import InteractiveReserve
 from workers.celery_app import app
-from workers.events import TaskEventsMiddleware
+from workers.events import ActiveJobsMiddleware, TaskEventsMiddleware
 from workers.micro_batch import JobMessage, deliver_now
 from workers.redis_fetcher import RedisJobFetcher
 from workers.runtime import get_runtime
@@ -76,6 +76,7 @@ class JobIntake(bootsteps.StartStopStep):
     def start(self, worker) -> None:
         runtime = get_runtime()
         settings = runtime.settings
+        runtime.runner.middleware.append(ActiveJobsMiddleware(worker.hostname))
         if app.conf.worker_send_task_events:  # Flower and `celery events` see every job
             runtime.runner.middleware.append(TaskEventsMiddleware(app, worker.hostname))
         # The interactive queue (polled first) may take a few slots beyond a full window.

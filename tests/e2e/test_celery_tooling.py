@@ -15,9 +15,12 @@ from tests.e2e.conftest import redis_db
 from tests.processes import wait_for
 from workers.celery_app import make_celery
 
+SLOW_MODEL = "dummy:smollm2-135m"
+
 
 def _celery(broker_url: str, *args: str) -> str:
-    env = {**os.environ, "GENQ_BROKER_URL": broker_url, "GENQ_MODEL": "echo"}
+    env = {**os.environ, "GENQ_BROKER_URL": broker_url, "GENQ_MODEL": "echo",
+           "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "celery", "-A", "workers.celery_app", *args],
                           env=env, capture_output=True, text=True, timeout=60,
                           check=True).stdout
@@ -60,3 +63,25 @@ def test_celery_inspect_and_task_events_see_a_genq_worker(redis_url, sqlite_url,
     received = next(e for e in events if e["type"] == "task-received" and e["uuid"] == job_id)
     assert received["name"] == "genq.run_job" and job_id in received["args"]
     assert any(event["type"] == "worker-heartbeat" for event in events)  # Flower lists it
+
+
+def test_celery_inspect_active_lists_the_jobs_a_worker_runs(redis_url, sqlite_url,
+                                                            stack_factory):
+    # Regression (issue 21): genq's jobs skip Celery's pool, and `inspect active` listed none.
+    # Given a worker on random weights in SmolLM2's shapes (a long job runs for seconds)
+    broker_url = redis_db(redis_url)
+    stack = stack_factory(sqlite_url, broker_url, model=SLOW_MODEL, worker=False)
+    stack.start_worker(name="worker-1", concurrency=4, model=SLOW_MODEL)
+    client = GenqClient(stack.api_url, stack.key)
+
+    # When a long job runs and Celery's inspect asks
+    job_id = client.submit(prompt="Count forever:", max_tokens=1900, temperature=0)["id"]
+    wait_for(lambda: client.get(job_id)["status"] == "running", 60, "the job to run")
+    active = _celery(broker_url, "inspect", "active", "-t", "10")
+
+    # Then the job is listed as the worker's active genq.run_job task, until it ends
+    assert job_id in active and "genq.run_job" in active and "worker-1" in active, active
+    client.cancel(job_id)
+    wait_for(lambda: client.get(job_id)["status"] == "canceled", 30, "the cancel")
+    wait_for(lambda: job_id not in _celery(broker_url, "inspect", "active", "-t", "10"), 30,
+             "the job to leave the active list")
