@@ -1,6 +1,6 @@
-"""Celery's own tooling sees genq workers (issue 21): `celery inspect ping` answers, and with
-GENQ_WORKER_SEND_EVENTS each job is a task in Celery's event stream (what Flower shows):
-received and started when claimed, succeeded once its result is committed."""
+"""Celery's own tooling sees genq workers (issue 21): `celery inspect ping` and `inspect active`
+answer, and with GENQ_WORKER_SEND_EVENTS each job is a task in Celery's event stream, which
+Flower shows: received and started when claimed, succeeded once its result is committed."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ import subprocess
 import sys
 import threading
 
+import requests
+
 from genq.settings import Settings
 from producer.client import GenqClient
+from tests.conftest import free_port
 from tests.e2e.conftest import redis_db
-from tests.processes import wait_for
+from tests.processes import http_ok, wait_for
 from workers.celery_app import make_celery
 
 SLOW_MODEL = "dummy:smollm2-135m"
@@ -85,3 +88,33 @@ def test_celery_inspect_active_lists_the_jobs_a_worker_runs(redis_url, sqlite_ur
     wait_for(lambda: client.get(job_id)["status"] == "canceled", 30, "the cancel")
     wait_for(lambda: job_id not in _celery(broker_url, "inspect", "active", "-t", "10"), 30,
              "the job to leave the active list")
+
+
+def test_flower_lists_a_genq_worker_and_shows_its_jobs_as_tasks(redis_url, sqlite_url,
+                                                                stack_factory):
+    # Given a genq worker sending events, watched by Flower (its API without auth, as a local
+    # operator runs it)
+    broker_url = redis_db(redis_url)
+    stack = stack_factory(sqlite_url, broker_url, model="echo", worker=False,
+                          extra_env={"GENQ_WORKER_SEND_EVENTS": "true"})
+    port = free_port()
+    flower = stack.group.start("flower", [
+        sys.executable, "-m", "celery", "-A", "workers.celery_app", "flower",
+        f"--port={port}", "--address=127.0.0.1"], env={"FLOWER_UNAUTHENTICATED_API": "true"})
+    api = f"http://127.0.0.1:{port}/api"
+    wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/healthcheck"), 60, "Flower", flower)
+    stack.start_worker(name="worker-1", concurrency=4, model="echo")
+
+    # When a job runs
+    job_id = GenqClient(stack.api_url, stack.key).submit(
+        prompt="hello flower", max_tokens=4, temperature=0)["id"]
+
+    # Then Flower lists the worker, and shows the job as a succeeded genq.run_job task
+    def task() -> dict:
+        return requests.get(f"{api}/tasks", timeout=5).json().get(job_id, {})
+
+    wait_for(lambda: task().get("state") == "SUCCESS", 60, "Flower to see the job")
+    assert task()["name"] == "genq.run_job" and "worker-1" in task()["worker"]
+    wait_for(lambda: any("worker-1" in name for name in requests.get(
+        f"{api}/workers", params={"refresh": "1"}, timeout=15).json()), 30,
+        "Flower to list the worker")
