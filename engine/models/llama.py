@@ -19,6 +19,11 @@ from engine.cpu_kernels import cpu_kernels_available
 from engine.quantization import Linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# bf16 logits keep about 3 significant digits: at SmolLM2's (about 25) a step is 0.125, so the
+# leading candidates tie and greedy decoding flips on rounding ("The" and "L" both 25.25 for
+# the README's question; 25.260 and 25.249 computed in fp32). The top few are recomputed in
+# fp32 from the same bf16 operands.
+REFINED_LOGITS = 4
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -131,7 +136,12 @@ class LlamaForCausalLM:
             h = self._norm(x, layer["post_norm"])
             x = layer["down"].add(layer["up"].mul(h, layer["gate"].silu(h)), x)
         x = self._norm(x[logits_index], self.final_norm)
-        return self.lm_head(x).float()
+        logits = self.lm_head(x).float()
+        if self.dtype != torch.float32:
+            top = logits.topk(REFINED_LOGITS, dim=-1).indices
+            exact = torch.einsum("rd,rkd->rk", x.float(), self.lm_head.weight[top].float())
+            logits.scatter_(1, top, exact)
+        return logits
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.uses_fused_ops:
