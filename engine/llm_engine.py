@@ -257,8 +257,13 @@ class LLMEngine:
         with self._lock:
             self._live.pop(seq.request_id, None)
         text = seq.stop_text if seq.stop_text is not None else self._decode(seq)
+        token_texts = None
+        if seq.logprobs is not None:  # the tokens named, as their own text (OpenAI's `token`)
+            token_texts = {token_id: self.tokenizer.decode([token_id])
+                           for entry in seq.logprobs if entry for token_id in entry}
         completion = CompletionOutput(text=text, token_ids=seq.output_token_ids,
-                                      finish_reason=seq.finish_reason, logprobs=seq.logprobs)
+                                      finish_reason=seq.finish_reason, logprobs=seq.logprobs,
+                                      token_texts=token_texts)
         return RequestOutput(seq.request_id, seq.token_ids[:seq.num_prompt_tokens],
                              [completion], finished=True)
 

@@ -11,8 +11,9 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str | None  # "stop" | "length" | "abort"
-    logprobs: list[dict[int, float]] | None = None
+    logprobs: list[dict[int, float]] | None = None  # per token: itself first, then the top ones
     index: int = 0
+    token_texts: dict[int, str] | None = None  # with logprobs: each token id's text
 
 
 @dataclass

@@ -20,7 +20,8 @@ from genq.webhook_events import Listeners, record_job_event
 RUN_JOB_OUTBOX_KIND = "run_job"
 _JOBS = Job.__table__
 # What a worker stores of a finished job (store_results).
-RESULT_COLUMNS = ("output_text", "finish_reason", "prompt_tokens", "completion_tokens")
+RESULT_COLUMNS = ("output_text", "finish_reason", "prompt_tokens", "completion_tokens",
+                  "output_logprobs")
 
 
 def transition(
@@ -209,7 +210,7 @@ def store_results(session: Session, results: dict[str, dict[str, Any]], *,
     params: dict[str, Any] = {"result_worker": worker_id, "result_now": utcnow()}
     for index, (job_id, values) in enumerate(results.items()):
         params[f"result_id_{index}"] = job_id
-        params.update({f"{column}_{index}": values[column] for column in RESULT_COLUMNS})
+        params.update({f"{column}_{index}": values.get(column) for column in RESULT_COLUMNS})
     moved = session.execute(_store_results_statement(len(results)), params).all()
     for job_id, *listeners in moved:
         _announce(session, job_id, JobStatus.SUCCEEDED, None, Listeners(*listeners))

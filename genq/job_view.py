@@ -5,7 +5,7 @@ producer."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -21,6 +21,9 @@ def unix_seconds(moment: datetime | None) -> int | None:
 class JobOutput(BaseModel):
     text: str
     finish_reason: str | None
+    logprobs: list[Any] | None = Field(
+        None, description="With `logprobs` asked: per generated token `[text, logprob, "
+        "[[text, logprob], ...]]`, its most likely alternatives first.")
 
 
 class Usage(BaseModel):
@@ -64,7 +67,8 @@ class JobResponse(BaseModel):
             started_at=unix_seconds(job.started_at),
             finished_at=unix_seconds(job.finished_at),
             output=None if job.output_text is None
-            else JobOutput(text=job.output_text, finish_reason=job.finish_reason),
+            else JobOutput(text=job.output_text, finish_reason=job.finish_reason,
+                           logprobs=job.output_logprobs),
             usage=None if job.completion_tokens is None
             else Usage(prompt_tokens=job.prompt_tokens, completion_tokens=job.completion_tokens),
             error=None if job.error_code is None

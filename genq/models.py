@@ -103,6 +103,9 @@ class Job(Base):
     sampling_params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
     output_text: Mapped[str | None] = mapped_column(Text, default=None)
+    # With `logprobs` asked: per generated token [text, logprob, [[text, logprob], ...]] (its
+    # top alternatives, most likely first), as the worker stored them.
+    output_logprobs: Mapped[list[Any] | None] = mapped_column(JSON, default=None)
     finish_reason: Mapped[str | None] = mapped_column(String(16), default=None)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
     # prompt_tokens + max_tokens at submit: what the tenant's tokens-per-minute window counts.

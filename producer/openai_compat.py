@@ -22,7 +22,7 @@ from pydantic_core import PydanticCustomError
 
 from genq.models import Job
 from genq.states import Priority
-from producer.schemas import INT64_MAX, MAX_PENALTY, JobRequest, Message
+from producer.schemas import INT64_MAX, MAX_PENALTY, MAX_TOP_LOGPROBS, JobRequest, Message
 
 CHAT_COMPLETIONS = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -33,13 +33,11 @@ MAX_CHOICES = 8
 # naming it (the error type `unsupported_parameter`, results_api.openai_errors), rather than
 # answered as if it had been honoured. False, null and the default `{"type": "text"}` pass.
 UNSUPPORTED_PARAMETERS = ("tools", "tool_choice", "functions", "function_call",
-                          "response_format", "store", "parallel_tool_calls", "logprobs",
-                          "top_logprobs", "logit_bias", "audio", "modalities", "prediction",
-                          "web_search_options", "suffix", "best_of")
-WHY_UNSUPPORTED = {
-    "logprobs": "log-probabilities are not returned yet",
-    "top_logprobs": "log-probabilities are not returned yet",
-}
+                          "response_format", "store", "parallel_tool_calls", "logit_bias",
+                          "audio", "modalities", "prediction", "web_search_options", "suffix",
+                          "best_of")
+WHY_UNSUPPORTED: dict[str, str] = {}
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound for the legacy completions' `logprobs`
 
 
 class TextPart(BaseModel):
@@ -65,7 +63,7 @@ class ChatMessage(BaseModel):
 
 
 def _is_unset(name: str, value: Any) -> bool:
-    return value is None or value is False or value == 0 and name == "top_logprobs" or (
+    return value is None or value is False or (
         name == "response_format" and value == {"type": "text"})
 
 
@@ -126,13 +124,21 @@ class _SamplingBody(BaseModel):
             raise PydanticCustomError("stream_in_batch", "a batch line cannot stream")
         if self.stream and (self.n or 1) > 1:
             raise PydanticCustomError("stream_n", "streaming takes n = 1")
+        if self.stream and self._top_logprobs() is not None:
+            raise PydanticCustomError("stream_logprobs",
+                                      "log-probabilities are not streamed; send stream: false")
         return self
+
+    def _top_logprobs(self) -> int | None:
+        """How many alternatives per token to return with its logprob; None: no logprobs."""
+        return None
 
     def _job_fields(self) -> dict[str, Any]:
         fields = {"model": self.model, "temperature": self.temperature, "top_p": self.top_p,
                   "top_k": self.top_k, "seed": self.seed, "stop": self.stop,
                   "presence_penalty": self.presence_penalty,
-                  "frequency_penalty": self.frequency_penalty, "metadata": self.metadata}
+                  "frequency_penalty": self.frequency_penalty, "metadata": self.metadata,
+                  "logprobs": self._top_logprobs()}
         return {name: value for name, value in fields.items() if value is not None}
 
 
@@ -142,6 +148,18 @@ class ChatCompletionBody(_SamplingBody):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionBody:
+        if self.top_logprobs and not self.logprobs:
+            raise PydanticCustomError("top_logprobs_without_logprobs",
+                                      "top_logprobs needs logprobs: true")
+        return self
+
+    def _top_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def to_job_request(self, priority: Priority) -> JobRequest:
         max_tokens = self.max_completion_tokens or self.max_tokens
@@ -159,6 +177,10 @@ class CompletionBody(_SamplingBody):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
     max_tokens: int = 16  # OpenAI's default for legacy completions
     echo: Literal[False] | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+
+    def _top_logprobs(self) -> int | None:
+        return self.logprobs
 
     def to_job_request(self, priority: Priority) -> JobRequest:
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
@@ -217,11 +239,26 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -233,11 +270,18 @@ class ChatCompletion(BaseModel):
     usage: CompletionUsage
 
 
+class TextLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class TextChoice(BaseModel):
     index: int
     text: str
     finish_reason: str
-    logprobs: None = None
+    logprobs: TextLogprobs | None = None
 
 
 class TextCompletion(BaseModel):
@@ -264,12 +308,39 @@ def completion_object(job: Job, *more_choices: Job) -> ChatCompletion | TextComp
             id=f"chatcmpl-{job.id}", created=created, model=job.model, usage=usage,
             choices=[ChatChoice(index=index,
                                 message=AssistantMessage(content=choice.output_text or ""),
-                                finish_reason=choice.finish_reason or "stop")
+                                finish_reason=choice.finish_reason or "stop",
+                                logprobs=_chat_logprobs(choice.output_logprobs))
                      for index, choice in enumerate(jobs)],
         )
     return TextCompletion(
         id=f"cmpl-{job.id}", created=created, model=job.model, usage=usage,
         choices=[TextChoice(index=index, text=choice.output_text or "",
-                            finish_reason=choice.finish_reason or "stop")
+                            finish_reason=choice.finish_reason or "stop",
+                            logprobs=_text_logprobs(choice.output_logprobs))
                  for index, choice in enumerate(jobs)],
     )
+
+
+def _chat_logprobs(stored: list | None) -> ChatLogprobs | None:
+    """A job's stored logprobs (genq.models.Job.output_logprobs) in chat's shape."""
+    if stored is None:
+        return None
+    return ChatLogprobs(content=[
+        TokenLogprob(token=token, logprob=logprob, bytes=list(token.encode()),
+                     top_logprobs=[TopLogprob(token=text, logprob=value,
+                                              bytes=list(text.encode()))
+                                   for text, value in top])
+        for token, logprob, top in stored])
+
+
+def _text_logprobs(stored: list | None) -> TextLogprobs | None:
+    """A job's stored logprobs in the legacy completions' shape."""
+    if stored is None:
+        return None
+    offsets, offset = [], 0
+    for token, _logprob, _top in stored:
+        offsets.append(offset)
+        offset += len(token)
+    return TextLogprobs(tokens=[token for token, _, _ in stored],
+                        token_logprobs=[logprob for _, logprob, _ in stored],
+                        top_logprobs=[dict(top) for _, _, top in stored], text_offset=offsets)

@@ -30,6 +30,7 @@ MAX_TOP_K = 1_000_000
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_PENALTY = 2.0  # presence and frequency penalties: OpenAI's [-2, 2]
 MAX_REPETITION_PENALTY = 10.0
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound for top_logprobs
 MAX_METADATA_KEYS = 16
 # Jobs per bulk submit: one transaction and one publish batch for all of them.
 MAX_JOBS_PER_BULK = 1000
@@ -95,6 +96,10 @@ class JobRequest(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
     repetition_penalty: float = Field(1.0, gt=0, le=MAX_REPETITION_PENALTY,
                                       description="vLLM's; 1 is off.")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="Store each generated token's "
+        "log-probability and this many most likely alternatives (the OpenAI routes return "
+        "them).")
     priority: Priority = Priority.DEFAULT
     timeout_s: int | None = Field(
         None, ge=1, le=7 * 24 * 3600,
@@ -135,6 +140,7 @@ class JobRequest(BaseModel):
             "seed": self.seed,
             "stop": self.stop,
             **self._penalties(),
+            **({"logprobs": self.logprobs} if self.logprobs is not None else {}),
         }
 
     def _penalties(self) -> dict[str, float]:

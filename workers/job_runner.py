@@ -262,7 +262,8 @@ class JobRunner:
         if output is not None and output.outputs[0].finish_reason == "abort":
             running.outcome = JobStatus.CANCELED  # canceled while running
         if output is not None:
-            return self.writes.submit_batched(self._outputs, (job_id, _result_values(output)))
+            return self.writes.submit_batched(self._outputs, (job_id, _result_values(
+                output, running.job.sampling_params.get("logprobs"))))
         return None
 
     def _then(self, write: Future, job_id: str, on_end: Callable[[bool], None]) -> None:
@@ -428,9 +429,9 @@ class JobRunner:
         return (Job.worker_id == self.worker_id,)
 
 
-def _result_values(output: RequestOutput) -> dict:
+def _result_values(output: RequestOutput, num_top_logprobs: int | None = None) -> dict:
     completion = output.outputs[0]
-    return {
+    values = {
         # A model can generate a NUL, which PostgreSQL text cannot hold: the result's UPDATE
         # would fail on every delivery. U+FFFD, as for any undecodable byte.
         "output_text": completion.text.replace("\x00", "\ufffd"),
@@ -438,3 +439,21 @@ def _result_values(output: RequestOutput) -> dict:
         "prompt_tokens": len(output.prompt_token_ids),
         "completion_tokens": len(completion.token_ids),
     }
+    if completion.logprobs is not None and num_top_logprobs is not None:
+        values["output_logprobs"] = _stored_logprobs(completion, num_top_logprobs)
+    return values
+
+
+def _stored_logprobs(completion, num_top: int) -> list:
+    """Per token [text, logprob, top]: the engine's entry names the token first, then its top
+    alternatives (the token itself among them when it is one), so the top `num_top` by
+    logprob are those alternatives."""
+    def text(token_id: int) -> str:
+        return (completion.token_texts or {}).get(token_id, "").replace("\x00", "\ufffd")
+
+    stored = []
+    for entry in completion.logprobs:
+        (token_id, logprob), *_ = entry.items()
+        top = sorted(entry.items(), key=lambda item: -item[1])[:num_top]
+        stored.append([text(token_id), logprob, [[text(i), value] for i, value in top]])
+    return stored

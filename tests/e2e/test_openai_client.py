@@ -157,11 +157,23 @@ def test_openai_parameters_people_send(stack_factory, sqlite_url, redis_url):
     texts = client.completions.create(model=TINY_MODEL, prompt="Once", max_tokens=2, n=2)
     assert len(texts.choices) == 2 and texts.usage.completion_tokens == 4
 
+    # log-probabilities: each generated token with its most likely alternatives (greedy: the
+    # token is the most likely one)
+    scored = client.chat.completions.create(model=TINY_MODEL, messages=hello, max_tokens=4,
+                                            temperature=0, logprobs=True, top_logprobs=2)
+    content = scored.choices[0].logprobs.content
+    assert len(content) == scored.usage.completion_tokens == 4
+    assert all(len(token.top_logprobs) == 2 and token.logprob <= 0 for token in content)
+    assert all(token.logprob == token.top_logprobs[0].logprob for token in content)
+    legacy = client.completions.create(model=TINY_MODEL, prompt="Once", max_tokens=3,
+                                       temperature=0, logprobs=1).choices[0].logprobs
+    assert len(legacy.tokens) == len(legacy.token_logprobs) == len(legacy.top_logprobs) == 3
+
     # parameters genq does not implement: OpenAI's error naming each one
     unsupported = {
         "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
         "response_format": {"type": "json_object"}, "store": True,
-        "parallel_tool_calls": True, "logprobs": True,
+        "parallel_tool_calls": True,
     }
     for name, value in unsupported.items():
         with pytest.raises(openai.BadRequestError) as refused:

@@ -142,7 +142,7 @@ def test_get_returns_the_finished_job_with_output_and_usage(client, auth, settin
     job = client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()
 
     assert job["status"] == "succeeded"
-    assert job["output"] == {"text": "Paris", "finish_reason": "stop"}
+    assert job["output"] == {"text": "Paris", "finish_reason": "stop", "logprobs": None}
     assert job["usage"] == {"prompt_tokens": 3, "completion_tokens": 1}
     assert job["started_at"] is not None and job["finished_at"] >= job["created_at"]
 

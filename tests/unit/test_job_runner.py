@@ -420,3 +420,24 @@ def test_job_ended_hooks_get_the_state_each_outcome_wrote(sqlite_url, echo_runne
 
     _deliver_and_settle(echo_runner, [ok, broken])
     assert ended == {ok: "succeeded", broken: "failed"}
+
+
+def test_logprobs_are_stored_as_each_tokens_text_logprob_and_top_alternatives():
+    from engine.outputs import CompletionOutput, RequestOutput
+    from workers.job_runner import _result_values
+
+    # given the engine's entries: the token first, then its top 2 (itself among them or not)
+    completion = CompletionOutput(
+        text=" Paris.", token_ids=[7, 9], finish_reason="stop",
+        logprobs=[{7: -0.1, 3: -2.5}, {9: -3.0, 4: -0.2, 5: -1.0}],
+        token_texts={7: " Paris", 3: " Lyon", 9: ".", 4: "!", 5: "?"})
+    output = RequestOutput("job", [1, 2], [completion])
+
+    # when its outcome is written with 2 alternatives asked, and with none asked
+    asked, not_asked = _result_values(output, 2), _result_values(output)
+
+    # then each token is stored with its logprob and the most likely alternatives, in order
+    assert asked["output_logprobs"] == [
+        [" Paris", -0.1, [[" Paris", -0.1], [" Lyon", -2.5]]],
+        [".", -3.0, [["!", -0.2], ["?", -1.0]]]]
+    assert "output_logprobs" not in not_asked

@@ -30,7 +30,7 @@ def test_a_batch_line_takes_one_choice():
     (CHAT_COMPLETIONS, {**HELLO, "tools": [{"type": "function"}]}),
     (CHAT_COMPLETIONS, {**HELLO, "response_format": {"type": "json_schema"}}),
     (CHAT_COMPLETIONS, {**HELLO, "logit_bias": {"1": 5}}),
-    (COMPLETIONS, {"model": "m", "prompt": "Hi", "logprobs": 2}),
+    (COMPLETIONS, {"model": "m", "prompt": "Hi", "best_of": 2}),
 ])
 def test_unsupported_parameters_are_named(endpoint, body):
     with pytest.raises(ValidationError) as refused:
@@ -40,7 +40,7 @@ def test_unsupported_parameters_are_named(endpoint, body):
     assert error["ctx"]["param"] in body
 
 
-@pytest.mark.parametrize("harmless", [{"stream": False}, {"store": False}, {"logprobs": False},
+@pytest.mark.parametrize("harmless", [{"stream": False}, {"store": False}, {"tools": None},
                                       {"response_format": {"type": "text"}},
                                       {"stream_options": {"include_usage": True}}])
 def test_default_values_of_unsupported_parameters_pass(harmless):
@@ -64,3 +64,52 @@ def test_stream_refuses_what_it_cannot_do(body):
 def test_a_batch_line_cannot_stream():
     with pytest.raises(ValidationError):
         parse_body(CHAT_COMPLETIONS, {**HELLO, "stream": True}, Priority.BATCH)
+
+
+@pytest.mark.parametrize("endpoint, body, asked", [
+    (CHAT_COMPLETIONS, {**HELLO, "logprobs": True, "top_logprobs": 3}, 3),
+    (CHAT_COMPLETIONS, {**HELLO, "logprobs": True}, 0),
+    (CHAT_COMPLETIONS, {**HELLO, "logprobs": False}, None),
+    (COMPLETIONS, {"model": "m", "prompt": "Hi", "logprobs": 2}, 2),
+])
+def test_logprobs_map_to_the_engines_count_of_alternatives(endpoint, body, asked):
+    job = parse_request(endpoint, body, Priority.INTERACTIVE).job
+    assert job.logprobs == asked
+    assert job.sampling_params().get("logprobs") == asked
+
+
+@pytest.mark.parametrize("endpoint, body", [
+    (CHAT_COMPLETIONS, {**HELLO, "top_logprobs": 2}),  # without logprobs: true
+    (CHAT_COMPLETIONS, {**HELLO, "logprobs": True, "top_logprobs": 21}),
+    (CHAT_COMPLETIONS, {**HELLO, "logprobs": True, "stream": True}),
+    (COMPLETIONS, {"model": "m", "prompt": "Hi", "logprobs": 6}),
+])
+def test_logprobs_out_of_bounds_are_refused(endpoint, body):
+    with pytest.raises(ValidationError):
+        parse_request(endpoint, body, Priority.INTERACTIVE)
+
+
+def test_stored_logprobs_are_returned_in_each_routes_shape():
+    from datetime import UTC, datetime
+
+    from genq.models import Job
+    from producer.openai_compat import completion_object
+
+    stored = [[" Paris", -0.1, [[" Paris", -0.1], [" Lyon", -2.5]]],
+              [".", -0.3, [[".", -0.3], ["!", -1.9]]]]
+    common = dict(id="job_x", model="m", created_at=datetime.now(UTC), prompt_tokens=5,
+                  completion_tokens=2, output_text=" Paris.", finish_reason="stop",
+                  output_logprobs=stored)
+
+    chat = completion_object(Job(messages=[{"role": "user", "content": "?"}], **common))
+    text = completion_object(Job(prompt="?", **common))
+
+    content = chat.choices[0].logprobs.content
+    assert [(t.token, t.logprob, t.bytes) for t in content] == [
+        (" Paris", -0.1, list(b" Paris")), (".", -0.3, [46])]
+    assert [(t.token, t.logprob) for t in content[0].top_logprobs] == [(" Paris", -0.1),
+                                                                       (" Lyon", -2.5)]
+    legacy = text.choices[0].logprobs
+    assert legacy.tokens == [" Paris", "."] and legacy.token_logprobs == [-0.1, -0.3]
+    assert legacy.top_logprobs == [{" Paris": -0.1, " Lyon": -2.5}, {".": -0.3, "!": -1.9}]
+    assert legacy.text_offset == [0, 6]
