@@ -207,7 +207,7 @@ def test_a_bulk_reaches_the_rabbitmq_priority_queue(database_url, rabbitmq_url):
     results = submit_jobs(settings, tenant_id, requests_(12))
 
     with kombu.Connection(rabbitmq_url) as connection:
-        queue = job_queues(rabbitmq_url, model)[0](connection.channel())
+        queue = job_queues(rabbitmq_url, model)[-1](connection.channel())  # default's
         received = []
         while (message := queue.get(no_ack=True)) is not None:
             received.append(message.headers["argsrepr"])
