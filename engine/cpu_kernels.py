@@ -1,6 +1,6 @@
 """Builds and loads genq's CPU ops from engine/csrc: the decode attention that reads the paged
-KV pool in place (``torch.ops.genq.paged_decode_attention``), and RMSNorm and RoPE + KV store
-as one op each (``torch.ops.genq.rms_norm``, ``torch.ops.genq.rope_store_``); bf16 on CPU.
+KV pool in place (``torch.ops.genq.paged_decode_attention``), RMSNorm and RoPE + KV store as
+one op each (``rms_norm``, ``rope_store_``) and the W8A8 linear (``int8_linear``); bf16 on CPU.
 
 Compiled once per machine with the host's own instruction set (about a minute on 2 cores),
 then loaded from torch's extension cache. Without a C++ compiler the engine keeps its ATen
@@ -19,9 +19,11 @@ import torch
 from engine.config import cpu_flags
 
 log = logging.getLogger(__name__)
-_SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", name)
-            for name in ("paged_attention.cpp", "fused_ops.cpp")]
-_OPS = ("paged_decode_attention", "rms_norm", "rope_store_")
+_CSRC = os.path.join(os.path.dirname(__file__), "csrc")
+_SOURCES = [os.path.join(_CSRC, name)
+            for name in ("paged_attention.cpp", "fused_ops.cpp", "int8_linear.cpp")]
+_HEADERS = [os.path.join(_CSRC, "bf16.h")]
+_OPS = ("paged_decode_attention", "rms_norm", "rope_store_", "int8_linear")
 _lock = threading.Lock()
 _loaded: bool | None = None
 
@@ -43,7 +45,7 @@ def _load() -> bool:
     # -march=native: the build is for this CPU only, so its flags are part of the name, and so
     # is the sources' text (an edited kernel is a new build, not a stale cached one).
     key = hashlib.sha256(" ".join(sorted(cpu_flags())).encode())
-    for source in _SOURCES:
+    for source in _SOURCES + _HEADERS:
         with open(source, "rb") as file:
             key.update(file.read())
     try:

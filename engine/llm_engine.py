@@ -43,7 +43,7 @@ class LLMEngine:
         self._backend_tokenizer = getattr(self.tokenizer, "backend_tokenizer", None)
         model = LlamaForCausalLM(hf_config, state_dict, config.dtype, config.device,
                                  config.quantization, config.max_quantized_rows,
-                                 config.head_quantization)
+                                 config.head_quantization, config.activation_quantization)
         del state_dict
         self.max_model_len = model.max_model_len
         self.eos_token_ids = _eos_token_ids(hf_config, self.tokenizer)

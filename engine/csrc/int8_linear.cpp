@@ -1,0 +1,121 @@
+// A bf16 linear layer in int8 arithmetic (W8A8): each row of x is quantized to int8 on the fly
+// (symmetric, one scale per row), multiplied by int8 weights (one scale per output channel)
+// with int32 accumulation in oneDNN (at::_int_mm: VNNI or AMX), then scaled back to bf16 with
+// the bias and an optional epilogue in one pass. int8 dot products run at twice the rate of
+// bf16 ones on AVX512-VNNI and AMX, so steps of many rows (prefills, large batches) gain.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "bf16.h"
+
+namespace {
+
+using genq::load;
+using genq::store;
+
+constexpr int64_t kRowsPerTask = 4;
+
+enum Epilogue : int64_t { kNone = 0, kAdd = 1, kSilu = 2, kMul = 3 };
+
+// x [rows, k] bf16 (row stride free) -> codes [rows, k] int8 and scales [rows] (x ≈ code * scale).
+void quantize_rows(const c10::BFloat16* x, int64_t row_stride, int8_t* codes, float* scales,
+                   int64_t rows, int64_t k) {
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const c10::BFloat16* row = x + r * row_stride;
+      float absmax = 0.f;
+#pragma omp simd reduction(max : absmax)
+      for (int64_t i = 0; i < k; ++i) absmax = std::max(absmax, std::fabs(load(row[i])));
+      const float scale = absmax > 0.f ? absmax / 127.f : 1.f;
+      const float inverse = 1.f / scale;
+      int8_t* out = codes + r * k;
+#pragma omp simd
+      for (int64_t i = 0; i < k; ++i) {
+        out[i] = static_cast<int8_t>(std::nearbyint(load(row[i]) * inverse));
+      }
+      scales[r] = scale;
+    }
+  });
+}
+
+// out[r, j] = epilogue(acc[r, j] * row_scales[r] * column_scales[j] + bias[j], other[r, j]).
+template <int64_t E>
+void dequantize_rows(const int32_t* acc, const float* row_scales, const float* column_scales,
+                     const c10::BFloat16* bias, const c10::BFloat16* other, int64_t other_stride,
+                     c10::BFloat16* out, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int32_t* a = acc + r * n;
+      const c10::BFloat16* o = other ? other + r * other_stride : nullptr;
+      c10::BFloat16* y = out + r * n;
+      const float row_scale = row_scales[r];
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        float v = static_cast<float>(a[j]) * (row_scale * column_scales[j]);
+        if (bias) v += load(bias[j]);
+        if constexpr (E == kAdd) v += load(o[j]);
+        if constexpr (E == kSilu) v = v / (1.f + std::exp(-v));
+        if constexpr (E == kMul) v *= load(o[j]);
+        store(y + j, v);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// x [rows, k] bf16 (unit column stride), weight [n, k] int8, weight_scales [n] fp32, bias [n]
+// bf16 or None; epilogue 0 none, 1 add `other`, 2 SiLU, 3 multiply by `other` ([rows, n]).
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight,
+                       const at::Tensor& weight_scales, const c10::optional<at::Tensor>& bias,
+                       int64_t epilogue, const c10::optional<at::Tensor>& other) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kBFloat16,
+              "int8_linear: x must be bf16 [rows, k] with unit column stride");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == at::kChar &&
+              weight.size(1) == x.size(1), "int8_linear: weight must be int8 [n, k]");
+  TORCH_CHECK(weight_scales.is_contiguous() && weight_scales.scalar_type() == at::kFloat &&
+              weight_scales.numel() == weight.size(0));
+  const int64_t rows = x.size(0), k = x.size(1), n = weight.size(0);
+  const bool has_other = epilogue == kAdd || epilogue == kMul;
+  TORCH_CHECK(epilogue >= kNone && epilogue <= kMul && has_other == other.has_value(),
+              "int8_linear: epilogue and other disagree");
+  if (has_other) {
+    TORCH_CHECK(other->scalar_type() == at::kBFloat16 && other->dim() == 2 &&
+                other->size(0) == rows && other->size(1) == n && other->stride(1) == 1);
+  }
+  if (bias) {
+    TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == at::kBFloat16 &&
+                bias->numel() == n);
+  }
+  auto codes = at::empty({rows, k}, x.options().dtype(at::kChar));
+  auto row_scales = at::empty({rows}, x.options().dtype(at::kFloat));
+  quantize_rows(x.data_ptr<c10::BFloat16>(), x.stride(0), codes.data_ptr<int8_t>(),
+                row_scales.data_ptr<float>(), rows, k);
+  const auto acc = at::_int_mm(codes, weight.t());
+  auto out = at::empty({rows, n}, x.options());
+  const c10::BFloat16* bias_data = bias ? bias->data_ptr<c10::BFloat16>() : nullptr;
+  const c10::BFloat16* other_data = has_other ? other->data_ptr<c10::BFloat16>() : nullptr;
+  const int64_t other_stride = has_other ? other->stride(0) : 0;
+  auto run = [&](auto kind) {
+    dequantize_rows<decltype(kind)::value>(acc.data_ptr<int32_t>(), row_scales.data_ptr<float>(),
+                                           weight_scales.data_ptr<float>(), bias_data,
+                                           other_data, other_stride,
+                                           out.data_ptr<c10::BFloat16>(), rows, n);
+  };
+  switch (epilogue) {
+    case kAdd: run(std::integral_constant<int64_t, kAdd>{}); break;
+    case kSilu: run(std::integral_constant<int64_t, kSilu>{}); break;
+    case kMul: run(std::integral_constant<int64_t, kMul>{}); break;
+    default: run(std::integral_constant<int64_t, kNone>{});
+  }
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(genq, m) {
+  m.def("int8_linear(Tensor x, Tensor weight, Tensor weight_scales, Tensor? bias, int epilogue, "
+        "Tensor? other) -> Tensor", &int8_linear);
+}
