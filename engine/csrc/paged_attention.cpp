@@ -11,6 +11,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 // K/V rows to fp32. The bf16 case is a shift the compiler vectorizes (the generic cast is not).
@@ -25,6 +29,43 @@ inline void load_row(const c10::BFloat16* src, float* dst, int64_t n) {
     std::memcpy(dst + i, &widened, sizeof(float));
   }
 }
+
+// Scores of a group of query heads against every key of one sequence, with AVX512-BF16's
+// vdpbf16ps (32 bf16 products summed in fp32 an instruction, no conversion of the key rows):
+// the loop that bounds this kernel at batch sizes past a few rows. False where it does not apply.
+template <typename T>
+bool key_scores(const T*, const T*, const int64_t*, int64_t, int64_t, int64_t, int64_t, float,
+                float*) {
+  return false;
+}
+
+#if defined(__AVX512BF16__)
+constexpr int64_t kMaxQueryChunks = 32;  // group heads x (dim / 32), held in registers
+
+template <>
+bool key_scores(const c10::BFloat16* query_rows, const c10::BFloat16* keys, const int64_t* table,
+                int64_t block_size, int64_t length, int64_t group, int64_t dim, float scale,
+                float* scores) {
+  const int64_t chunks = dim / 32;
+  if (dim % 32 != 0 || group * chunks > kMaxQueryChunks || chunks > 8) return false;
+  __m512bh queries[kMaxQueryChunks];
+  for (int64_t i = 0; i < group * chunks; ++i) {
+    queries[i] = (__m512bh)_mm512_loadu_si512(query_rows + 32 * i);
+  }
+  __m512bh key[8];
+  for (int64_t pos = 0; pos < length; ++pos) {
+    const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
+    const c10::BFloat16* row = keys + slot * dim;
+    for (int64_t c = 0; c < chunks; ++c) key[c] = (__m512bh)_mm512_loadu_si512(row + 32 * c);
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; ++c) sum = _mm512_dpbf16_ps(sum, queries[g * chunks + c], key[c]);
+      scores[g * length + pos] = _mm512_reduce_add_ps(sum) * scale;
+    }
+  }
+  return true;
+}
+#endif
 
 template <typename T>
 void decode(const T* q, int64_t q_stride, const T* pool, const int64_t* tables, const int64_t* lengths, T* out,
@@ -44,15 +85,18 @@ void decode(const T* q, int64_t q_stride, const T* pool, const int64_t* tables, 
       const T* values = pool + (kv_heads + h) * num_slots * dim;
       const int64_t* table = tables + b * table_width;
       scores.assign(group * length, 0.f);
-      for (int64_t pos = 0; pos < length; ++pos) {
-        const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
-        const T* key = keys + slot * dim;
-        load_row(key, row.data(), dim);
-        for (int64_t g = 0; g < group; ++g) {
-          const float* query = queries.data() + g * dim;
-          float dot = 0.f;
-          for (int64_t d = 0; d < dim; ++d) dot += query[d] * row[d];
-          scores[g * length + pos] = dot;
+      if (!key_scores(query_rows, keys, table, block_size, length, group, dim, scale,
+                      scores.data())) {
+        for (int64_t pos = 0; pos < length; ++pos) {
+          const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
+          const T* key = keys + slot * dim;
+          load_row(key, row.data(), dim);
+          for (int64_t g = 0; g < group; ++g) {
+            const float* query = queries.data() + g * dim;
+            float dot = 0.f;
+            for (int64_t d = 0; d < dim; ++d) dot += query[d] * row[d];
+            scores[g * length + pos] = dot;
+          }
         }
       }
       for (int64_t g = 0; g < group; ++g) {
