@@ -190,6 +190,9 @@ def test_genq_up_waits_for_the_worker_drain_and_its_grace():
     assert worker_stop_seconds(Settings(worker_drain_seconds=120)) >= 120 + 5
 
 
+COUNT = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
+
+
 def _attempts(data_dir: Path, job_ids: list[str]) -> dict[str, tuple[str, int]]:
     """Each job's (status, attempts), read from `genq up`'s SQLite database."""
     with sqlite3.connect(data_dir / "genq.db") as connection:
@@ -211,10 +214,9 @@ def test_ctrl_c_during_long_jobs_hands_them_back_and_the_next_start_finishes_the
     data_dir = tmp_path / "data"
     group, up, client = _start_genq_up(tmp_path, **drain)
     try:
-        # Given: two long jobs running (counting fills max_tokens: no early end of sequence
-        # lets a job finish within the drain on a fast host).
-        count = [{"role": "user", "content": "Count from 1 to 10000, one number per line."}]
-        job_ids = [client.submit(messages=count, max_tokens=2000, temperature=0)["id"]
+        # Given: two long jobs running. A count to continue fills max_tokens (asked in a chat
+        # message to count, SmolLM2 stopped after 122 tokens, within the drain on a fast host).
+        job_ids = [client.submit(prompt=COUNT, max_tokens=2000, temperature=0)["id"]
                    for _ in range(2)]
         wait_for(lambda: all(client.get(job_id)["status"] == "running" for job_id in job_ids),
                  240, "both jobs to run", up)
@@ -244,7 +246,10 @@ def test_ctrl_c_during_long_jobs_hands_them_back_and_the_next_start_finishes_the
     group, up, client = _start_genq_up(second, GENQ_DATA_DIR=str(data_dir), **drain)
     try:
         for job_id in job_ids:
-            assert client.wait(job_id, timeout=600)["status"] == "succeeded"
+            done = client.wait(job_id, timeout=600)
+            assert done["status"] == "succeeded", done
+            assert (done["output"]["finish_reason"], done["usage"]["completion_tokens"]) == (
+                "length", 2000)
         assert {status for status, _ in _attempts(data_dir, job_ids).values()} == {"succeeded"}
         assert up.stop(signal.SIGINT, timeout=stop_bound + 30) == 0, up.log()
         assert "leaked semaphore" not in up.log(), up.log()
