@@ -31,6 +31,12 @@ class GenqGroup(click.Group):
         except GenqAPIError as exc:
             param = f" (param: {exc.param})" if exc.param else ""
             raise CommandFailed(exc.code, f"{exc.message}{param} [HTTP {exc.status}]") from None
+        except (requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema,
+                requests.exceptions.InvalidURL) as exc:
+            raise CommandFailed(
+                "bad_api_url",
+                f"GENQ_API_URL={get_settings().api_url!r} is not an API address like "
+                f"http://127.0.0.1:8000 ({exc})") from None
         except requests.ConnectionError:
             raise CommandFailed(
                 "api_unreachable",

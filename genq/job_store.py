@@ -19,9 +19,10 @@ from genq.webhook_events import Listeners, record_job_event
 
 RUN_JOB_OUTBOX_KIND = "run_job"
 _JOBS = Job.__table__
-# What a worker stores of a finished job (store_results).
-RESULT_COLUMNS = ("output_text", "finish_reason", "prompt_tokens", "completion_tokens",
-                  "output_logprobs")
+# What a worker stores of a finished job (store_results); LOGPROBS_COLUMN only for the jobs
+# that asked for logprobs, so the other jobs' UPDATE carries no JSON column.
+RESULT_COLUMNS = ("output_text", "finish_reason", "prompt_tokens", "completion_tokens")
+LOGPROBS_COLUMN = "output_logprobs"
 
 
 def transition(
@@ -204,14 +205,26 @@ def _announce_claims(session: Session, jobs: list[Row]) -> None:
 def store_results(session: Session, results: dict[str, dict[str, Any]], *,
                   worker_id: str) -> set[str]:
     """RUNNING → SUCCEEDED for the jobs `worker_id` still holds, each with its own
-    RESULT_COLUMNS values, in one UPDATE; returns the ids this call moved."""
+    RESULT_COLUMNS values (and LOGPROBS_COLUMN where given), in one UPDATE per set of columns;
+    returns the ids this call moved."""
+    with_logprobs = {job_id: values for job_id, values in results.items()
+                     if LOGPROBS_COLUMN in values}
+    moved = _store_some_results(session, with_logprobs, worker_id, (*RESULT_COLUMNS,
+                                                                    LOGPROBS_COLUMN))
+    return moved | _store_some_results(
+        session, {job_id: values for job_id, values in results.items()
+                  if job_id not in with_logprobs}, worker_id, RESULT_COLUMNS)
+
+
+def _store_some_results(session: Session, results: dict[str, dict[str, Any]], worker_id: str,
+                        columns: tuple[str, ...]) -> set[str]:
     if not results:
         return set()
     params: dict[str, Any] = {"result_worker": worker_id, "result_now": utcnow()}
     for index, (job_id, values) in enumerate(results.items()):
         params[f"result_id_{index}"] = job_id
-        params.update({f"{column}_{index}": values.get(column) for column in RESULT_COLUMNS})
-    moved = session.execute(_store_results_statement(len(results)), params).all()
+        params.update({f"{column}_{index}": values.get(column) for column in columns})
+    moved = session.execute(_store_results_statement(len(results), columns), params).all()
     for job_id, *listeners in moved:
         _announce(session, job_id, JobStatus.SUCCEEDED, None, Listeners(*listeners))
     return {row.id for row in moved}
@@ -241,13 +254,14 @@ def _claim_statement(source: JobStatus, spend_attempt: bool):
     )
 
 
-@lru_cache(maxsize=64)
-def _store_results_statement(num_jobs: int):
-    """One statement per micro-batch size: a CASE on the job id picks each job's values."""
+@lru_cache(maxsize=128)
+def _store_results_statement(num_jobs: int, columns: tuple[str, ...]):
+    """One statement per micro-batch size and set of columns: a CASE on the job id picks each
+    job's values."""
     ids = [bindparam(f"result_id_{index}", type_=_JOBS.c.id.type) for index in range(num_jobs)]
     values = {column: case({job_id: bindparam(f"{column}_{index}", type_=_JOBS.c[column].type)
                             for index, job_id in enumerate(ids)}, value=_JOBS.c.id)
-              for column in RESULT_COLUMNS}
+              for column in columns}
     return (
         update(_JOBS)
         .where(_JOBS.c.id.in_(ids),

@@ -95,6 +95,7 @@ class _SamplingBody(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
+    logprobs: bool | int | None = None  # its shape per route: see _top_logprobs
 
     @model_validator(mode="before")
     @classmethod
@@ -124,14 +125,28 @@ class _SamplingBody(BaseModel):
             raise PydanticCustomError("stream_in_batch", "a batch line cannot stream")
         if self.stream and (self.n or 1) > 1:
             raise PydanticCustomError("stream_n", "streaming takes n = 1")
+        return self
+
+    @model_validator(mode="after")
+    def _logprobs_asked_consistently(self) -> _SamplingBody:
+        if getattr(self, "top_logprobs", None) and self.logprobs is not True:
+            raise PydanticCustomError("top_logprobs_without_logprobs",
+                                      "top_logprobs needs logprobs: true")
         if self.stream and self._top_logprobs() is not None:
             raise PydanticCustomError("stream_logprobs",
                                       "log-probabilities are not streamed; send stream: false")
         return self
 
     def _top_logprobs(self) -> int | None:
-        """How many alternatives per token to return with its logprob; None: no logprobs."""
-        return None
+        """How many alternatives per token to return with its logprob; None: no logprobs.
+        Chat asks with `logprobs: true` and `top_logprobs: k` (0 by default), the legacy
+        completions with `logprobs: k` (each route declares its own fields' types and bounds;
+        a route without `top_logprobs` refuses it as an unknown field)."""
+        if self.logprobs is None or self.logprobs is False:
+            return None
+        if self.logprobs is True:
+            return getattr(self, "top_logprobs", None) or 0
+        return self.logprobs
 
     def _job_fields(self) -> dict[str, Any]:
         fields = {"model": self.model, "temperature": self.temperature, "top_p": self.top_p,
@@ -151,16 +166,6 @@ class ChatCompletionBody(_SamplingBody):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
-    @model_validator(mode="after")
-    def _top_logprobs_need_logprobs(self) -> ChatCompletionBody:
-        if self.top_logprobs and not self.logprobs:
-            raise PydanticCustomError("top_logprobs_without_logprobs",
-                                      "top_logprobs needs logprobs: true")
-        return self
-
-    def _top_logprobs(self) -> int | None:
-        return (self.top_logprobs or 0) if self.logprobs else None
-
     def to_job_request(self, priority: Priority) -> JobRequest:
         max_tokens = self.max_completion_tokens or self.max_tokens
         return JobRequest(
@@ -178,9 +183,6 @@ class CompletionBody(_SamplingBody):
     max_tokens: int = 16  # OpenAI's default for legacy completions
     echo: Literal[False] | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
-
-    def _top_logprobs(self) -> int | None:
-        return self.logprobs
 
     def to_job_request(self, priority: Priority) -> JobRequest:
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]

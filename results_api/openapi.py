@@ -133,6 +133,11 @@ def _paths() -> dict[str, Any]:
         "/v1/jobs/{id}/cancel": {
             "post": {
                 "summary": "Cancel a queued or running job",
+                "description": (
+                    "A running job's answer waits (a few worker cancel polls at most) until "
+                    "its worker has stopped it and stored the partial output, so `output` "
+                    "(`finish_reason: abort`) and `usage` are what the job keeps; `output` "
+                    "is null for a job that generated nothing, or whose worker is gone."),
                 "parameters": [job_id],
                 "responses": {"200": _json_response("The canceled job", "JobResponse"),
                               **_errors(*common_errors, 409)},

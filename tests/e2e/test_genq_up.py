@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -186,3 +188,71 @@ def test_genq_up_waits_for_the_worker_drain_and_its_grace():
     settings = Settings(worker_drain_seconds=30)
     assert worker_stop_seconds(settings) >= 30 + 5 + 5
     assert worker_stop_seconds(Settings(worker_drain_seconds=120)) >= 120 + 5
+
+
+COUNT = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
+
+
+def _attempts(data_dir: Path, job_ids: list[str]) -> dict[str, tuple[str, int]]:
+    """Each job's (status, attempts), read from `genq up`'s SQLite database."""
+    with sqlite3.connect(data_dir / "genq.db") as connection:
+        rows = connection.execute(
+            f"SELECT id, status, attempts FROM jobs WHERE id IN ({','.join('?' * len(job_ids))})",
+            job_ids).fetchall()
+    return {job_id: (status, attempts) for job_id, status, attempts in rows}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # two starts, and 2 x 2000 tokens generated on the second
+def test_ctrl_c_during_long_jobs_hands_them_back_and_the_next_start_finishes_them(tmp_path):
+    """Ctrl-C on `genq up` killed the worker before its drain ended: its jobs stayed `running`
+    under a live lease, and the next start's reaper requeued them with an attempt spent, so
+    three restarts failed a long job (issue 20, bug 1). Each stop also warned of a leaked
+    semaphore."""
+    drain = {"GENQ_WORKER_DRAIN_SECONDS": "5", "GENQ_API_WORKERS": "1"}
+    stop_bound = worker_stop_seconds(Settings(worker_drain_seconds=5))
+    data_dir = tmp_path / "data"
+    group, up, client = _start_genq_up(tmp_path, **drain)
+    try:
+        # Given: two long jobs running. A count to continue fills max_tokens (asked in a chat
+        # message to count, SmolLM2 stopped after 122 tokens, within the drain on a fast host).
+        job_ids = [client.submit(prompt=COUNT, max_tokens=2000, temperature=0)["id"]
+                   for _ in range(2)]
+        wait_for(lambda: all(client.get(job_id)["status"] == "running" for job_id in job_ids),
+                 240, "both jobs to run", up)
+        assert _attempts(data_dir, job_ids) == {job_id: ("running", 1) for job_id in job_ids}
+
+        # When: Ctrl-C, to the terminal's whole foreground group.
+        stopped_at = time.monotonic()
+        os.killpg(os.getpgid(up.popen.pid), signal.SIGINT)
+        code = up.popen.wait(stop_bound + 30)
+
+        # Then: genq up waited for the drain and exited cleanly within drain + grace, and the
+        # jobs are queued again with their attempt given back.
+        took = time.monotonic() - stopped_at
+        print(f"genq up stopped {took:.1f} s after Ctrl-C (bound {stop_bound:.0f} s)")
+        log = up.log()
+        assert code == 0, log
+        assert took <= stop_bound, f"{took:.1f} s > {stop_bound:.0f} s\n{log}"
+        assert "killing it" not in log and "leaked semaphore" not in log, log
+        assert _attempts(data_dir, job_ids) == {job_id: ("queued", 0) for job_id in job_ids}
+    finally:
+        group.stop_all()
+        print(group.logs())
+
+    # When: genq up starts again on the same data dir. Then: it finishes both jobs.
+    second = tmp_path / "second"
+    second.mkdir()
+    group, up, client = _start_genq_up(second, GENQ_DATA_DIR=str(data_dir), **drain)
+    try:
+        for job_id in job_ids:
+            done = client.wait(job_id, timeout=600)
+            assert done["status"] == "succeeded", done
+            assert (done["output"]["finish_reason"], done["usage"]["completion_tokens"]) == (
+                "length", 2000)
+        assert {status for status, _ in _attempts(data_dir, job_ids).values()} == {"succeeded"}
+        assert up.stop(signal.SIGINT, timeout=stop_bound + 30) == 0, up.log()
+        assert "leaked semaphore" not in up.log(), up.log()
+    finally:
+        group.stop_all()
+        print(group.logs())

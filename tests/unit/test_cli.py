@@ -100,6 +100,15 @@ def test_an_unreachable_api_is_one_line(command, tmp_path):
     assert "http://127.0.0.1:9" in result.stderr
 
 
+@pytest.mark.parametrize("url", ["localhost:8000", "http://", "http://127.0.0.1:port",
+                                 "ftp://127.0.0.1"])
+def test_a_malformed_api_url_is_one_line(url, tmp_path):
+    # A URL without its scheme (a newcomer's `GENQ_API_URL=localhost:8000`) printed a traceback.
+    result = genq("list", cwd=tmp_path, GENQ_API_KEY="gq_x", GENQ_API_URL=url)
+    assert_one_line_error(result, "bad_api_url")
+    assert repr(url) in result.stderr and "http://127.0.0.1:8000" in result.stderr
+
+
 def test_a_command_without_a_key_says_how_to_get_one(tmp_path):
     result = genq("get", "job_x", cwd=tmp_path)
     assert result.returncode == 2 and "genq keys create" in result.stderr

@@ -70,7 +70,11 @@ def test_a_batch_line_cannot_stream():
     (CHAT_COMPLETIONS, {**HELLO, "logprobs": True, "top_logprobs": 3}, 3),
     (CHAT_COMPLETIONS, {**HELLO, "logprobs": True}, 0),
     (CHAT_COMPLETIONS, {**HELLO, "logprobs": False}, None),
+    (CHAT_COMPLETIONS, {**HELLO, "logprobs": False, "top_logprobs": 0}, None),
+    (CHAT_COMPLETIONS, HELLO, None),
     (COMPLETIONS, {"model": "m", "prompt": "Hi", "logprobs": 2}, 2),
+    (COMPLETIONS, {"model": "m", "prompt": "Hi", "logprobs": 0}, 0),
+    (COMPLETIONS, {"model": "m", "prompt": "Hi"}, None),
 ])
 def test_logprobs_map_to_the_engines_count_of_alternatives(endpoint, body, asked):
     job = parse_request(endpoint, body, Priority.INTERACTIVE).job
@@ -83,6 +87,8 @@ def test_logprobs_map_to_the_engines_count_of_alternatives(endpoint, body, asked
     (CHAT_COMPLETIONS, {**HELLO, "logprobs": True, "top_logprobs": 21}),
     (CHAT_COMPLETIONS, {**HELLO, "logprobs": True, "stream": True}),
     (COMPLETIONS, {"model": "m", "prompt": "Hi", "logprobs": 6}),
+    (COMPLETIONS, {"model": "m", "prompt": "Hi", "logprobs": 1, "stream": True}),
+    (COMPLETIONS, {"model": "m", "prompt": "Hi", "logprobs": 1, "top_logprobs": 1}),
 ])
 def test_logprobs_out_of_bounds_are_refused(endpoint, body):
     with pytest.raises(ValidationError):

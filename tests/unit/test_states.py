@@ -150,3 +150,36 @@ def test_a_worker_stores_each_result_only_for_jobs_it_holds(database_url, batch_
         assert job.finished_at is not None and job.lease_expires_at is None
     assert (jobs[theirs].status, jobs[theirs].output_text) == (JobStatus.RUNNING, None)
     assert (jobs[canceled].status, jobs[canceled].output_text) == (JobStatus.CANCELED, None)
+
+
+def test_only_jobs_that_asked_for_logprobs_get_the_logprobs_column(database_url):
+    """Every result UPDATE used to carry the JSON column: jobs without logprobs got a JSON
+    `null` written beside their output instead of leaving the column alone."""
+    from sqlalchemy import text
+
+    from genq.job_store import store_results
+
+    # given a micro-batch of running jobs, one of which asked for logprobs
+    plain, scored = _make_job(database_url, "p"), _make_job(database_url, "s")
+    with db.transaction(database_url) as session:
+        for job_id in (plain, scored):
+            assert transition(session, job_id, JobStatus.RUNNING, worker_id="w1")
+    result = {"output_text": "Paris", "finish_reason": "stop", "prompt_tokens": 3,
+              "completion_tokens": 1}
+    stored = [["Paris", -0.1, [["Paris", -0.1], [" Lyon", -2.5]]]]
+
+    with db.transaction(database_url) as session:
+        moved = store_results(session, {plain: result,
+                                        scored: {**result, "output_logprobs": stored}},
+                              worker_id="w1")
+
+    # then both succeed; only the job that asked has logprobs, the other's column is untouched
+    assert moved == {plain, scored}
+    with db.session_factory(database_url)() as session:
+        raw = dict(session.execute(text("SELECT id, output_logprobs FROM jobs WHERE id IN "
+                                        "(:plain, :scored)"), {"plain": plain, "scored": scored}
+                                   ).all())
+        jobs = {job.id: job for job in session.query(Job).where(Job.id.in_(moved))}
+    assert raw[plain] is None
+    assert jobs[scored].output_logprobs == stored and jobs[plain].output_logprobs is None
+    assert {job.status for job in jobs.values()} == {JobStatus.SUCCEEDED}
