@@ -11,13 +11,16 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from genq.autoscaling import ClassLoad, FleetThroughput
-from genq.models import Batch, Job, WebhookDelivery, Worker, utcnow
+from genq.models import Batch, Job, JobTotal, WebhookDelivery, WebhookDeliveryTotal, Worker, utcnow
 from genq.states import TERMINAL_STATES, JobStatus
+from genq.webhook_events import DeliveryStatus
 
 MAX_SERIES_JOBS = 50_000  # finished jobs of the last hour read for the charts; beyond, sampled
 # The window of the per-version figures (canary comparison): recent enough to show a bad
 # version within minutes, long enough to hold a few jobs of a 10% canary.
 VERSION_WINDOW_SECONDS = 300
+LIVE_STATES = [JobStatus.QUEUED.value, JobStatus.RUNNING.value]
+TERMINAL_VALUES = sorted(status.value for status in TERMINAL_STATES)
 
 
 @dataclass(frozen=True)
@@ -57,17 +60,24 @@ class BatchProgress:
 
 
 def job_counts(session: Session) -> list[JobCount]:
-    rows = session.execute(
+    """Queued and running jobs now (an index read: live jobs only), and for each terminal
+    status the jobs that ever reached it (trigger-kept totals): no read grows with history."""
+    live = session.execute(
         select(Job.status, Job.priority, Job.model, func.count())
+        .where(Job.status.in_(LIVE_STATES))
         .group_by(Job.status, Job.priority, Job.model)
     )
-    return [JobCount(*row) for row in rows]
+    totals = session.execute(select(JobTotal.status, JobTotal.priority, JobTotal.model,
+                                    JobTotal.count))
+    return [JobCount(*row) for row in (*live, *totals)]
 
 
 def webhook_delivery_counts(session: Session) -> dict[str, int]:
-    rows = session.execute(
-        select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status))
-    return dict(rows.tuples().all())
+    """Pending deliveries now (index read) and the delivered / failed totals, ever."""
+    pending = session.scalar(select(func.count()).select_from(WebhookDelivery)
+                             .where(WebhookDelivery.status == DeliveryStatus.PENDING.value))
+    totals = session.execute(select(WebhookDeliveryTotal.status, WebhookDeliveryTotal.count))
+    return {DeliveryStatus.PENDING.value: pending} | dict(totals.all())
 
 
 def live_workers(session: Session, live_seconds: float) -> list[Worker]:
@@ -99,7 +109,7 @@ def class_loads(session: Session) -> dict[tuple[str, str], ClassLoad]:
     rows = session.execute(
         select(Job.model, Job.priority, Job.status, func.count(),
                func.coalesce(func.sum(Job.admitted_tokens), 0))
-        .where(Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+        .where(Job.status.in_(LIVE_STATES))
         .group_by(Job.model, Job.priority, Job.status)
     )
     loads: dict[tuple[str, str], ClassLoad] = {}
@@ -190,7 +200,8 @@ def version_stats(session: Session, window_seconds: float = VERSION_WINDOW_SECON
     rows = session.execute(
         select(Job.model, Job.model_version, Job.status, Job.created_at, Job.finished_at,
                Job.completion_tokens)
-        .where(Job.finished_at >= utcnow() - timedelta(seconds=window_seconds),
+        .where(Job.status.in_(TERMINAL_VALUES),  # with finished_at: an index range
+               Job.finished_at >= utcnow() - timedelta(seconds=window_seconds),
                Job.model_version.is_not(None))
         .limit(MAX_SERIES_JOBS)
     ).all()

@@ -7,8 +7,10 @@ tenant's row (SELECT … FOR UPDATE on PostgreSQL; on SQLite every write transac
 database lock from BEGIN IMMEDIATE) and counts the tenant's jobs of the last minute; the caller
 inserts the new jobs in the same transaction. So one tenant's admissions are serialized across
 all API processes and hosts, concurrent submits never exceed a limit, and a rejection rolls
-back with nothing written. A bulk submit is admitted as a whole: N requests, the sum of their
-tokens, N more queued jobs. The window slides: it holds the jobs admitted in the last 60 s.
+back with nothing written. A submit over a limit is refused before that, on a read
+(`refuse_early`), so refusals never hold the lock that every writer needs. A bulk submit is
+admitted as a whole: N requests, the sum of their tokens, N more queued jobs. The window
+slides: it holds the jobs admitted in the last 60 s.
 
 Batch lines go through the same function when the batch feeder moves them into its window
 (`admit(..., pace=True)`): they count against the same minute and the same queue, and when the
@@ -111,6 +113,25 @@ def admit(connection: Connection, tenant_id: str, costs: Sequence[JobCost], *,
     limits = TenantLimits(*row)
     if pace:
         return _fitting_prefix(connection, tenant_id, limits, costs, utcnow())
+    _check_submit(connection, tenant_id, limits, costs)
+    return len(costs)
+
+
+def refuse_early(connection: Connection, tenant_id: str, costs: Sequence[JobCost]) -> None:
+    """`admit`'s checks of a submit on a read connection, before its write transaction.
+
+    A tenant over a limit is refused here without taking the write lock (on SQLite the whole
+    database's, on PostgreSQL its tenant row's). A burst of refused calls (an abusive client's
+    threads waking together after their Retry-After) then queues neither other tenants'
+    submits nor the workers' commits behind it: under `admit` each refusal held that lock
+    while it counted the minute's jobs. `admit` still decides, under the lock."""
+    limits = tenant_limits(connection, tenant_id)
+    if limits != TenantLimits():
+        _check_submit(connection, tenant_id, limits, costs)
+
+
+def _check_submit(connection: Connection, tenant_id: str, limits: TenantLimits,
+                  costs: Sequence[JobCost]) -> None:
     for cost in costs:
         try:
             check_job_size(limits, cost.admitted_tokens, cost.max_tokens)
@@ -125,7 +146,6 @@ def admit(connection: Connection, tenant_id: str, costs: Sequence[JobCost], *,
         _check_window(connection, tenant_id, limits, num_jobs, tokens, utcnow())
     if limits.max_queued_jobs is not None:
         _check_queue(connection, tenant_id, limits.max_queued_jobs, num_jobs)
-    return num_jobs
 
 
 def lock_tenant(connection: Connection, tenant_id: str) -> None:

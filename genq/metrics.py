@@ -2,7 +2,9 @@
 
 Why from the DB: queue depth, jobs by state and webhook outcomes are facts about rows, not about
 one process. Reading them at scrape makes them exact (they match the DB) and the same whichever
-gunicorn process or API host answers; counters kept in memory would each see a slice.
+gunicorn process or API host answers; counters kept in memory would each see a slice. A scrape
+reads only live rows, a recent window and trigger-kept totals (genq.fleet), so its cost does
+not grow with the history of finished jobs.
 Per-process numbers (HTTP requests in the API, engine and job timings in a worker) are kept by
 prometheus_client in those processes: see results_api/metrics.py and workers/metrics.py.
 """
@@ -48,7 +50,8 @@ class DatabaseCollector(Collector):
 
         depth = GaugeMetricFamily("genq_queue_depth", "Jobs waiting in the queue (status queued).",
                                   labels=["priority", "model"])
-        jobs = GaugeMetricFamily("genq_jobs", "Jobs in the database by status.",
+        jobs = GaugeMetricFamily("genq_jobs", "Jobs by status: queued and running now; a "
+                                 "terminal status counts the jobs that ever reached it.",
                                  labels=["status", "priority", "model"])
         finished = CounterMetricFamily("genq_jobs_finished", "Jobs that reached a terminal state.",
                                        labels=["status", "model"])
@@ -67,8 +70,8 @@ class DatabaseCollector(Collector):
             finished.add_metric([status, model], value)
 
         webhooks = GaugeMetricFamily("genq_webhook_deliveries",
-                                     "Webhook deliveries by status (pending, delivered, failed).",
-                                     labels=["status"])
+                                     "Webhook deliveries pending now, and delivered or failed "
+                                     "ever.", labels=["status"])
         # Every status has a series, zero included, so rates and alerts work from the start.
         deliveries = {status.value: 0 for status in DeliveryStatus} | deliveries
         for status, value in sorted(deliveries.items()):

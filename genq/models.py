@@ -88,6 +88,9 @@ class Job(Base):
         Index("ix_jobs_batch_status", "batch_id", "status"),
         Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
         Index("ix_jobs_tenant_admitted", "tenant_id", "admitted_at"),
+        # /metrics reads live jobs and recently finished ones through these, never history.
+        Index("ix_jobs_status_model_priority", "status", "model", "priority", "admitted_tokens"),
+        Index("ix_jobs_status_finished", "status", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
@@ -133,6 +136,19 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class JobTotal(Base):
+    """Jobs that reached a terminal status, ever: counted by database triggers on `jobs`
+    (migration 0010), so /metrics reads a few rows instead of the history. Deleting old jobs
+    (retention) does not lower them."""
+
+    __tablename__ = "job_totals"
+
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    priority: Mapped[str] = mapped_column(String(16), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
 
 
 class Worker(Base):
@@ -314,6 +330,15 @@ class WebhookDelivery(Base):
     replay_of: Mapped[str | None] = mapped_column(String(40), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class WebhookDeliveryTotal(Base):
+    """Webhook deliveries that ended delivered or failed, ever: counted like JobTotal."""
+
+    __tablename__ = "webhook_delivery_totals"
+
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
 
 
 class WebhookAttempt(Base):

@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from genq import db
 from genq.errors import ErrorCode, GenqError
 from genq.fair_share import share_levels
-from genq.limits import admit
+from genq.limits import admit, refuse_early
 from genq.model_catalog import resolve_model, resolve_version
 from genq.models import Job, Outbox, new_id, utcnow
 from genq.routing import split_pinned
@@ -118,6 +118,8 @@ def _validated_job(settings: Settings, tenant_id: str, request: JobRequest, mode
 
 
 def _write_jobs(url: str, tenant_id: str, jobs: Sequence[NewJob]) -> list[WrittenJob]:
+    with db.get_engine(url).connect() as connection:
+        refuse_early(connection, tenant_id, [job.cost for job in jobs])
     with db.core_transaction(url) as connection:
         # Tenant limits: raises (rolling back, nothing written) when over one.
         admit(connection, tenant_id, [job.cost for job in jobs])

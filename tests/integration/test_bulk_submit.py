@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from pathlib import Path
 
 import kombu
@@ -267,3 +270,47 @@ def test_bulk_route_bad_json_is_400(client):
 
     assert response.status_code == 400
     assert response.get_json()["error"]["code"] == "invalid_json"
+
+
+@contextmanager
+def write_lock_held(settings: Settings, tenant_id: str) -> Iterator[None]:
+    """Another writer in a long transaction: SQLite's database lock (BEGIN IMMEDIATE), or the
+    tenant's row lock on PostgreSQL (as another submit of the tenant holds while it admits)."""
+    with db.get_engine(settings.database_url).connect() as connection:
+        if settings.database_url.startswith("sqlite"):
+            connection.connection.dbapi_connection.execute("BEGIN IMMEDIATE")
+        else:
+            connection.execute(select(Tenant.id).where(Tenant.id == tenant_id)
+                               .with_for_update())
+        try:
+            yield
+        finally:
+            if settings.database_url.startswith("sqlite"):
+                connection.connection.dbapi_connection.execute("ROLLBACK")
+            else:
+                connection.rollback()
+
+
+def test_a_tenant_over_its_limit_is_refused_without_waiting_for_the_write_lock(settings,
+                                                                               tenant_id):
+    # given a tenant whose minute is used up, while another transaction holds the write lock
+    set_tenant_limits(settings, requests_per_minute=2)
+    submit_jobs(settings, tenant_id, requests_(2))
+    # (the pool is left after the lock: a submit still waiting for it can then finish)
+    with ThreadPoolExecutor(1) as pool, write_lock_held(settings, tenant_id):
+        # when it submits again
+        started = time.monotonic()
+        done, _ = wait([pool.submit(submit_job, settings, tenant_id, requests_(1)[0])],
+                       timeout=5)
+        elapsed = time.monotonic() - started
+
+    # then it is refused at once, not once the lock is free (a burst of refused calls used
+    # to queue every writer behind them, one at a time)
+    assert done, "the refusal waited for the write lock"
+    refused = next(iter(done)).exception()
+    assert isinstance(refused, GenqError) and refused.http_status == 429, refused
+    assert elapsed < 2
+    # and a submit that fits still goes through the locked admission
+    set_tenant_limits(settings, requests_per_minute=3)
+    assert submit_job(settings, tenant_id, requests_(1)[0]).created
+    assert count_rows(settings, Job) == 3
