@@ -283,11 +283,13 @@ def main() -> None:
             figures.webhook_s.append(time.time() - event["data"]["finished_at"])
 
     server, hook_url = receiver(on_event)
-    for key in keys:
+    for n, key in enumerate(keys):
         auth = {"Authorization": f"Bearer {key}"}
         requests.post(f"{args.api}/v1/webhook-secret", headers=auth, timeout=30)
+        # An endpoint of its own, as tenants have: the per-URL cap (a slow receiver holds at
+        # most webhook_max_in_flight_per_url threads) must not pace every tenant at once.
         requests.post(f"{args.api}/v1/webhook-endpoints", headers=auth, timeout=30,
-                      json={"url": hook_url})
+                      json={"url": f"{hook_url}/{n}"})
     spawn = multiprocessing.get_context("spawn")
     abuser_stop, abuser_5xx = spawn.Event(), spawn.Value("i", 0)
     abuser = spawn.Process(target=abuse, args=(
