@@ -22,6 +22,7 @@ from workers.intake import Delivery, job_id_of
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.05  # how long an ack asked for by another thread may wait to be sent
+MAX_READY_FRAMES = 1000  # read per take at most, so a flood of frames cannot hold it forever
 
 
 class RabbitMQIntake:
@@ -51,7 +52,7 @@ class RabbitMQIntake:
             deadline = time.monotonic() + timeout
             while True:
                 self._send_settles()
-                self._drain(0)
+                self._drain_ready()
                 if (self._arrived_interactive or (self._arrived and not interactive_only)
                         or n <= 0 or time.monotonic() >= deadline):
                     break
@@ -115,6 +116,15 @@ class RabbitMQIntake:
         and alone into the reserve."""
         interactive = message.delivery_info.get("routing_key") == self._queues[0].name
         (self._arrived_interactive if interactive else self._arrived).append(message)
+
+    def _drain_ready(self) -> None:
+        """Read every message already received: an interactive one that came right behind a
+        few others is handed over with them, first (one read takes one frame)."""
+        for _ in range(MAX_READY_FRAMES):
+            try:
+                self._connection.drain_events(timeout=0)
+            except TimeoutError:
+                return
 
     def _drain(self, timeout: float) -> None:
         try:
