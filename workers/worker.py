@@ -152,15 +152,19 @@ class Worker:
         """Warm shutdown: take no more jobs; the jobs in flight get `worker_drain_seconds` to
         finish, then go back to their queue; then the acks are sent and every message not
         acked is handed back, while leases are still renewed; the engine stops last."""
-        self._stopping.set()
-        if self._intake_thread.is_alive():
-            self._intake_thread.join(TAKE_WAIT_SECONDS + 5)
+        self.stop_taking()
         self.drain(self.settings.worker_drain_seconds)
         self.intake.close()
         for chore in self._chores:
             chore.stop()
         self.engine.stop(timeout=5)
         heartbeat.leave(self.settings, self.worker_id)
+
+    def stop_taking(self) -> None:
+        """Stop the intake thread (within TAKE_WAIT_SECONDS): no more messages are taken."""
+        self._stopping.set()
+        if self._intake_thread.is_alive():
+            self._intake_thread.join(TAKE_WAIT_SECONDS + 5)
 
     def drain(self, seconds: float) -> None:
         """Stop claiming; the jobs in flight get `seconds`, then go back to their queue;

@@ -88,7 +88,7 @@ def test_a_full_window_still_takes_interactive_jobs_and_a_drain_hands_all_back(
     assert _count(settings, JobStatus.RUNNING, Priority.BATCH) == 4
 
     # when it drains, every job goes back to the queue and every message is settled
-    worker._stopping.set()
+    worker.stop_taking()
     worker.begin_drain(0)
     worker.enforce_deadlines()
     assert _eventually(worker.is_idle)
