@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery, bootsteps
+from celery.signals import worker_ready
 
 from genq.queues import RUN_JOB_TASK
 
@@ -16,9 +17,11 @@ _running_worker = None  # the Worker of this process, once started (for direct t
 
 
 class GenqWorker(bootsteps.StartStopStep):
-    """Starts the Worker before Celery's consumer (which then takes no job queue: `genq worker`
-    excludes them) and stops it after: warm shutdown (SIGTERM, Ctrl-C) drains it while the
-    broker connection is still open to ack its jobs' messages."""
+    """Starts the Worker (its engine loaded) before Celery's consumer, which takes no job queue
+    (`genq worker` excludes them); the Worker takes jobs once Celery's worker is ready (so a
+    job that kills the process never kills it before it says "ready"). Stops it after the
+    consumer: warm shutdown (SIGTERM, Ctrl-C) drains it while the broker connection is still
+    open to ack its jobs' messages."""
 
     requires = ("celery.worker.components:Pool",)
 
@@ -36,7 +39,7 @@ class GenqWorker(bootsteps.StartStopStep):
         worker.middleware.append(ActiveJobsMiddleware(parent.hostname))
         if app.conf.worker_send_task_events:  # Flower and `celery events` see every job
             worker.middleware.append(TaskEventsMiddleware(app, parent.hostname))
-        worker.start()
+        worker.start(take_jobs=False)
         self.worker = _running_worker = worker
 
     def stop(self, parent) -> None:
@@ -49,6 +52,12 @@ class GenqWorker(bootsteps.StartStopStep):
         worker, self.worker = self.worker, None
         if worker is not None:
             worker.engine.stop(timeout=5)
+
+
+@worker_ready.connect
+def _take_jobs_once_ready(**_kwargs) -> None:
+    if _running_worker is not None:
+        _running_worker.start_taking()
 
 
 def run_job(job_id: str) -> None:

@@ -129,8 +129,9 @@ class Worker:
 
     # Start, drain, stop ---------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Load and warm up the engine, then start the chores and, last, take jobs."""
+    def start(self, take_jobs: bool = True) -> None:
+        """Load and warm up the engine, start the chores, then (unless `take_jobs` is False:
+        the Celery bootstep waits for Celery's worker to be ready) take jobs."""
         started = time.monotonic()
         self.engine.start()
         if self.settings.worker_metrics_port:
@@ -142,11 +143,13 @@ class Worker:
                  time.monotonic() - started)
         for chore in self._chores:
             chore.start()
-        self.start_taking()
+        if take_jobs:
+            self.start_taking()
 
     def start_taking(self) -> None:
-        """Start the intake thread (by `start`, last; tests start it alone)."""
-        self._intake_thread.start()
+        """Start the intake thread (once)."""
+        if self._intake_thread.ident is None and not self._stopping.is_set():
+            self._intake_thread.start()
 
     def stop(self) -> None:
         """Warm shutdown: take no more jobs; the jobs in flight get `worker_drain_seconds` to
