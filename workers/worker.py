@@ -220,8 +220,10 @@ class Worker:
                 self.deliver(deliveries)
 
     def _take(self) -> list[Delivery]:
-        """A micro-batch once `refill_at` slots of the window are free; until then, only
-        interactive jobs, into a reserve beyond the window (they never wait for long jobs)."""
+        """A micro-batch, waiting in the broker, once `refill_at` slots of the window are free;
+        until then, every 0.25 s, what the broker has at once for the free slots (interactive
+        jobs first) or, with the window full, interactive jobs into a reserve beyond it (they
+        never wait for long jobs)."""
         with self._lock:
             free = self.window - self._unsettled
         if free < self.refill_at:
@@ -231,6 +233,8 @@ class Worker:
         self._slot_freed.clear()
         if free >= self.refill_at:
             return self.intake.take(free, TAKE_WAIT_SECONDS)
+        if free > 0:
+            return self.intake.take(free, 0)
         if free + INTERACTIVE_RESERVE <= 0:
             return self.intake.take(0, 0)  # sends the acks asked for meanwhile
         return self.intake.take(free + INTERACTIVE_RESERVE, 0, interactive_only=True)
