@@ -212,7 +212,7 @@ class OfflineEngine:
 
     def __init__(self, settings: Settings, max_tokens: int) -> None:
         from engine import LLM, SamplingParams
-        from workers.runtime import engine_options
+        from workers.engine_process import engine_options
 
         self.llm = LLM(**engine_options(settings))
         self.params = SamplingParams(**JobRequest(prompt="-", max_tokens=max_tokens,

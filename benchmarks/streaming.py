@@ -205,7 +205,7 @@ class Stack:
 def engine_first_token_seconds(settings: Settings, samples: int, max_tokens: int) -> list[float]:
     """The engine alone (configured as the worker's), idle: add_request → first delta."""
     from engine import LLM, SamplingParams
-    from workers.runtime import engine_options
+    from workers.engine_process import engine_options
 
     engine = LLM(**engine_options(settings)).engine
     params = SamplingParams(**JobRequest(prompt="-", max_tokens=max_tokens,

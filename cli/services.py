@@ -177,24 +177,18 @@ def _check_version(_ctx: click.Context, _param: click.Parameter, value: str | No
 def worker(model: str | None, model_version: str | None, concurrency: int | None,
            hostname: str | None) -> None:
     """Run a worker for one model (micro-batches)."""
-    from genq.queues import is_amqp, job_queues
+    from genq.queues import job_queues
     from producer.outbox import run_relay
 
     settings = get_settings()
     _require_broker(settings)
     existing_database_url(settings)
     # The relay and the batch feeder serve the whole deployment: they keep GENQ_MODEL as the
-    # default model of batch lines. Everything else in this process (Celery app, engine,
-    # heartbeat) reads get_settings() and must see the served model, so it goes into the
-    # environment before any of it loads.
-    if model:
-        os.environ["GENQ_MODEL"] = model
-    if model_version:
-        os.environ["GENQ_MODEL_VERSION"] = model_version
-    if concurrency:  # the engine's batch (runtime) and Celery's threads must agree
-        os.environ["GENQ_WORKER_CONCURRENCY"] = str(concurrency)
-    get_settings.cache_clear()
-    served = get_settings()
+    # default model of batch lines. The Celery app, its Worker (engine, heartbeat) get the
+    # served model's settings, passed explicitly.
+    served = settings.model_copy(update={
+        name: value for name, value in (("model", model), ("model_version", model_version),
+                                        ("worker_concurrency", concurrency)) if value})
     stop_relay = threading.Event()
     threading.Thread(target=run_relay, args=(settings, stop_relay), daemon=True,
                      name="genq-outbox-relay").start()
@@ -202,20 +196,19 @@ def worker(model: str | None, model_version: str | None, concurrency: int | None
 
     threading.Thread(target=run_batch_feeder, args=(settings, stop_relay), daemon=True,
                      name="genq-batch-feeder").start()
-    from workers.tasks import app  # registers the task and the engine-loading signals
+    from workers.celery_app import make_celery
 
+    app = make_celery(served)
     queue_names = ",".join(q.name for q in job_queues(served.broker_url, served.model,
                                                       served.model_version or None))
-    # Celery's banner lists only the queues its own consumer takes, none on Redis.
+    # Celery's banner lists only the queues its own consumer takes: none (the Worker's intake
+    # takes the job queues).
     served_name = served.model + (f"@{served.model_version}" if served.model_version else "")
-    console.print(f"[green]worker[/] for model {served_name} takes jobs from {queue_names} "
-                  f"({'Celery' if is_amqp(served.broker_url) else 'the batch fetcher'})")
+    console.print(f"[green]worker[/] for model {served_name} takes jobs from {queue_names}")
     argv = [
-        "worker", "--pool", "threads",
-        "--concurrency", str(served.worker_concurrency + served.worker_standby_jobs),
-        # RabbitMQ: Celery's consumer takes the job queue. Redis: the batch fetcher does
-        # (workers.redis_fetcher), and Celery's consumer takes none.
-        "--exclude-queues" if not is_amqp(served.broker_url) else "--queues", queue_names,
+        # Celery's pool runs no job (only a direct run_job call would): one thread is enough.
+        "worker", "--pool", "threads", "--concurrency", "1",
+        "--exclude-queues", queue_names,
         "--loglevel", "INFO",
         "--without-gossip", "--without-mingle",
     ]

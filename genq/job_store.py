@@ -325,3 +325,22 @@ def enqueue_run_message(session: Session, job_id: str, model: str, priority: Pri
                     queue=queue_for(model, priority, model_version), share_level=share_level)
     session.add(outbox)
     return outbox
+
+
+def hand_back_to_queue(session: Session, job_id: str, *, worker_id: str,
+                       attempt_spent: bool = True) -> None:
+    """`hand_back`, plus the outbox row that republishes the job's message: it goes back to its
+    queue even if the worker's broker connection is already gone."""
+    if hand_back(session, job_id, worker_id=worker_id, attempt_spent=attempt_spent):
+        model, priority, version = session.execute(
+            select(Job.model, Job.priority, Job.model_version).where(Job.id == job_id)).one()
+        enqueue_run_message(session, job_id, model, Priority(priority), model_version=version)
+
+
+def keep_canceled_output(session: Session, job_id: str, values: dict[str, Any]) -> None:
+    """A job canceled while it ran keeps its partial output (RESULT_COLUMNS), written once."""
+    session.execute(
+        update(_JOBS)
+        .where(_JOBS.c.id == job_id, _JOBS.c.status == JobStatus.CANCELED.value,
+               _JOBS.c.output_text.is_(None))
+        .values(**values))

@@ -4,7 +4,7 @@ Queues are per model, so a worker (one engine, one model) consumes only its mode
 Redis: one queue per model and class (`genq.<model>.<class>`), polled in strict order. RabbitMQ:
 a `genq.jobs.<model>` priority queue per model, and `genq.interactive.<model>` for its
 interactive class (a worker's reserve consumer takes it beyond a full prefetch window, see
-workers.amqp_reserve). `<model>` is `model_slug(model)`, plus `@<version>` for a job routed to
+workers.intake_rabbitmq). `<model>` is `model_slug(model)`, plus `@<version>` for a job routed to
 a version (genq.routing): each version has its own queues.
 
 Inside a class, a message also carries its job's fair-share level (genq.fair_share). Class and

@@ -164,7 +164,7 @@ class Settings(BaseSettings):
     def worker_window(self) -> int:
         """How many job messages a worker holds at once (its micro-batch window)."""
         jobs = self.worker_concurrency + self.worker_standby_jobs
-        return jobs * self.worker_prefetch_multiplier  # as Celery's prefetch on RabbitMQ
+        return jobs * self.worker_prefetch_multiplier  # on RabbitMQ, the intake's prefetch
 
     @property
     def database_url_resolved(self) -> str:

@@ -1,19 +1,20 @@
-"""The Celery application of genq workers.
+"""The Celery application of genq workers: `make_celery(settings)` for `genq worker`, which
+passes its settings explicitly, and a module-level `app` from the environment's settings for
+Celery's own commands (`celery -A workers.celery_app inspect ping`).
 
 Delivery settings, and why:
-- run_job messages do not go through Celery's pool. On Redis the batch fetcher
-  (workers.redis_fetcher) takes them and Celery's consumer takes no job queue; on RabbitMQ the
-  task's strategy (workers.tasks) hands them to the micro-batcher. Either way they reach the
-  JobRunner in micro-batches, and each is acked only after its job's result is committed. A
-  worker killed mid-job leaves its messages unacked, so the broker delivers them again.
+- run_job messages do not go through Celery's pool or consumer: the Worker (workers.worker,
+  started by the bootstep of workers.tasks) takes them through its intake (workers.intake) in
+  micro-batches, and acks each only after its job's result is committed. A worker killed
+  mid-job leaves its messages unacked, so the broker delivers them again. Celery's consumer
+  takes no job queue (`genq worker` excludes them); it serves Celery's remote control.
   `task_acks_late` and `task_reject_on_worker_lost` say the same for any other task.
 - `worker_prefetch_multiplier` (default 1) times `worker_concurrency + worker_standby_jobs` is
-  how many messages a worker holds (the fetcher's window; on RabbitMQ Celery's prefetch, as
-  `genq worker` sizes the unused thread pool to it): the engine's batch plus a few claimed
+  how many messages a worker holds (its intake window): the engine's batch plus a few claimed
   jobs waiting in the engine's queue to refill it at the next step. That is the micro-batch
   window; a larger one only parks messages the worker cannot start.
 - Redis `visibility_timeout`: an unacked message is redelivered after this long (kombu's
-  restore, run by the fetcher). It must exceed the longest job (default 1 h); the jobs table's
+  restore, run by the Redis intake). It must exceed the longest job (default 1 h); the jobs table's
   lease/attempts keep a redelivery harmless.
 - `task_queues`: only the queues of the model this worker serves (`settings.model`; `genq
   worker --model` sets it). Redis: the worker polls `genq.<model>.interactive`, then
@@ -30,6 +31,7 @@ from celery import Celery
 
 from genq.queues import REDIS_TRANSPORT_OPTIONS, job_queues
 from genq.settings import Settings, get_settings
+from workers.tasks import install
 
 REDIS_VISIBILITY_TIMEOUT_SECONDS = 3600
 
@@ -38,7 +40,8 @@ def make_celery(settings: Settings) -> Celery:
     # broker_url_resolved: beside `genq up` (embedded Redis) Celery's own commands find the
     # broker with no GENQ_BROKER_URL, e.g. `celery -A workers.celery_app inspect ping`.
     broker_url = settings.broker_url_resolved
-    app = Celery("genq", broker=broker_url or None, include=["workers.tasks"])
+    app = Celery("genq", broker=broker_url or None)
+    app.genq_settings = settings  # what the Worker runs with (workers.tasks.GenqWorker)
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -56,6 +59,7 @@ def make_celery(settings: Settings) -> Celery:
         # and can stay stuck there, consuming nothing (celery#9512); keep the window fixed.
         worker_enable_prefetch_count_reduction=False,
     )
+    install(app)
     return app
 
 

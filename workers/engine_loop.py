@@ -1,11 +1,11 @@
-"""One engine, driven by one thread; the job runner hands it requests. In a worker the loop runs
+"""One engine, driven by one thread; the worker hands it requests. In a worker the loop runs
 inside the engine's own process (workers.engine_process), which passes requests and outcomes
 over a pipe; tests drive it in-process.
 
-Why this design: the job runner (workers.job_runner) submits each claimed job and gets a
+Why this design: the worker (workers.worker) submits each claimed job and gets a
 Future, resolved with the final output (its callback writes the result; nobody blocks per
 job). The loop thread adds new requests to the running engine between steps, so jobs join and
-leave the batch continuously (continuous batching), while Celery keeps doing what it is good
+leave the batch continuously (continuous batching), while the broker keeps doing what it is good
 at: reserving, acking and redelivering messages. Only the loop thread calls the engine's
 add_request/step; other threads just append to `_pending`.
 

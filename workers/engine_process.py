@@ -45,12 +45,30 @@ from functools import partial
 from multiprocessing.connection import Connection
 
 from engine.outputs import EngineStats, RequestOutput
+from genq.settings import Settings
 from workers.engine_loop import EngineLoop, EngineRequest
 
 log = logging.getLogger(__name__)
 
 STATS_SECONDS = 1.0
 ENGINE_DIED_EXIT_CODE = 70  # EX_SOFTWARE
+
+
+def engine_options(settings: Settings) -> dict:
+    """The worker's engine, sized by its settings, as EngineConfig's arguments (the engine
+    process builds it; benchmarks build the same engine offline with `LLM(**options)`)."""
+    return {
+        "model": settings.model,
+        "dtype": settings.engine_dtype,
+        "device": settings.engine_device,
+        "max_num_seqs": settings.worker_concurrency,
+        "max_num_batched_tokens": settings.engine_max_num_batched_tokens,
+        "cache_dir": str(settings.model_cache_dir_resolved),
+        "num_threads": settings.engine_threads_resolved,
+        "quantization": settings.engine_quantization,
+        **({"kv_cache_tokens": settings.engine_kv_cache_tokens}
+           if settings.engine_kv_cache_tokens else {}),
+    }
 
 
 def make_engine(options: dict):

@@ -52,7 +52,7 @@ class JobStreams:
                     continue
                 completion = delta.outputs[0]
                 progress.num_tokens += len(completion.token_ids)
-                # As the job row stores it (workers.job_runner._result_values).
+                # As the job row stores it (workers.job_writes.result_values).
                 text = completion.text.replace("\x00", "\ufffd")
                 progress.num_chars += len(text)
                 self._pending.append((delta.request_id, JobEvent(

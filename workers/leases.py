@@ -1,5 +1,5 @@
-"""Job leases: who holds a running job, renewal on a thread of its own, and when a holder is
-known to be gone before its lease runs out.
+"""Job leases: who holds a running job (renewed by the worker on a thread of its own), and when a
+holder is known to be gone before its lease runs out.
 
 A worker's id is `host:pid`. A holder on this host whose process no longer exists (SIGKILL,
 OOM kill, a crash) is dead now: its jobs can be claimed again at once instead of a lease
@@ -9,13 +9,8 @@ another host only the lease says so.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
-import threading
-from collections.abc import Callable
-
-log = logging.getLogger(__name__)
 
 HOSTNAME = socket.gethostname()
 WORKER_ID = f"{HOSTNAME}:{os.getpid()}"
@@ -41,30 +36,3 @@ def is_dead_local_worker(worker_id: str) -> bool:
         except PermissionError:
             return False
         return False
-
-
-class LeaseRenewer:
-    """Calls `renew` every `interval` seconds on its own thread, so that a slow database sweep
-    or broker probe elsewhere can never let a live job's lease run out (it would then be
-    reclaimed and run twice). A failed renewal is logged and retried at the next tick."""
-
-    def __init__(self, renew: Callable[[], None], interval: float) -> None:
-        self._renew = renew
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="genq-lease-renewal",
-                                        daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(self._interval + 5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                self._renew()
-            except Exception:
-                log.exception("renewing job leases failed; retrying in %.0f s", self._interval)

@@ -1,105 +1,73 @@
-"""Celery tasks, how job messages reach the job runner in micro-batches (on Redis the fetcher's
-rounds, on RabbitMQ the run_job strategy's micro-batcher) and the intake step that starts and
-drains them. The model loads (and warms up) when the worker starts, before the first message
-is taken."""
+"""genq's Celery glue: the bootstep that runs a Worker (workers.worker) inside `celery worker`,
+started with it and drained at its warm shutdown, and the run_job task, under whose name
+Celery's tooling lists each job (the Worker takes job messages itself, never Celery's pool)."""
 
 from __future__ import annotations
 
 import logging
-from functools import partial
 
-from celery import bootsteps
-from celery.signals import worker_init, worker_shutdown
+from celery import Celery, bootsteps
+from celery.signals import worker_ready
 
-from genq.queues import RUN_JOB_TASK, is_amqp, job_queues
-from workers.amqp_reserve import InteractiveReserve
-from workers.celery_app import app
-from workers.events import ActiveJobsMiddleware, TaskEventsMiddleware
-from workers.micro_batch import JobMessage, deliver_now
-from workers.redis_fetcher import RedisJobFetcher
-from workers.runtime import get_runtime
+from genq.queues import RUN_JOB_TASK
 
 log = logging.getLogger(__name__)
 
-URGENT_RESERVE = 4  # interactive jobs a worker takes beyond its full window
+_running_worker = None  # the Worker of this process, once started (for direct task calls)
 
 
-@worker_init.connect
-def _load_engine(**_kwargs) -> None:
-    get_runtime()
-
-
-@worker_shutdown.connect
-def _stop_engine(**_kwargs) -> None:
-    if get_runtime.cache_info().currsize:
-        get_runtime().close()
-
-
-def job_message_strategy(task, app, consumer, **_kwargs):
-    """Celery's hook for how a task's messages are handled (RabbitMQ): run_job messages skip
-    the pool and go to the micro-batcher (workers.micro_batch), which acks each once its job
-    is done. A Redis worker has no micro-batcher (its fetcher takes the job queues): a message
-    that reaches Celery's consumer there anyway goes straight to the runner."""
-    runtime = get_runtime()
-    connection_errors = consumer.connection_errors
-
-    def on_message(message, body, ack, reject, callbacks, **_kw) -> None:
-        # `ack` schedules Message.ack_log_error on the consumer's thread (thread-safe).
-        job_message = JobMessage(message.payload, partial(ack, log, connection_errors))
-        if runtime.batcher is None:  # Redis, where Celery's consumer takes no job queue
-            deliver_now(runtime.runner, [job_message])
-        else:
-            runtime.batcher.receive(job_message)
-
-    return on_message
-
-
-@app.task(name=RUN_JOB_TASK, Strategy=f"{__name__}:job_message_strategy")
-def run_job(job_id: str) -> None:
-    """What a direct call does (the worker's messages take the strategy above instead)."""
-    get_runtime().runner.run(job_id)
-
-
-class JobIntake(bootsteps.StartStopStep):
-    """On Redis, starts the batch fetcher (Celery's consumer takes no job queue there; `genq
-    worker` excludes them); on RabbitMQ, the interactive reserve beside Celery's consumer.
-    Warm shutdown (SIGTERM): no more messages (Celery's consumer stops
-    first; the fetcher here), then in-flight jobs get `worker_drain_seconds` to finish and the
-    rest are handed back, while the broker connection is still open to ack them."""
+class GenqWorker(bootsteps.StartStopStep):
+    """Starts the Worker (its engine loaded) before Celery's consumer, which takes no job queue
+    (`genq worker` excludes them); the Worker takes jobs once Celery's worker is ready (so a
+    job that kills the process never kills it before it says "ready"). Stops it after the
+    consumer: warm shutdown (SIGTERM, Ctrl-C) drains it while the broker connection is still
+    open to ack its jobs' messages."""
 
     requires = ("celery.worker.components:Pool",)
 
-    def __init__(self, worker, **kwargs) -> None:
-        super().__init__(worker, **kwargs)
-        self.fetcher: RedisJobFetcher | InteractiveReserve | None = None
+    def __init__(self, parent, **kwargs) -> None:
+        super().__init__(parent, **kwargs)
+        self.worker = None
 
-    def start(self, worker) -> None:
-        runtime = get_runtime()
-        settings = runtime.settings
-        runtime.runner.middleware.append(ActiveJobsMiddleware(worker.hostname))
+    def start(self, parent) -> None:
+        global _running_worker
+        from workers.events import ActiveJobsMiddleware, TaskEventsMiddleware
+        from workers.worker import Worker
+
+        app = parent.app
+        worker = Worker.for_settings(app.genq_settings, app)
+        worker.middleware.append(ActiveJobsMiddleware(parent.hostname))
         if app.conf.worker_send_task_events:  # Flower and `celery events` see every job
-            runtime.runner.middleware.append(TaskEventsMiddleware(app, worker.hostname))
-        # The interactive queue (polled first) may take a few slots beyond a full window.
-        queues = job_queues(settings.broker_url, settings.model, settings.model_version or None)
-        if is_amqp(settings.broker_url):
-            self.fetcher = InteractiveReserve(settings.broker_url, queues[0], URGENT_RESERVE,
-                                              runtime.batcher.receive)
-        else:  # refill once half the standby jobs have started: the engine never runs short
-            self.fetcher = RedisJobFetcher(app, queues, settings.worker_window,
-                                           partial(deliver_now, runtime.runner),
-                                           refill_at=settings.worker_standby_jobs // 2,
-                                           urgent_queue=queues[0].name,
-                                           urgent_reserve=URGENT_RESERVE)
-        self.fetcher.start()
+            worker.middleware.append(TaskEventsMiddleware(app, parent.hostname))
+        worker.start(take_jobs=False)
+        self.worker = _running_worker = worker
 
-    def stop(self, worker) -> None:
-        if self.fetcher is not None:
-            self.fetcher.stop()
-        if get_runtime.cache_info().currsize:
-            runtime = get_runtime()
-            runtime.drain(runtime.settings.worker_drain_seconds)
-        if self.fetcher is not None:
-            self.fetcher.close()
+    def stop(self, parent) -> None:
+        worker, self.worker = self.worker, None
+        if worker is not None:
+            worker.stop()
+
+    def terminate(self, parent) -> None:
+        """Cold shutdown: no drain; the messages not acked are redelivered."""
+        worker, self.worker = self.worker, None
+        if worker is not None:
+            worker.engine.stop(timeout=5)
 
 
-app.steps["worker"].add(JobIntake)
+@worker_ready.connect
+def _take_jobs_once_ready(**_kwargs) -> None:
+    if _running_worker is not None:
+        _running_worker.start_taking()
+
+
+def run_job(job_id: str) -> None:
+    """A run_job message that reached Celery's pool (a plain `celery worker` consuming a job
+    queue): run it on this process's Worker; Celery acks it once this returns."""
+    if _running_worker is None:
+        raise RuntimeError("no genq Worker runs in this process")
+    _running_worker.run(job_id)
+
+
+def install(app: Celery) -> None:
+    app.task(name=RUN_JOB_TASK)(run_job)
+    app.steps["worker"].add(GenqWorker)

@@ -1,7 +1,7 @@
 """Crash recovery with the real model (issue 21): SIGKILL a SmolLM2 worker holding a full window
 of 48 jobs; a replacement finishes them within twice the time the same jobs take fresh, and
 an interactive job submitted during the recovery starts within 2 s (the reserve beyond a full
-window: Redis's fetcher, RabbitMQ's second consumer; see docs/delivery.md)."""
+window: the intake's interactive-only take; see docs/delivery.md)."""
 
 from __future__ import annotations
 

@@ -126,3 +126,36 @@ def test_batch_progress_fits_80_columns_for_a_large_batch():
     last = [line for line in output.getvalue().splitlines() if line.strip()][-1]
     for text in ("in_progress", "done 49000 failed 999 of 50000", "12346 tok/s", "ETA 1h02m"):
         assert text in last, last
+
+
+def test_worker_options_reach_its_celery_app_as_settings_not_the_environment(
+        monkeypatch, sqlite_url, redis_url):
+    # Regression (issue 21): `genq worker --model` wrote GENQ_MODEL & co. into os.environ and
+    # cleared the settings cache, for an app built at import to read them back.
+    from celery import Celery
+    from click.testing import CliRunner
+
+    from cli.services import worker
+    from genq.settings import get_settings
+
+    started = {}
+    monkeypatch.setattr(Celery, "worker_main",
+                        lambda app, argv: started.update(app=app, argv=argv))
+    monkeypatch.setenv("GENQ_BROKER_URL", redis_url)
+    monkeypatch.setenv("GENQ_DATABASE_URL", sqlite_url)
+    monkeypatch.delenv("GENQ_MODEL", raising=False)
+    environment = dict(os.environ)
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(worker, ["--model", "other-model", "--model-version", "v2",
+                                             "--concurrency", "7"])
+    finally:
+        get_settings.cache_clear()
+
+    assert result.exit_code == 0, result.output
+    settings = started["app"].genq_settings
+    assert (settings.model, settings.model_version, settings.worker_concurrency) == (
+        "other-model", "v2", 7)
+    assert "genq.other-model@v2.interactive" in ",".join(started["argv"])
+    assert dict(os.environ) == environment
+    assert get_settings().model != "other-model"

@@ -34,7 +34,7 @@ def test_engine_threads_leave_a_core_on_small_hosts(monkeypatch, cores, threads)
 
 
 def test_the_workers_engine_runs_on_the_engine_threads():
-    from workers.runtime import engine_options
+    from workers.engine_process import engine_options
 
     assert engine_options(Settings(engine_threads=3))["num_threads"] == 3
     assert engine_options(Settings())["num_threads"] == Settings().engine_threads_resolved

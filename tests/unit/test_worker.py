@@ -1,4 +1,6 @@
-"""JobRunner against a real SQLite DB and the echo engine behind a real EngineLoop."""
+"""The Worker's job path (claim → generate → commit → ack) against a real SQLite DB and the echo
+engine behind a real EngineLoop; deliveries are handed to it directly (the brokers' side:
+tests/integration/test_intake.py)."""
 
 from __future__ import annotations
 
@@ -15,10 +17,49 @@ from genq.models import Job, Outbox, Tenant, utcnow
 from genq.settings import Settings
 from genq.states import JobStatus
 from tests.conftest import MODEL_CACHE_DIR
+from workers.intake import Delivery
 
 # Bounds against a hang, not speed checks: an echo job settles in milliseconds on an idle
 # machine, but once took over 10 s on CI's two loaded cores (a run of the whole suite).
 SETTLE_TIMEOUT_SECONDS = 60
+
+
+class RecordingIntake:
+    """Records how the Worker settles each delivery: True acked, False handed back."""
+
+    def __init__(self) -> None:
+        self.settled: dict[Delivery, bool] = {}
+        self._changed = threading.Condition()
+
+    def take(self, n: int, timeout: float, *, interactive_only: bool = False) -> list:
+        return []
+
+    def ack(self, delivery: Delivery) -> None:
+        self._settle(delivery, True)
+
+    def give_up(self, delivery: Delivery) -> None:
+        self._settle(delivery, False)
+
+    def close(self) -> None:
+        pass
+
+    def _settle(self, delivery: Delivery, acked: bool) -> None:
+        with self._changed:
+            assert delivery not in self.settled, "settled twice"
+            self.settled[delivery] = acked
+            self._changed.notify_all()
+
+    def wait_for(self, deliveries: list[Delivery], timeout: float = SETTLE_TIMEOUT_SECONDS
+                 ) -> bool:
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: all(d in self.settled for d in deliveries), timeout)
+
+
+def _worker(settings: Settings, loop):
+    from workers.worker import Worker
+
+    return Worker(settings, RecordingIntake(), loop)
 
 
 def _echo_settings(url: str) -> Settings:
@@ -41,13 +82,11 @@ def test_deadline_passing_before_the_engine_admits_the_job_expires_it(sqlite_url
     # Regression: a request aborted before admission used to leave its job `running` forever.
     from engine.echo import EchoEngine
     from workers.engine_loop import EngineLoop
-    from workers.job_runner import JobRunner
 
     job_id = _queued_job(sqlite_url, deadline_at=utcnow() + timedelta(seconds=1))
     loop = EngineLoop(lambda: EchoEngine(cache_dir=MODEL_CACHE_DIR))  # never started: nothing runs
-    runner = JobRunner(_echo_settings(sqlite_url), loop)
 
-    runner.run(job_id)
+    _worker(_echo_settings(sqlite_url), loop).run(job_id)
 
     with db.session_factory(sqlite_url)() as session:
         job = session.get(Job, job_id)
@@ -56,15 +95,15 @@ def test_deadline_passing_before_the_engine_admits_the_job_expires_it(sqlite_url
 
 
 @pytest.fixture
-def echo_runner(sqlite_url):
-    """A JobRunner on `sqlite_url` whose EngineLoop runs the echo engine."""
+def echo_worker(sqlite_url):
+    """A Worker on `sqlite_url` whose EngineLoop runs the echo engine (its threads not
+    started: the tests hand it deliveries and run its chores themselves)."""
     from engine.echo import EchoEngine
     from workers.engine_loop import EngineLoop
-    from workers.job_runner import JobRunner
 
     loop = EngineLoop(lambda: EchoEngine(cache_dir=MODEL_CACHE_DIR))
     loop.start()
-    yield JobRunner(_echo_settings(sqlite_url), loop)
+    yield _worker(_echo_settings(sqlite_url), loop)
     loop.stop(timeout=5)
 
 
@@ -73,34 +112,31 @@ def _job(url: str, job_id: str) -> Job:
         return session.get(Job, job_id)
 
 
-def test_a_job_runs_once_and_a_second_delivery_is_a_no_op(sqlite_url, echo_runner):
+def test_a_job_runs_once_and_a_second_delivery_is_a_no_op(sqlite_url, echo_worker):
     job_id = _queued_job(sqlite_url)
 
-    echo_runner.run(job_id)
-    echo_runner.run(job_id)
+    echo_worker.run(job_id)
+    echo_worker.run(job_id)
 
     job = _job(sqlite_url, job_id)
     assert (job.status, job.attempts, job.output_text) == (JobStatus.SUCCEEDED, 1, "hello there")
 
 
 def test_a_job_delivered_twice_in_one_micro_batch_runs_once_and_both_are_acked(sqlite_url,
-                                                                              echo_runner):
-    from workers.job_runner import Delivery
-
+                                                                              echo_worker):
     job_id = _queued_job(sqlite_url)
-    acked = [threading.Event(), threading.Event()]
+    deliveries = [Delivery(job_id, 1), Delivery(job_id, 2)]
 
-    echo_runner.deliver([Delivery(job_id, acked[0].set), Delivery(job_id, acked[1].set)])
+    echo_worker.deliver(deliveries)
 
-    assert all(ack.wait(SETTLE_TIMEOUT_SECONDS) for ack in acked)
+    assert echo_worker.intake.wait_for(deliveries)
+    assert [echo_worker.intake.settled[d] for d in deliveries] == [True, True]
     job = _job(sqlite_url, job_id)
     assert (job.status, job.attempts, job.output_text) == (JobStatus.SUCCEEDED, 1, "hello there")
 
 
 def test_a_micro_batch_is_claimed_in_one_statement_and_each_result_acks_its_message(
-        sqlite_url, echo_runner):
-    from workers.job_runner import Delivery
-
+        sqlite_url, echo_worker):
     job_ids = [_queued_job(sqlite_url, tenant_name=f"t{i}") for i in range(5)]
     claims: list[str] = []
 
@@ -110,10 +146,10 @@ def test_a_micro_batch_is_claimed_in_one_statement_and_each_result_acks_its_mess
 
     engine = db.get_engine(sqlite_url)
     event.listen(engine, "before_cursor_execute", count_claims)
-    acked = {job_id: threading.Event() for job_id in job_ids}
+    deliveries = [Delivery(job_id, job_id) for job_id in job_ids]
     try:
-        echo_runner.deliver([Delivery(job_id, acked[job_id].set) for job_id in job_ids])
-        assert all(ack.wait(SETTLE_TIMEOUT_SECONDS) for ack in acked.values())
+        echo_worker.deliver(deliveries)
+        assert echo_worker.intake.wait_for(deliveries)
     finally:
         event.remove(engine, "before_cursor_execute", count_claims)
 
@@ -124,34 +160,32 @@ def test_a_micro_batch_is_claimed_in_one_statement_and_each_result_acks_its_mess
 
 
 def test_the_runner_is_idle_only_once_every_outcome_is_committed_and_acked(sqlite_url,
-                                                                          echo_runner):
+                                                                          echo_worker):
     # Regression: the drain took "no job in the engine" for idle, and the worker could exit
     # with a finished job's result still waiting for its commit.
-    from workers.job_runner import Delivery
-
     job_id = _queued_job(sqlite_url)
-    acked = threading.Event()
+    delivery = Delivery(job_id, "tag")
     gate = threading.Event()
 
     class HoldTheWriter:  # queued before the job reaches the engine, so before its result
         def before_job(self, job) -> None:
-            echo_runner.writes.submit(lambda session: gate.wait(10))
+            echo_worker.writes.submit(lambda session: gate.wait(10))
 
-    echo_runner.middleware.append(HoldTheWriter())
-    echo_runner.deliver([Delivery(job_id, acked.set)])
+    echo_worker.middleware.append(HoldTheWriter())
+    echo_worker.deliver([delivery])
     deadline = time.monotonic() + 10
-    while echo_runner.loop.in_flight() and time.monotonic() < deadline:
+    while echo_worker.engine.in_flight() and time.monotonic() < deadline:
         time.sleep(0.01)
 
-    assert not echo_runner.loop.in_flight() and not acked.is_set()
-    assert not echo_runner.is_idle()
+    assert not echo_worker.engine.in_flight() and delivery not in echo_worker.intake.settled
+    assert not echo_worker.is_idle()
     gate.set()
-    assert acked.wait(SETTLE_TIMEOUT_SECONDS)
-    assert echo_runner.is_idle()
+    assert echo_worker.intake.wait_for([delivery])
+    assert echo_worker.is_idle()
     assert _job(sqlite_url, job_id).status == JobStatus.SUCCEEDED
 
 
-def test_a_direct_run_raises_when_the_outcome_cannot_be_written(sqlite_url, echo_runner):
+def test_a_direct_run_raises_when_the_outcome_cannot_be_written(sqlite_url, echo_worker):
     # Regression: `run` waited forever for an ack that a failed result write never gives.
     job_id = _queued_job(sqlite_url)
 
@@ -160,11 +194,11 @@ def test_a_direct_run_raises_when_the_outcome_cannot_be_written(sqlite_url, echo
             with db.get_engine(sqlite_url).begin() as conn:
                 conn.exec_driver_sql("ALTER TABLE jobs RENAME TO jobs_gone")
 
-    echo_runner.middleware.append(LoseTheJobsTable())
+    echo_worker.middleware.append(LoseTheJobsTable())
 
     with pytest.raises(RuntimeError, match="could not be written"):
-        echo_runner.run(job_id)
-    assert echo_runner.is_idle()
+        echo_worker.run(job_id)
+    assert echo_worker.is_idle()
 
 
 def test_generated_nul_characters_do_not_block_the_result_on_postgresql(postgres_url):
@@ -173,7 +207,6 @@ def test_generated_nul_characters_do_not_block_the_result_on_postgresql(postgres
     engine "generates" the chat's last message, which JSON columns keep NULs in."""
     from engine.echo import EchoEngine
     from workers.engine_loop import EngineLoop
-    from workers.job_runner import JobRunner
 
     with db.transaction(postgres_url) as session:
         tenant = Tenant(name="t")
@@ -188,7 +221,7 @@ def test_generated_nul_characters_do_not_block_the_result_on_postgresql(postgres
     loop = EngineLoop(lambda: EchoEngine(cache_dir=MODEL_CACHE_DIR))
     loop.start()
     try:
-        JobRunner(_echo_settings(postgres_url), loop).run(job_id)
+        _worker(_echo_settings(postgres_url), loop).run(job_id)
     finally:
         loop.stop(timeout=5)
 
@@ -197,26 +230,16 @@ def test_generated_nul_characters_do_not_block_the_result_on_postgresql(postgres
     assert job.output_text == "zero\ufffdbyte"
 
 
-def _deliver_and_settle(runner, job_ids: list[str]) -> dict[str, bool]:
+def _deliver_and_settle(worker, job_ids: list[str]) -> dict[str, bool]:
     """Deliver the jobs as one micro-batch; wait until each delivery is settled and return
-    how: True acked, False left unacked (for the broker to deliver again)."""
-    from workers.job_runner import Delivery
-
-    settled: dict[str, bool] = {}
-    all_settled = threading.Event()
-
-    def settle(job_id: str, acked: bool) -> None:
-        settled[job_id] = acked
-        if len(settled) == len(job_ids):
-            all_settled.set()
-
-    runner.deliver([Delivery(job_id, lambda j=job_id: settle(j, True),
-                             lambda j=job_id: settle(j, False)) for job_id in job_ids])
-    assert all_settled.wait(SETTLE_TIMEOUT_SECONDS), settled
-    return settled
+    how: True acked, False handed back (for the broker to deliver again)."""
+    deliveries = [Delivery(job_id, job_id) for job_id in job_ids]
+    worker.deliver(deliveries)
+    assert worker.intake.wait_for(deliveries), worker.intake.settled
+    return {d.job_id: worker.intake.settled[d] for d in deliveries}
 
 
-def test_a_failed_claim_settles_every_delivery_of_its_batch(sqlite_url, echo_runner,
+def test_a_failed_claim_settles_every_delivery_of_its_batch(sqlite_url, echo_worker,
                                                             monkeypatch):
     # Regression: a claim's error escaped `deliver`, and the deliveries of the micro-batch
     # were never settled: their window slots were lost for good.
@@ -227,15 +250,15 @@ def test_a_failed_claim_settles_every_delivery_of_its_batch(sqlite_url, echo_run
     def failing_claim(session, job_ids):
         raise OperationalError("UPDATE jobs …", {}, Exception("disk I/O error"))
 
-    monkeypatch.setattr(echo_runner, "_claim", failing_claim)
+    monkeypatch.setattr(echo_worker, "_claim", failing_claim)
 
     # then every delivery is acked (the jobs stay queued: the reaper republishes them)
-    assert _deliver_and_settle(echo_runner, job_ids) == dict.fromkeys(job_ids, True)
+    assert _deliver_and_settle(echo_worker, job_ids) == dict.fromkeys(job_ids, True)
     assert [_job(sqlite_url, job_id).status for job_id in job_ids] == [JobStatus.QUEUED] * 3
-    assert echo_runner.is_idle()
+    assert echo_worker.is_idle()
 
 
-def test_redelivered_jobs_run_in_the_micro_batch_of_first_deliveries(sqlite_url, echo_runner):
+def test_redelivered_jobs_run_in_the_micro_batch_of_first_deliveries(sqlite_url, echo_worker):
     # Regression (issue 21): each redelivered job ran alone, one at a time, and the others
     # bounced back through the outbox while it ran: a crashed worker's window took minutes.
     # given two first deliveries, two jobs lost once, and one lost twice (the suspect)
@@ -243,13 +266,13 @@ def test_redelivered_jobs_run_in_the_micro_batch_of_first_deliveries(sqlite_url,
     lost_once = [_queued_job(sqlite_url, tenant_name=f"o{i}", attempts=1) for i in range(2)]
     suspect = _queued_job(sqlite_url, tenant_name="s", attempts=2)
     submitted: list[list[str]] = []
-    submit_many = echo_runner.loop.submit_many
-    echo_runner.loop.submit_many = lambda requests: (
+    submit_many = echo_worker.engine.submit_many
+    echo_worker.engine.submit_many = lambda requests: (
         submitted.append([r.request_id for r in requests]), submit_many(requests))[1]
 
     # when they arrive as one micro-batch
     job_ids = [*fresh, *lost_once, suspect]
-    assert _deliver_and_settle(echo_runner, job_ids) == dict.fromkeys(job_ids, True)
+    assert _deliver_and_settle(echo_worker, job_ids) == dict.fromkeys(job_ids, True)
 
     # then the others go to the engine at once, the suspect alone once they are done, and
     # none is handed back through the outbox
@@ -263,10 +286,10 @@ def test_redelivered_jobs_run_in_the_micro_batch_of_first_deliveries(sqlite_url,
         assert session.scalar(select(func.count()).select_from(Outbox)) == 0
 
 
-def test_a_job_lost_max_attempts_times_fails_as_worker_lost(sqlite_url, echo_runner):
+def test_a_job_lost_max_attempts_times_fails_as_worker_lost(sqlite_url, echo_worker):
     job_id = _queued_job(sqlite_url, attempts=3)  # GENQ_JOB_MAX_ATTEMPTS is 3
 
-    assert _deliver_and_settle(echo_runner, [job_id]) == {job_id: True}
+    assert _deliver_and_settle(echo_worker, [job_id]) == {job_id: True}
 
     job = _job(sqlite_url, job_id)
     assert (job.status, job.error_code, job.output_text) == (
@@ -274,7 +297,7 @@ def test_a_job_lost_max_attempts_times_fails_as_worker_lost(sqlite_url, echo_run
 
 
 def test_a_job_held_by_a_dead_local_worker_is_claimed_before_its_lease_ends(sqlite_url,
-                                                                            echo_runner):
+                                                                            echo_worker):
     # Regression (issue 21): a redelivered job of a killed worker was not ours to run until
     # its lease (60 s by default) ran out; the replacement acked its message and waited.
     import subprocess
@@ -291,39 +314,38 @@ def test_a_job_held_by_a_dead_local_worker_is_claimed_before_its_lease_ends(sqli
                         attempts=1, worker_id="other-host:1",
                         lease_expires_at=utcnow() + timedelta(hours=1))
 
-    assert _deliver_and_settle(echo_runner, [job_id, alive]) == {job_id: True, alive: True}
+    assert _deliver_and_settle(echo_worker, [job_id, alive]) == {job_id: True, alive: True}
 
     job = _job(sqlite_url, job_id)
     assert (job.status, job.attempts, job.worker_id) == (
-        JobStatus.SUCCEEDED, 2, echo_runner.worker_id)
+        JobStatus.SUCCEEDED, 2, echo_worker.worker_id)
     assert _job(sqlite_url, alive).status == JobStatus.RUNNING  # its holder may be alive
 
 
-def test_a_drained_job_goes_back_without_spending_an_attempt(sqlite_url, echo_runner):
+def test_a_drained_job_goes_back_without_spending_an_attempt(sqlite_url, echo_worker):
     # Regression (issue 20, bug 1): a clean stop counted as a lost delivery, so three restarts
     # during a long job failed it as worker_lost.
-    from workers.job_runner import Delivery
-
     job_id = _queued_job(sqlite_url)
-    settled = threading.Event()
+    delivery = Delivery(job_id, "tag")
 
     class DrainNow:  # the drain deadline passes while the job is in the engine
         def before_job(self, job) -> None:
-            echo_runner.begin_drain(0)
+            echo_worker.begin_drain(0)
 
-    echo_runner.middleware.append(DrainNow())
-    echo_runner.loop.stop(timeout=5)  # the job waits in the loop's queue until aborted
-    echo_runner.deliver([Delivery(job_id, settled.set)])
-    echo_runner.enforce_deadlines()
+    echo_worker.middleware.append(DrainNow())
+    echo_worker.engine.stop(timeout=5)  # the job waits in the loop's queue until aborted
+    echo_worker.deliver([delivery])
+    echo_worker.enforce_deadlines()
 
-    assert settled.wait(SETTLE_TIMEOUT_SECONDS)
+    assert echo_worker.intake.wait_for([delivery])
+    assert echo_worker.intake.settled[delivery] is True  # its hand-back is committed
     job = _job(sqlite_url, job_id)
     assert (job.status, job.attempts, job.worker_id) == (JobStatus.QUEUED, 0, None)
     with db.session_factory(sqlite_url)() as session:
         assert session.scalars(select(Outbox.job_id)).all() == [job_id]
 
 
-def test_a_before_job_hook_that_raises_fails_its_job_and_not_its_batch(sqlite_url, echo_runner):
+def test_a_before_job_hook_that_raises_fails_its_job_and_not_its_batch(sqlite_url, echo_worker):
     # Regression: the hook's error escaped `deliver`, leaving the rest of the micro-batch
     # claimed but never started or settled.
     job_ids = [_queued_job(sqlite_url, tenant_name=f"t{i}") for i in range(3)]
@@ -333,77 +355,41 @@ def test_a_before_job_hook_that_raises_fails_its_job_and_not_its_batch(sqlite_ur
             if job.id == job_ids[0]:
                 raise RuntimeError("this hook is broken")
 
-    echo_runner.middleware.append(Picky())
+    echo_worker.middleware.append(Picky())
 
-    assert _deliver_and_settle(echo_runner, job_ids) == dict.fromkeys(job_ids, True)
+    assert _deliver_and_settle(echo_worker, job_ids) == dict.fromkeys(job_ids, True)
     failed, *others = [_job(sqlite_url, job_id) for job_id in job_ids]
     assert (failed.status, failed.error_code) == (JobStatus.FAILED, "internal_error")
     assert "this hook is broken" in failed.error_message
     assert [job.status for job in others] == [JobStatus.SUCCEEDED] * 2
-    assert echo_runner.is_idle()
-
-
-def test_a_run_job_message_reaching_celerys_consumer_on_redis_is_run_and_acked(
-        sqlite_url, echo_runner, monkeypatch):
-    # A Redis worker builds no micro-batcher (each round of its fetcher is a micro-batch). A
-    # run_job message that still reaches Celery's consumer there (a plain `celery worker`
-    # consuming a job queue) goes to the runner directly, and is acked once its result is in.
-    from types import SimpleNamespace
-
-    import workers.tasks as tasks
-
-    monkeypatch.setattr(tasks, "get_runtime",
-                        lambda: SimpleNamespace(batcher=None, runner=echo_runner))
-    job_id = _queued_job(sqlite_url)
-    acked = threading.Event()
-    on_message = tasks.job_message_strategy(None, None, SimpleNamespace(connection_errors=()))
-
-    on_message(SimpleNamespace(payload=[[job_id], {}, {}]), None,
-               lambda *_args: acked.set(), None, None)
-
-    assert acked.wait(SETTLE_TIMEOUT_SECONDS)
-    assert _job(sqlite_url, job_id).status == JobStatus.SUCCEEDED
+    assert echo_worker.is_idle()
 
 
 def test_a_held_suspect_goes_back_at_a_drain_without_spending_an_attempt(sqlite_url,
-                                                                         echo_runner):
+                                                                         echo_worker):
     # given a worker busy with a job (its engine stopped, the job waits in the loop's queue)
     # and a job lost twice, held until the worker is idle
     busy, suspect = _queued_job(sqlite_url), _queued_job(sqlite_url, tenant_name="s",
                                                          attempts=2)
-    echo_runner.loop.stop(timeout=5)
-    settled = _deliver_in_background(echo_runner, [busy, suspect])
+    echo_worker.engine.stop(timeout=5)
+    deliveries = [Delivery(busy, 1), Delivery(suspect, 2)]
+    echo_worker.deliver(deliveries)
     wait_until = time.monotonic() + 10
     while _job(sqlite_url, suspect).status != JobStatus.RUNNING and time.monotonic() < wait_until:
         time.sleep(0.05)
 
     # when the worker drains
-    echo_runner.begin_drain(0)
-    echo_runner.enforce_deadlines()
+    echo_worker.begin_drain(0)
+    echo_worker.enforce_deadlines()
 
     # then both go back to the queue, neither with an attempt spent by this worker
-    assert settled.wait(SETTLE_TIMEOUT_SECONDS)
+    assert echo_worker.intake.wait_for(deliveries)
     assert [(job.status, job.attempts) for job in map(partial(_job, sqlite_url),
                                                        [busy, suspect])] == [
         (JobStatus.QUEUED, 0), (JobStatus.QUEUED, 2)]
 
 
-def _deliver_in_background(runner, job_ids: list[str]) -> threading.Event:
-    from workers.job_runner import Delivery
-
-    remaining = set(job_ids)
-    all_settled = threading.Event()
-
-    def settle(job_id: str) -> None:
-        remaining.discard(job_id)
-        if not remaining:
-            all_settled.set()
-
-    runner.deliver([Delivery(job_id, partial(settle, job_id)) for job_id in job_ids])
-    return all_settled
-
-
-def test_job_ended_hooks_get_the_state_each_outcome_wrote(sqlite_url, echo_runner):
+def test_job_ended_hooks_get_the_state_each_outcome_wrote(sqlite_url, echo_worker):
     # (what the task events of workers.events report as succeeded or failed)
     ok, broken = _queued_job(sqlite_url), _queued_job(sqlite_url, tenant_name="b")
     ended: dict[str, str] = {}
@@ -416,15 +402,15 @@ def test_job_ended_hooks_get_the_state_each_outcome_wrote(sqlite_url, echo_runne
         def job_ended(self, job, status: str) -> None:
             ended[job.id] = status
 
-    echo_runner.middleware.append(Breaks())
+    echo_worker.middleware.append(Breaks())
 
-    _deliver_and_settle(echo_runner, [ok, broken])
+    _deliver_and_settle(echo_worker, [ok, broken])
     assert ended == {ok: "succeeded", broken: "failed"}
 
 
 def test_logprobs_are_stored_as_each_tokens_text_logprob_and_top_alternatives():
     from engine.outputs import CompletionOutput, RequestOutput
-    from workers.job_runner import _result_values
+    from workers.job_writes import result_values
 
     # given the engine's entries: the token first, then its top 2 (itself among them or not)
     completion = CompletionOutput(
@@ -434,7 +420,7 @@ def test_logprobs_are_stored_as_each_tokens_text_logprob_and_top_alternatives():
     output = RequestOutput("job", [1, 2], [completion])
 
     # when its outcome is written with 2 alternatives asked, and with none asked
-    asked, not_asked = _result_values(output, 2), _result_values(output)
+    asked, not_asked = result_values(output, 2), result_values(output)
 
     # then each token is stored with its logprob and the most likely alternatives, in order
     assert asked["output_logprobs"] == [
