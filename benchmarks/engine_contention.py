@@ -21,9 +21,15 @@ import time
 
 from benchmarks.peers.cpu_info import cpu_summary
 
-# (name, OMP_WAIT_POLICY or None for libgomp's default, engine threads or None for all CPUs)
-CONTENDERS = [("spin, all threads", "ACTIVE", None), ("passive, all threads", "PASSIVE", None),
-              ("passive, 1 thread", "PASSIVE", 1)]
+# (name, libgomp's environment, engine threads or None for all CPUs). Spinning threads wait
+# for a partner at each barrier by burning their core; passive ones sleep on a futex at once;
+# GOMP_SPINCOUNT bounds the spin before sleeping.
+CONTENDERS = [("spin", {"OMP_WAIT_POLICY": "ACTIVE"}, None),
+              ("passive", {"OMP_WAIT_POLICY": "PASSIVE"}, None),
+              ("passive, 1 thread", {"OMP_WAIT_POLICY": "PASSIVE"}, 1),
+              ("spin 10k, then sleep", {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "10000"}, None),
+              ("spin 100k, then sleep", {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "100000"},
+               None)]
 _RUN = """
 import json, sys, time
 from engine import LLM, SamplingParams
@@ -49,8 +55,8 @@ def _spin() -> None:
         pass
 
 
-def run_contender(policy: str, threads: int | None) -> dict:
-    env = dict(os.environ, OMP_WAIT_POLICY=policy, HF_HUB_OFFLINE="1")
+def run_contender(gomp_env: dict[str, str], threads: int | None) -> dict:
+    env = {**os.environ, **gomp_env, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", _RUN, json.dumps(threads)], env=env,
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -71,8 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
             for spinner in spinners:
                 spinner.start()
             try:
-                for name, policy, threads in CONTENDERS:
-                    figures = run_contender(policy, threads)
+                for name, gomp_env, threads in CONTENDERS:
+                    figures = run_contender(gomp_env, threads)
                     results[name][condition].append(figures)
                     print(f"{condition:5s} {name:22s} {figures}", flush=True)
             finally:

@@ -4,15 +4,7 @@ The names below load on first use: `from engine import SamplingParams` (a worker
 process, the API) costs no torch import (~1.4 s and ~280 MB); `from engine import LLM` does.
 """
 
-import os
 from importlib import import_module
-
-# Engine threads sleep at OpenMP barriers instead of spinning. Beside other busy processes (the
-# API, the worker, a database on a small host) spinning threads burn the time slices the
-# thread they wait for needs, and a step crawls (benchmarks/engine_contention.py: 24 requests
-# at 12 tok/s instead of 117-159 on a loaded 2-core Zen 4). libgomp reads this when torch
-# loads, so it is set before any engine module imports torch; the environment's value wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _HOMES = {
     "LLM": "engine.llm",
