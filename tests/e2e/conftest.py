@@ -98,3 +98,15 @@ def pytest_runtest_makereport(item, call):
 
 def redis_db(redis_url: str, number: int = E2E_REDIS_DB) -> str:
     return redis_url.rsplit("/", 1)[0] + f"/{number}"
+
+
+def parametrized_broker_url(request, redis_db_number: int) -> str:
+    """A test's broker by its `redis` / `rabbitmq` parameter: on Redis a database of its own,
+    emptied first."""
+    if request.param == "redis":
+        import redis
+
+        url = redis_db(request.getfixturevalue("redis_url"), redis_db_number)
+        redis.Redis.from_url(url).flushdb()
+        return url
+    return request.getfixturevalue("rabbitmq_url")

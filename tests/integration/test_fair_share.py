@@ -22,7 +22,7 @@ from producer.publisher import publish_job
 from producer.submit import load_tokenizer_cached
 from results_api.app import create_app
 from tests.conftest import MODEL_CACHE_DIR, TINY_MODEL, make_key
-from tests.e2e.conftest import redis_db
+from tests.e2e.conftest import parametrized_broker_url, redis_db
 from workers.celery_app import make_celery
 
 pytestmark = pytest.mark.integration
@@ -100,11 +100,7 @@ def test_submit_stores_the_tenants_level_on_the_outbox_row(database_url, redis_u
 
 @pytest.fixture(params=["redis", "rabbitmq"])
 def broker_url(request) -> str:
-    if request.param == "redis":
-        url = redis_db(request.getfixturevalue("redis_url"), FAIR_SHARE_REDIS_DB)
-        redis.Redis.from_url(url).flushdb()
-        return url
-    return request.getfixturevalue("rabbitmq_url")
+    return parametrized_broker_url(request, FAIR_SHARE_REDIS_DB)
 
 
 def test_a_worker_takes_classes_strictly_in_order_and_lower_levels_first(broker_url):

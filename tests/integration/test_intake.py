@@ -7,14 +7,13 @@ import time
 import uuid
 
 import pytest
-import redis
 from kombu import Connection
 
 from genq.queues import job_queues, queue_for
 from genq.settings import Settings
 from genq.states import Priority
 from producer.publisher import publish_job
-from tests.e2e.conftest import redis_db
+from tests.e2e.conftest import parametrized_broker_url
 from workers.celery_app import make_celery
 from workers.intake import Intake, open_intake
 
@@ -26,11 +25,7 @@ SETTLE_SECONDS = 0.5  # how long "nothing more arrives" is watched
 
 @pytest.fixture(params=["redis", "rabbitmq"])
 def broker_url(request) -> str:
-    if request.param == "redis":
-        url = redis_db(request.getfixturevalue("redis_url"), INTAKE_REDIS_DB)
-        redis.Redis.from_url(url).flushdb()
-        return url
-    return request.getfixturevalue("rabbitmq_url")
+    return parametrized_broker_url(request, INTAKE_REDIS_DB)
 
 
 @pytest.fixture
