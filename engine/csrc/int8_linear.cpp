@@ -58,7 +58,8 @@ void dequantize_rows(const int32_t* acc, const float* row_scales, const float* c
         float v = static_cast<float>(a[j]) * (row_scale * column_scales[j]);
         if (bias) v += load(bias[j]);
         if constexpr (E == kAdd) v += load(o[j]);
-        if constexpr (E == kSilu) v = v / (1.f + std::exp(-v));
+        // -ffast-math assumes no infinities: exp(-v) past fp32's range made SiLU NaN.
+        if constexpr (E == kSilu) v = v / (1.f + std::exp(std::min(-v, 80.f)));
         if constexpr (E == kMul) v *= load(o[j]);
         store(y + j, v);
       }

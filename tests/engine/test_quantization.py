@@ -78,6 +78,19 @@ def test_w8a8_serves_steps_past_the_small_ones_with_every_epilogue(with_bias):
         assert (out.float() - exact).norm() / exact.norm() < 0.03, name
 
 
+def test_w8a8_silu_of_a_huge_negative_input_is_zero_not_nan():
+    # exp(-v) overflowed under -ffast-math: SiLU(-1000) came out NaN and poisoned the sequence.
+    assert cpu_kernels_available(), "the CPU ops did not build"
+    weight = torch.eye(16)
+    x = torch.full((9, 16), -1000.0)
+    x[0] = 3.0  # a row of ordinary values beside them
+    out = Linear(weight.to(torch.bfloat16), max_quantized_rows=8,
+                 activation_quantization="int8").silu(x.to(torch.bfloat16)).float()
+    assert torch.isfinite(out).all()
+    assert out[1:].abs().max() < 1e-6
+    assert torch.allclose(out[0], torch.nn.functional.silu(torch.tensor(3.0)), atol=0.05)
+
+
 def test_w8a8_is_on_by_default_in_bf16_where_the_cpu_has_int8_dot_products():
     from engine.config import cpu_has_int8_dot
 
