@@ -254,7 +254,7 @@ class Worker:
             return
         try:
             claimed = self.writes.write(lambda session: self._claim(
-                session, [d.job_id for d in deliveries]))
+                session, [d.job_id for d in deliveries]), lazy=True)
         except Exception:
             # The jobs stay as they were in the DB: the reaper republishes a queued job whose
             # message is gone and requeues a running one whose holder is gone, so acking here
@@ -457,7 +457,7 @@ class Worker:
         log.warning("job %s was lost with its worker %d times: it starts alone", job.id,
                     job.attempts)
         counted = self.writes.submit(
-            lambda session: count_attempt(session, job.id, worker_id=self.worker_id))
+            lambda session: count_attempt(session, job.id, worker_id=self.worker_id), lazy=True)
         counted.add_done_callback(partial(self._on_suspect_counted, delivery))
 
     def _on_suspect_counted(self, delivery: Delivery, counted: Future) -> None:
