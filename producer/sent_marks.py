@@ -31,7 +31,8 @@ def mark_outbox_sent(database_url: str, outbox_ids: list[int]) -> None:
     """Mark published rows sent now, MAX_IDS_PER_UPDATE per statement."""
     for start in range(0, len(outbox_ids), MAX_IDS_PER_UPDATE):
         chunk = outbox_ids[start:start + MAX_IDS_PER_UPDATE]
-        with db.transaction(database_url) as session:
+        # Lazy: a mark lost in a power failure only republishes its row (a harmless duplicate).
+        with db.transaction(database_url, lazy=True) as session:
             # Conditional: a relay that published the row too has marked it already.
             session.execute(
                 update(Outbox).where(Outbox.id.in_(chunk), Outbox.sent_at.is_(None))

@@ -17,9 +17,9 @@ Fault isolation: if a step raises, the loop cannot tell which request broke it, 
 the batch and re-runs each of its requests alone ("isolated"); the one that fails alone gets
 the exception, its neighbours finish normally. Requests submitted with `isolated=True` run
 alone the same way. Interactive requests are admitted beside an isolated one all the same:
-the isolation never holds them back. (A job that killed its worker twice is isolated by the
-job runner, which starts it when it holds no other job: a dead process takes its engine
-queue with it, so isolation here could not protect the waiting jobs.)
+the isolation never holds them back. (A job lost with its worker twice is isolated by the
+worker instead, which starts such suspects one at a time (workers.in_flight): a dead process
+takes its engine queue with it, so isolation here could not protect the waiting jobs.)
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ A write is a function of the session, or an argument of a `BatchedWrite`: the wr
 kind waiting together are applied by one call (the outputs of jobs that finished together are
 one UPDATE), so a group's SQL cost grows with its kinds of writes, not its number of jobs. If
 one write of a group raises, the group rolls back and each write is retried in a transaction of
-its own, so only the bad one sees its exception.
+its own, so only the bad one sees its exception. A group of lazy writes alone (claims) commits
+without a disk flush (genq.db.LAZY_OPTION); one durable write makes its group durable.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class _Write:
     apply: Callable[[Session], Any] | None = None
     kind: BatchedWrite | None = None
     argument: Any = None
+    lazy: bool = False
     future: Future = field(default_factory=Future)
 
     def apply_alone(self, session: Session) -> Any:
@@ -64,14 +66,15 @@ class GroupCommitter:
         self._thread = threading.Thread(target=self._run, name="genq-group-commit", daemon=True)
         self._thread.start()
 
-    def write(self, apply: Callable[[Session], T]) -> T:
+    def write(self, apply: Callable[[Session], T], *, lazy: bool = False) -> T:
         """Run `apply(session)` in a committed transaction (shared with other writes) and
-        return its result; raise what it raised, or the commit's error."""
-        return self.submit(apply).result()
+        return its result; raise what it raised, or the commit's error. `lazy`: its loss in a
+        power failure is harmless, so it needs no disk flush of its own."""
+        return self.submit(apply, lazy=lazy).result()
 
-    def submit(self, apply: Callable[[Session], T]) -> Future[T]:
+    def submit(self, apply: Callable[[Session], T], *, lazy: bool = False) -> Future[T]:
         """`write` without waiting: the Future resolves once the write is committed."""
-        return self._enqueue(_Write(apply=apply))
+        return self._enqueue(_Write(apply=apply, lazy=lazy))
 
     def submit_batched(self, kind: BatchedWrite, argument: Any) -> Future:
         """Apply `kind` to `argument`, together with the other waiting arguments of that kind;
@@ -99,7 +102,8 @@ class GroupCommitter:
     def _commit_group(self, group: list[_Write]) -> None:
         if len(group) > 1:
             try:
-                with db.transaction(self.url) as session:
+                with db.transaction(self.url,
+                                    lazy=all(item.lazy for item in group)) as session:
                     results = _apply_group(session, group)
             except Exception:
                 log.warning("a group of %d writes failed; retrying each alone", len(group),
@@ -113,7 +117,7 @@ class GroupCommitter:
 
     def _commit_alone(self, item: _Write) -> None:
         try:
-            with db.transaction(self.url) as session:
+            with db.transaction(self.url, lazy=item.lazy) as session:
                 result = item.apply_alone(session)
         except BaseException as exc:  # handed to the waiting job thread, which decides
             item.future.set_exception(exc)

@@ -16,6 +16,30 @@ log = logging.getLogger(__name__)
 _running_worker = None  # the Worker of this process, once started (for direct task calls)
 
 
+def build_worker(settings, app: Celery):
+    """The Worker `genq worker` runs: its engine in a process of its own."""
+    from genq import db
+    from genq.job_events import JobEventLog
+    from workers.engine_process import EngineProcess, engine_options
+    from workers.intake import open_intake
+    from workers.job_streams import JobStreams
+    from workers.metrics import JobTimingMiddleware
+    from workers.worker import Worker
+
+    db.ensure_schema_current(settings.database_url_resolved)
+    # Token streams need the broker's Redis; on RabbitMQ the API streams status and the final
+    # output from the DB.
+    broker_url = settings.broker_url_resolved
+    streams = (JobStreams(JobEventLog(broker_url))
+               if settings.stream_events and broker_url.startswith("redis") else None)
+    engine = EngineProcess(engine_options(settings), settings.worker_batch_wait_ms / 1000,
+                           on_deltas=streams.add_deltas if streams else None)
+    worker = Worker(settings, open_intake(app, settings, settings.worker_window), engine,
+                    streams=streams)
+    worker.middleware.append(JobTimingMiddleware())
+    return worker
+
+
 class GenqWorker(bootsteps.StartStopStep):
     """Starts the Worker (its engine loaded) before Celery's consumer, which takes no job queue
     (`genq worker` excludes them); the Worker takes jobs once Celery's worker is ready (so a
@@ -32,10 +56,9 @@ class GenqWorker(bootsteps.StartStopStep):
     def start(self, parent) -> None:
         global _running_worker
         from workers.events import ActiveJobsMiddleware, TaskEventsMiddleware
-        from workers.worker import Worker
 
         app = parent.app
-        worker = Worker.for_settings(app.genq_settings, app)
+        worker = build_worker(app.genq_settings, app)
         worker.middleware.append(ActiveJobsMiddleware(parent.hostname))
         if app.conf.worker_send_task_events:  # Flower and `celery events` see every job
             worker.middleware.append(TaskEventsMiddleware(app, parent.hostname))

@@ -11,36 +11,35 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
-from datetime import datetime, timedelta
-from enum import Enum
 from functools import partial
 
-from celery import Celery
-from sqlalchemy import Row, select
+from sqlalchemy import Row
 
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from genq import db
 from genq.errors import ErrorCode
-from genq.job_events import JobEventLog
-from genq.job_store import Claimed, claim_deliveries, count_attempt, extend_leases
-from genq.models import Job, utcnow
+from genq.job_store import Claimed, claim_deliveries
+from genq.models import utcnow
 from genq.settings import Settings
 from genq.states import JobStatus, Priority
 from workers import heartbeat, job_writes
+from workers.chores import Chores, lease_expiry
 from workers.engine_loop import EngineLoop, EngineRequest, RequestAborted
-from workers.engine_process import EngineProcess, engine_options
+from workers.engine_process import EngineProcess
 from workers.group_commit import BatchedWrite, GroupCommitter
-from workers.intake import INTERACTIVE_RESERVE, Delivery, Intake, open_intake
+from workers.in_flight import (
+    LOST_DELIVERIES_BEFORE_ISOLATION,
+    RunningJob,
+    StopReason,
+    Suspects,
+    start_suspect,
+)
+from workers.intake import INTERACTIVE_RESERVE, Delivery, Intake
 from workers.job_streams import JobStreams
 from workers.leases import WORKER_ID, is_dead_local_worker
-from workers.metrics import JobTimingMiddleware, start_metrics_server
+from workers.metrics import start_metrics_server
 from workers.middleware import load_middleware, run_hook
-from workers.periodic import Periodic
-from workers.reaper import expire_overdue_queued, reap_expired_leases, republish_orphaned_queued
 
 log = logging.getLogger(__name__)
 
@@ -49,24 +48,6 @@ TAKE_WAIT_SECONDS = 1.0  # longest wait in the broker for a message; stop is see
 INTERACTIVE_POLL_SECONDS = 0.25
 RETRY_SECONDS = (0.1, 2.0)  # backoff while the broker is unreachable
 DRAIN_GRACE_SECONDS = 5.0  # after the drain deadline, the aborted jobs' hand-backs commit
-# A redelivered job runs in the micro-batch like any other: one lost delivery is what any job
-# of a worker that died has. Lost this often, the job itself is the suspect: it is held,
-# without spending an attempt, until its worker holds no other job, and then starts alone.
-LOST_DELIVERIES_BEFORE_ISOLATION = 2
-
-
-class StopReason(Enum):
-    DEADLINE = "deadline"
-    DRAIN = "drain"
-
-
-@dataclass
-class _Running:
-    job: Row  # the jobs table's row as the claim left it
-    delivery: Delivery
-    deadline: float | None  # time.monotonic() at which the job expires
-    stop_reason: StopReason | None = None
-    outcome: JobStatus = JobStatus.SUCCEEDED  # the state its outcome write moves it to
 
 
 class _DirectCall:
@@ -94,38 +75,16 @@ class Worker:
         self.window = settings.worker_window
         self.refill_at = max(1, min(settings.worker_standby_jobs // 2, self.window))
         self._lock = threading.Lock()
-        self._running: dict[str, _Running] = {}
+        self._running: dict[str, RunningJob] = {}
         self._unsettled = 0  # deliveries neither acked nor handed back yet
-        self._suspects: deque[tuple[Row, Delivery]] = deque()  # lost twice, held (no attempt)
+        self._suspects = Suspects()  # lost twice: held (no attempt), started one at a time
         self._slot_freed = threading.Event()
         self._stopping = threading.Event()
-        self._drain_deadline: float | None = None
+        self.drain_deadline: float | None = None
         self._intake_thread = threading.Thread(target=self._take_jobs, name="genq-intake",
                                                daemon=True)
-        tick = settings.cancel_poll_seconds
-        self._chores = [
-            Periodic("genq-lease-renewal", settings.job_lease_seconds / 3, self.renew_leases),
-            Periodic("genq-deadlines", tick, self.enforce_deadlines),
-            Periodic("genq-cancels", tick, self.abort_canceled),
-            Periodic("genq-reaper", settings.reaper_interval_seconds, self._reap, tick),
-            Periodic("genq-heartbeat", settings.worker_heartbeat_seconds, self._beat, tick),
-        ]
-
-    @classmethod
-    def for_settings(cls, settings: Settings, app: Celery) -> Worker:
-        """The worker `genq worker` runs: its engine in a process of its own."""
-        db.ensure_schema_current(settings.database_url_resolved)
-        # Token streams need the broker's Redis; on RabbitMQ the API streams status and the
-        # final output from the DB.
-        broker_url = settings.broker_url_resolved
-        streams = (JobStreams(JobEventLog(broker_url))
-                   if settings.stream_events and broker_url.startswith("redis") else None)
-        engine = EngineProcess(engine_options(settings), settings.worker_batch_wait_ms / 1000,
-                               on_deltas=streams.add_deltas if streams else None)
-        worker = cls(settings, open_intake(app, settings, settings.worker_window), engine,
-                     streams=streams)
-        worker.middleware.append(JobTimingMiddleware())
-        return worker
+        self.chores = Chores(self)  # lease renewal, deadlines, cancels, reaper, heartbeat
+        self.enforce_deadlines = self.chores.enforce_deadlines
 
     # Start, drain, stop ---------------------------------------------------------------------
 
@@ -141,8 +100,7 @@ class Worker:
         self.engine.submit(EngineRequest("warmup", "Hello", params, priority=0)).result()
         log.info("engine for %s ready in %.1f s", self.settings.model,
                  time.monotonic() - started)
-        for chore in self._chores:
-            chore.start()
+        self.chores.start()
         if take_jobs:
             self.start_taking()
 
@@ -158,8 +116,7 @@ class Worker:
         self.stop_taking()
         self.drain(self.settings.worker_drain_seconds)
         self.intake.close()
-        for chore in self._chores:
-            chore.stop()
+        self.chores.stop()
         self.engine.stop(timeout=5)
         heartbeat.leave(self.settings, self.worker_id)
 
@@ -184,9 +141,9 @@ class Worker:
     def begin_drain(self, seconds: float) -> None:
         """No more claims; enforce_deadlines aborts the jobs in flight after `seconds` and they
         are handed back. Held suspects go back at once, without a spent attempt."""
-        self._drain_deadline = time.monotonic() + seconds
+        self.drain_deadline = time.monotonic() + seconds
         with self._lock:
-            waiting, self._suspects = list(self._suspects), deque()
+            waiting = self._suspects.release_all()
         for job, delivery in waiting:
             self._after_commit(self.writes.submit(job_writes.requeue(
                 job.id, self.worker_id, attempt_spent=False)), job.id,
@@ -248,13 +205,13 @@ class Worker:
             return
         with self._lock:
             self._unsettled += len(deliveries)
-        if self._drain_deadline is not None:
+        if self.drain_deadline is not None:
             for delivery in deliveries:  # their jobs stay queued
                 self._settle(delivery, committed=False)
             return
         try:
             claimed = self.writes.write(lambda session: self._claim(
-                session, [d.job_id for d in deliveries]))
+                session, [d.job_id for d in deliveries]), lazy=True)
         except Exception:
             # The jobs stay as they were in the DB: the reaper republishes a queued job whose
             # message is gone and requeues a running one whose holder is gone, so acking here
@@ -272,7 +229,7 @@ class Worker:
                 runnable.append((job, delivery))
             elif (job := held.pop(delivery.job_id, None)) is not None:
                 with self._lock:
-                    self._suspects.append((job, delivery))
+                    self._suspects.hold(job, delivery)
             else:  # finished, canceled, running elsewhere, or a duplicate
                 self._settle(delivery, committed=True)
         self._generate(runnable)
@@ -282,7 +239,7 @@ class Worker:
         return claim_deliveries(
             session, list(dict.fromkeys(job_ids)), model=self.settings.model,
             model_version=self.settings.model_version or None, worker_id=self.worker_id,
-            lease_expires_at=self._lease_expiry(), is_holder_dead=is_dead_local_worker,
+            lease_expires_at=lease_expiry(self.settings), is_holder_dead=is_dead_local_worker,
             suspect_after=LOST_DELIVERIES_BEFORE_ISOLATION)
 
     # 3. Generate ----------------------------------------------------------------------------
@@ -294,7 +251,7 @@ class Worker:
         for job, delivery in claimed:
             deadline = (time.monotonic() + (job.deadline_at - utcnow()).total_seconds()
                         if job.deadline_at is not None else None)
-            running = _Running(job, delivery, deadline)
+            running = RunningJob(job, delivery, deadline)
             if job.attempts > self.settings.job_max_attempts:
                 self._end_before_engine(running, JobStatus.FAILED, job_writes.fail(
                     job.id, ErrorCode.WORKER_LOST,
@@ -344,7 +301,7 @@ class Worker:
 
     # 4. Commit ------------------------------------------------------------------------------
 
-    def _commit(self, running: _Running, future: Future[RequestOutput]) -> None:
+    def _commit(self, running: RunningJob, future: Future[RequestOutput]) -> None:
         """The engine is done with the job (called by the engine process's outcome reader):
         queue its outcome's write; `_ended` runs once it is committed."""
         with self._lock:
@@ -356,7 +313,7 @@ class Worker:
         else:
             self._after_commit(write, running.job.id, partial(self._ended, running))
 
-    def _outcome_write(self, running: _Running, future: Future[RequestOutput]) -> Future | None:
+    def _outcome_write(self, running: RunningJob, future: Future[RequestOutput]) -> Future | None:
         job_id, output = running.job.id, None
         try:
             output = future.result()
@@ -384,7 +341,7 @@ class Worker:
         return self.writes.submit_batched(self._outputs, (job_id, job_writes.result_values(
             output, running.job.sampling_params.get("logprobs"))))
 
-    def _end_before_engine(self, running: _Running, outcome: JobStatus,
+    def _end_before_engine(self, running: RunningJob, outcome: JobStatus,
                            write: job_writes.Write) -> None:
         running.outcome = outcome
         self._after_commit(self.writes.submit(write), running.job.id,
@@ -403,7 +360,7 @@ class Worker:
 
         write.add_done_callback(on_done)
 
-    def _ended(self, running: _Running, committed: bool) -> None:
+    def _ended(self, running: RunningJob, committed: bool) -> None:
         if self.streams is not None:
             self.streams.ended(running.job.id)
         try:
@@ -429,11 +386,13 @@ class Worker:
             with self._lock:
                 self._unsettled -= 1
                 free = self.window - self._unsettled
+                suspect_done = self._suspects.settled(delivery.job_id)
             if free >= self.refill_at:
                 self._slot_freed.set()
-        self._start_next_suspect()
+        if suspect_done:
+            self._start_next_suspect()
 
-    # Beside the path: a direct call, suspects, deadlines, cancels, leases, chores ------------
+    # Beside the path: a direct call, suspects, the worker's state for its chores ----------
 
     def run(self, job_id: str) -> None:
         """Run one job and wait until its outcome is committed (a direct call of the Celery
@@ -446,79 +405,18 @@ class Worker:
             self.enforce_deadlines()
 
     def _start_next_suspect(self) -> None:
-        """Start the oldest held suspect once this worker holds no other job: if it is what
-        kills workers, it takes down only the jobs delivered after it started. Its attempt is
-        spent only now: a suspect that waited in a worker that died comes back as it was."""
+        """Start the oldest held suspect if no other suspect runs (workers.in_flight)."""
         with self._lock:
-            if (not self._suspects or self._drain_deadline is not None
-                    or self._unsettled != len(self._suspects)):
-                return
-            job, delivery = self._suspects.popleft()
-        log.warning("job %s was lost with its worker %d times: it starts alone", job.id,
-                    job.attempts)
-        counted = self.writes.submit(
-            lambda session: count_attempt(session, job.id, worker_id=self.worker_id))
-        counted.add_done_callback(partial(self._on_suspect_counted, delivery))
+            suspect = None if self.drain_deadline is not None else self._suspects.next_to_start()
+        if suspect is not None:
+            start_suspect(*suspect, self.writes, self.worker_id, generate=self._generate,
+                          settle=self._settle)
 
-    def _on_suspect_counted(self, delivery: Delivery, counted: Future) -> None:
-        try:
-            job = counted.result()
-        except Exception:
-            log.exception("job %s: starting it failed; its message goes back", delivery.job_id)
-            self._settle(delivery, committed=False)
-            return
-        if job is None:  # canceled while it waited
-            self._settle(delivery, committed=True)
-            return
-        self._generate([(job, delivery)])
-
-    def enforce_deadlines(self) -> None:
-        """Abort in the engine the jobs past their deadline, and every job once the drain
-        deadline has passed."""
-        now = time.monotonic()
-        draining = self._drain_deadline is not None and now >= self._drain_deadline
+    def running_jobs(self) -> list[RunningJob]:
         with self._lock:
-            running = list(self._running.values())
-        for item in running:
-            if item.stop_reason is not None:
-                continue
-            if item.deadline is not None and now >= item.deadline:
-                item.stop_reason = StopReason.DEADLINE
-            elif draining:
-                item.stop_reason = StopReason.DRAIN
-            if item.stop_reason is not None:
-                self.engine.abort(item.job.id)
+            return list(self._running.values())
 
-    def abort_canceled(self) -> None:
-        """Abort in the engine every in-flight job that was canceled through the API."""
-        in_flight = self.engine.in_flight()
-        if not in_flight:
-            return
-        with db.session_factory(self.url)() as session:
-            canceled = session.scalars(select(Job.id).where(
-                Job.id.in_(in_flight), Job.status == JobStatus.CANCELED.value)).all()
-        for job_id in canceled:
-            self.engine.abort(job_id)
-
-    def renew_leases(self) -> None:
-        """Extend the leases of the jobs this worker runs or holds (a job whose outcome could
-        not be written is no longer among them: its lease runs out and the reaper takes it)."""
+    def held_job_ids(self) -> list[str]:
+        """The jobs whose leases this worker renews: those it runs and its held suspects."""
         with self._lock:
-            held = [*self._running, *(job.id for job, _delivery in self._suspects)]
-        if held:
-            with db.transaction(self.url) as session:
-                extend_leases(session, held, worker_id=self.worker_id,
-                              lease_expires_at=self._lease_expiry())
-
-    def _lease_expiry(self) -> datetime:
-        return utcnow() + timedelta(seconds=self.settings.job_lease_seconds)
-
-    def _reap(self) -> None:
-        for chore in (reap_expired_leases, expire_overdue_queued, republish_orphaned_queued):
-            try:
-                chore(self.settings)
-            except Exception:  # a failed chore never keeps the others from running
-                log.exception("reaper chore %s failed", chore.__name__)
-
-    def _beat(self) -> None:
-        heartbeat.beat(self.settings, self.worker_id, len(self.engine.in_flight()))
+            return [*self._running, *self._suspects.held_ids()]

@@ -365,28 +365,53 @@ def test_a_before_job_hook_that_raises_fails_its_job_and_not_its_batch(sqlite_ur
     assert echo_worker.is_idle()
 
 
+def test_a_suspect_starts_beside_busy_jobs_and_never_beside_another_suspect(sqlite_url,
+                                                                             echo_worker):
+    # Regression (issue 21): a suspect waited until its worker held no other job, so under
+    # unbroken load it never started (its lease renewed forever).
+    # given a worker busy with a job (its engine stopped: the job waits in the loop's queue)
+    busy = _queued_job(sqlite_url)
+    first, second = (_queued_job(sqlite_url, tenant_name=f"s{i}", attempts=2) for i in range(2))
+    echo_worker.engine.stop(timeout=5)
+
+    # when two jobs lost twice arrive
+    echo_worker.deliver([Delivery(busy, 1), Delivery(first, 2), Delivery(second, 3)])
+
+    # then the first starts at once beside the busy job, with its attempt spent, and the
+    # second is held (claimed, no attempt spent) while the first runs
+    _wait_for_attempts(sqlite_url, first, 3)
+    time.sleep(0.5)
+    assert [(job.status, job.attempts) for job in map(partial(_job, sqlite_url),
+                                                       [busy, first, second])] == [
+        (JobStatus.RUNNING, 1), (JobStatus.RUNNING, 3), (JobStatus.RUNNING, 2)]
+    assert sorted(echo_worker.engine.in_flight()) == sorted([busy, first])
+
+
 def test_a_held_suspect_goes_back_at_a_drain_without_spending_an_attempt(sqlite_url,
                                                                          echo_worker):
-    # given a worker busy with a job (its engine stopped, the job waits in the loop's queue)
-    # and a job lost twice, held until the worker is idle
-    busy, suspect = _queued_job(sqlite_url), _queued_job(sqlite_url, tenant_name="s",
-                                                         attempts=2)
+    # given a worker (its engine stopped) running one suspect and holding another
+    first, second = (_queued_job(sqlite_url, tenant_name=f"s{i}", attempts=2) for i in range(2))
     echo_worker.engine.stop(timeout=5)
-    deliveries = [Delivery(busy, 1), Delivery(suspect, 2)]
+    deliveries = [Delivery(first, 1), Delivery(second, 2)]
     echo_worker.deliver(deliveries)
-    wait_until = time.monotonic() + 10
-    while _job(sqlite_url, suspect).status != JobStatus.RUNNING and time.monotonic() < wait_until:
-        time.sleep(0.05)
+    _wait_for_attempts(sqlite_url, first, 3)
 
     # when the worker drains
     echo_worker.begin_drain(0)
     echo_worker.enforce_deadlines()
 
-    # then both go back to the queue, neither with an attempt spent by this worker
+    # then both go back to the queue with the attempts they came with: the held one spent
+    # none, the running one gets its attempt back (a clean stop loses no delivery)
     assert echo_worker.intake.wait_for(deliveries)
     assert [(job.status, job.attempts) for job in map(partial(_job, sqlite_url),
-                                                       [busy, suspect])] == [
-        (JobStatus.QUEUED, 0), (JobStatus.QUEUED, 2)]
+                                                       [first, second])] == [
+        (JobStatus.QUEUED, 2), (JobStatus.QUEUED, 2)]
+
+
+def _wait_for_attempts(database_url: str, job_id: str, attempts: int) -> None:
+    wait_until = time.monotonic() + 10
+    while _job(database_url, job_id).attempts != attempts and time.monotonic() < wait_until:
+        time.sleep(0.05)
 
 
 def test_job_ended_hooks_get_the_state_each_outcome_wrote(sqlite_url, echo_worker):
