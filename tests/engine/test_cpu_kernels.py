@@ -22,7 +22,10 @@ def kernel():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("lengths", [[1], [37], [200, 16, 5, 129]])
-def test_paged_kernel_matches_the_gather_path(kernel, dtype, lengths):
+# SmolLM2's heads; head dim 128 (Llama-3-style); 8 query heads per KV head (the generic loop).
+@pytest.mark.parametrize("shape", [(KV_HEADS, HEADS, DIM), (2, 4, 128), (1, 8, 64)])
+def test_paged_kernel_matches_the_gather_path(kernel, dtype, lengths, shape):
+    KV_HEADS, HEADS, DIM = shape  # noqa: N806 (the module's names, per case)
     torch.manual_seed(0)
     num_slots = 64 * BLOCK
     pool = torch.randn(2 * KV_HEADS * num_slots, DIM).to(dtype)
