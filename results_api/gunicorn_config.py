@@ -3,12 +3,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import signal
+import sys
+
+from gunicorn.arbiter import Arbiter
+from uvicorn.server import Server
+from uvicorn_worker import UvicornWorker
 
 
 def post_worker_init(worker: object) -> None:
-    """Leave Ctrl-C to the master. In a terminal (`genq api`) a Ctrl-C reaches the master and
+    """(gthread workers, under `gunicorn results_api.wsgi:app`.) Leave Ctrl-C to the master. In a terminal (`genq api`) a Ctrl-C reaches the master and
     its workers at once, and the master then sends each worker SIGQUIT: a gthread worker whose
     second quit handler ran inside the first one's ThreadPoolExecutor.shutdown waited on its
     lock until the master SIGKILLed it (cpython issue 121649). The master's SIGQUIT still stops
@@ -19,6 +25,8 @@ def post_worker_init(worker: object) -> None:
     landed while the main thread was in ThreadPoolExecutor.submit, holding the pool's lock
     while a new thread started, waited on that lock until the SIGKILL (py-spy stack; 2 of 3
     Ctrl-Cs right after boot, when the tokenizer warm-up thread held the GIL)."""
+    if isinstance(worker, UvicornWorker):
+        return
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGQUIT, worker.handle_exit)
 
@@ -30,3 +38,29 @@ def worker_exit(server: object, worker: object) -> None:
     SIGKILL) when the stopping worker, engine and API processes shared two loaded cores.
     Only cyclic garbage of the frozen objects stays unfreed, and the process is ending."""
     gc.freeze()
+
+
+class ApiWorker(UvicornWorker):
+    """The API's gunicorn worker: uvicorn serving results_api.asgi.
+
+    A SIGQUIT (the master's quick shutdown: its own SIGINT, `genq up`'s Ctrl-C) stops it at
+    once: uvicorn_worker's handler only flags the gunicorn worker, which uvicorn never reads,
+    so the master SIGKILLed it after its graceful timeout. A SIGTERM (graceful) lets calls in
+    progress end for GRACEFUL_SECONDS, below gunicorn's 5 s, then cancels the waits and
+    streams still open (their slots released, a stream's job canceled as on a disconnect)."""
+
+    GRACEFUL_SECONDS = 3
+    CONFIG_KWARGS = {**UvicornWorker.CONFIG_KWARGS,
+                     "timeout_graceful_shutdown": GRACEFUL_SECONDS}
+
+    async def _serve(self) -> None:
+        self.config.app = self.wsgi
+        server = Server(config=self.config)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGQUIT, _quick_exit, server)
+        await server.serve(sockets=self.sockets)
+        if not server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
+
+
+def _quick_exit(server: Server) -> None:
+    server.should_exit = server.force_exit = True
