@@ -14,8 +14,9 @@ from uvicorn_worker import UvicornWorker
 
 
 def post_worker_init(worker: object) -> None:
-    """(gthread workers, under `gunicorn results_api.wsgi:app`.) Leave Ctrl-C to the master. In a terminal (`genq api`) a Ctrl-C reaches the master and
-    its workers at once, and the master then sends each worker SIGQUIT: a gthread worker whose
+    """For gthread workers (`gunicorn results_api.wsgi:app`; ApiWorker stops on its own).
+    Leave Ctrl-C to the master. In a terminal a Ctrl-C reaches the master and its workers at
+    once, and the master then sends each worker SIGQUIT: a gthread worker whose
     second quit handler ran inside the first one's ThreadPoolExecutor.shutdown waited on its
     lock until the master SIGKILLed it (cpython issue 121649). The master's SIGQUIT still stops
     the worker quickly, once.
