@@ -25,6 +25,8 @@ from results_api.stream_hub import StreamHub
 
 log = logging.getLogger(__name__)
 
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+PROBE_THREADS = 2
 RELEASE_SECONDS = 1.5  # at shutdown, for the open calls' releases (gunicorn kills at 5 s)
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
@@ -40,6 +42,8 @@ class GenqAsgi:
         self.flask_app = flask_app
         self.settings = flask_app.config["GENQ_SETTINGS"]
         self.wsgi = WSGIMiddleware(flask_app, workers=self.settings.api_threads)
+        # Probes never queue behind a burst of ordinary calls in the pool above.
+        self.probes = WSGIMiddleware(flask_app, workers=PROBE_THREADS)
         self._hub: StreamHub | None = None
         self._num_open = 0  # waits and streams, until released
 
@@ -54,6 +58,8 @@ class GenqAsgi:
             return await self._lifespan(receive, send)
         if scope["type"] != "http":
             return await self.wsgi(scope, receive, send)
+        if scope["path"] in PROBE_PATHS:
+            return await self.probes(scope, receive, send)
         scope[ASYNC_LAYER] = True
 
         async def send_unless_handed_off(message) -> None:
