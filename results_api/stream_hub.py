@@ -64,6 +64,7 @@ class StreamHub:
         self._redis: aioredis.Redis | None = None
         self._wake_key = f"genq:api-wake:{uuid.uuid4().hex}"
         self._wake_cursor = "0-0"
+        self._wakes: set[asyncio.Task] = set()
 
     @property
     def num_waiting(self) -> int:
@@ -204,7 +205,9 @@ class StreamHub:
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read_logs())
         else:
-            asyncio.get_running_loop().create_task(self._wake_reader())
+            task = asyncio.get_running_loop().create_task(self._wake_reader())
+            self._wakes.add(task)  # held until done: the loop keeps only weak references
+            task.add_done_callback(self._wakes.discard)
 
     def _unsubscribe(self, subscription: _Subscription) -> None:
         held = self._subscriptions.get(subscription.job_id)
