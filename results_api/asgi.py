@@ -75,16 +75,25 @@ class GenqAsgi:
             if isinstance(handoff.work, Stream):
                 await self._stream(handoff, handoff.work, receive, send)
             else:
-                await self._wait(handoff, handoff.work, send)
+                await self._wait(handoff, handoff.work, receive, send)
         finally:
             self._num_open -= 1
 
-    async def _wait(self, handoff: Handoff, work: WaitThenAnswer, send) -> None:
+    async def _wait(self, handoff: Handoff, work: WaitThenAnswer, receive, send) -> None:
+        """A client that goes away frees its slot at once (its jobs run on: a poll or a
+        webhook still gets them)."""
+        gone = asyncio.ensure_future(_client_gone(receive))
         try:
             if work.job_ids:
-                await self.hub.wait_finished(work.job_ids, work.seconds)
+                waiting = asyncio.ensure_future(
+                    self.hub.wait_finished(work.job_ids, work.seconds))
+                await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+                waiting.cancel()
         finally:
+            gone.cancel()
             work.release()
+        if gone.done() and not gone.cancelled():
+            return
         status, headers, body = await self._in_pool(_answer, handoff.app, work)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 
 from tests.conftest import TINY_MODEL, make_key
@@ -87,3 +88,20 @@ def test_beyond_its_slots_a_tenants_completions_and_streams_answer_429(stack_fac
         (202, "wait=4")] * 2
     listed = requests.get(f"{stack.api_url}/v1/jobs", headers=auth, timeout=10).json()["data"]
     assert len(listed) == 3
+
+
+def test_a_wait_whose_client_went_away_frees_its_slot(stack_factory, sqlite_url, redis_url):
+    # given a tenant with one wait slot, held by a call whose client gives up after 1 s
+    stack = stack_factory(sqlite_url, redis_db(redis_url, WAITS_REDIS_DB), worker=False,
+                          extra_env={"GENQ_MAX_WAITS_PER_TENANT": "1"})
+    with pytest.raises(requests.ReadTimeout):
+        requests.post(f"{stack.api_url}/v1/jobs", timeout=(10, 1), json={"prompt": "Hi"},
+                      headers={"Authorization": f"Bearer {stack.key}", "Prefer": "wait=30"})
+    time.sleep(0.5)
+
+    # when the tenant asks for another wait
+    response, seconds = _timed_submit(stack, stack.key, "wait=2")
+
+    # then it waits: the slot was freed when the first client went away, not 30 s later
+    assert response.headers.get("Preference-Applied") == "wait=2"
+    assert 1.5 < seconds < 10
