@@ -56,11 +56,21 @@ class ApiWorker(UvicornWorker):
 
     async def _serve(self) -> None:
         self.config.app = self.wsgi
-        server = Server(config=self.config)
+        server = _WorkerServer(config=self.config)
         asyncio.get_running_loop().add_signal_handler(signal.SIGQUIT, _quick_exit, server)
         await server.serve(sockets=self.sockets)
         if not server.started:
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
+
+
+class _WorkerServer(Server):
+    """uvicorn's server, less its re-raising of the stop signal once it stopped: the worker
+    then exits through gunicorn's own path ("Worker exiting"), not killed by that signal (which
+    its master logged as a worker lost to SIGINT)."""
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
 
 
 def _quick_exit(server: Server) -> None:

@@ -118,7 +118,8 @@ class StreamHub:
             rows, self._row_requests = self._row_requests, {}
             self._rows_asked.clear()
             try:
-                finished, jobs = await asyncio.to_thread(self._query, wait_ids, list(rows))
+                finished, jobs = (await asyncio.to_thread(self._query, wait_ids, list(rows))
+                                  if wait_ids or rows else ([], {}))
             except Exception as exc:  # a DB hiccup: waits go on, this tick's row reads fail
                 log.warning("reading the rows of waited jobs failed: %s", exc)
                 finished, jobs = [], {}
