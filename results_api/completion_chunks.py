@@ -40,12 +40,11 @@ def stream_completion(settings: Settings, tenant_id: str,
 
     def release() -> None:
         """When the response closes, even before its first chunk: a client that went away
-        (or a stream that broke) stops spending on its job."""
-        try:
-            if not render.finished:
-                _cancel_quietly(settings, tenant_id, job.id)
-        finally:
-            release_slot()
+        (or a stream that broke) stops spending on its job. The slot first: cancel_job waits
+        for the job's partial output, and a client that saw it could be refused meanwhile."""
+        release_slot()
+        if not render.finished:
+            _cancel_quietly(settings, tenant_id, job.id)
 
     return hand_off(Stream(settings, tenant_id, job, None, render, release))
 
