@@ -6,27 +6,34 @@
 Run against a genq API with no worker (so the jobs stay queued and every wait lasts), in the
 project directory of its database (keys come from `genq keys create`). Reports how many streams
 and waits were held open, how many were turned away (429, or 202 without waiting), and the
-/healthz p50/p99 meanwhile (timed from a process of its own, so the clients' threads do not
-hold its GIL).
+/healthz p50/p99 meanwhile (timed from a process of its own; the calls are held by one asyncio
+client thread). A wait is held while it has no answer: with --seconds 30 every one of them
+should still be open at the end (Prefer: wait=60).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import multiprocessing
+import resource
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import requests
 
 from benchmarks.metrics_scrape import cpu_name
+
+JOB = {"prompt": "x", "max_tokens": 4}
+MAX_WAIT_SECONDS = 60
+OPEN_SECONDS = 5.0  # after the calls started, before /healthz is timed
 
 
 def create_key(tenant: str) -> str:
@@ -45,28 +52,58 @@ def probe(api: str, seconds: float, results: multiprocessing.Queue) -> None:
     results.put(timings)
 
 
-def hold_stream(api: str, key: str, seconds: float, outcomes: Counter, lock) -> None:
-    auth = {"Authorization": f"Bearer {key}"}
-    job = requests.post(f"{api}/v1/jobs", headers=auth, timeout=60,
-                        json={"prompt": "x", "max_tokens": 4}).json()
-    deadline = time.monotonic() + seconds
-    with requests.get(f"{api}/v1/jobs/{job['id']}/events", headers=auth, stream=True,
-                      timeout=30) as response:
-        with lock:
-            outcomes[f"stream {response.status_code}"] += 1
-        if response.status_code == 200:
-            for _ in response.iter_lines():
-                if time.monotonic() > deadline:
-                    break
+async def hold_stream(client: httpx.AsyncClient, key: str, job_id: str,
+                      outcomes: Counter) -> None:
+    async with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=_auth(key)) as response:
+        outcomes[f"stream {response.status_code}"] += 1
+        async for _ in response.aiter_lines():
+            pass
 
 
-def hold_wait(api: str, key: str, seconds: float, outcomes: Counter, lock) -> None:
-    response = requests.post(f"{api}/v1/jobs", timeout=90, json={"prompt": "x", "max_tokens": 4},
-                             headers={"Authorization": f"Bearer {key}",
-                                      "Prefer": f"wait={min(60, int(seconds))}"})
+async def hold_wait(client: httpx.AsyncClient, key: str, outcomes: Counter) -> None:
+    response = await client.post("/v1/jobs", json=JOB,
+                                 headers=_auth(key) | {"Prefer": f"wait={MAX_WAIT_SECONDS}"})
+    # Answered before the end (the jobs never finish): turned away, or a wait that timed out.
     waited = "waited" if "Preference-Applied" in response.headers else "not waited"
-    with lock:
-        outcomes[f"wait {response.status_code} {waited}"] += 1
+    outcomes[f"wait {response.status_code} {waited} (answered)"] += 1
+
+
+async def hold_all(args: argparse.Namespace, keys: list[str], outcomes: Counter,
+                   started: threading.Event, probed: threading.Event) -> dict[str, int]:
+    """Open every stream and wait, hold them for the probe's time, then close them."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=args.api, limits=limits,
+                                 timeout=httpx.Timeout(MAX_WAIT_SECONDS + 30)) as client:
+        stream_jobs = []  # the streams' jobs, submitted in bulk per tenant
+        for n, key in enumerate(keys):
+            count = len(range(n, args.streams, len(keys)))
+            if count:
+                bulk = await client.post("/v1/jobs/bulk", headers=_auth(key),
+                                         json={"jobs": [JOB] * count})
+                bulk.raise_for_status()
+                stream_jobs += [(key, job["id"]) for job in bulk.json()["data"]]
+        tasks = [asyncio.ensure_future(hold_stream(client, key, job_id, outcomes))
+                 for key, job_id in stream_jobs]
+        tasks += [asyncio.ensure_future(hold_wait(client, keys[n % len(keys)], outcomes))
+                  for n in range(args.waits)]
+        started.set()
+        await asyncio.to_thread(probed.wait)
+        still_open = sum(not task.done() for task in tasks)
+        waits_open = sum(not task.done() for task in tasks[len(stream_jobs):])
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return {"open_at_end": still_open, "waits_open_at_end": waits_open}
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _raise_open_files_limit(wanted: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
 
 
 def p99(values: list[float]) -> float:
@@ -80,27 +117,33 @@ def main() -> None:
     parser.add_argument("--waits", type=int, default=64)
     parser.add_argument("--tenants", type=int, default=16, help="the calls spread over these")
     parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--settle", type=float, default=OPEN_SECONDS,
+                        help="seconds from the first call to the first /healthz timed")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     keys = [create_key(f"waits-{n}") for n in range(args.tenants)]
-    outcomes, lock = Counter(), threading.Lock()
+    _raise_open_files_limit(2 * (args.streams + args.waits) + 1024)
+    outcomes: Counter = Counter()
     spawn = multiprocessing.get_context("spawn")
     timings_queue = spawn.Queue()
-    calls = args.streams + args.waits
-    with ThreadPoolExecutor(max(calls, 1)) as pool:
-        for n in range(args.streams):
-            pool.submit(hold_stream, args.api, keys[n % len(keys)], args.seconds + 10,
-                        outcomes, lock)
-        for n in range(args.waits):
-            pool.submit(hold_wait, args.api, keys[n % len(keys)], args.seconds + 10, outcomes,
-                        lock)
-        time.sleep(5)  # every call is in
-        prober = spawn.Process(target=probe, args=(args.api, args.seconds, timings_queue))
-        prober.start()
-        timings = timings_queue.get()
-        prober.join()
-        print("outcomes so far:", dict(outcomes), flush=True)
-    result = {"streams": args.streams, "waits": args.waits, "outcomes": dict(outcomes),
+    started, probed = threading.Event(), threading.Event()
+    holder: dict = {}
+    thread = threading.Thread(target=lambda: holder.update(
+        asyncio.run(hold_all(args, keys, outcomes, started, probed))))
+    thread.start()
+    started.wait()
+    time.sleep(args.settle)  # by default many calls are still opening: the busiest part
+    prober = spawn.Process(target=probe, args=(args.api, args.seconds, timings_queue))
+    prober.start()
+    timings = timings_queue.get()
+    prober.join()
+    probed.set()
+    thread.join()
+    print("outcomes:", dict(outcomes), holder, flush=True)
+    held = outcomes["stream 200"] + holder["waits_open_at_end"]
+    result = {"streams": args.streams, "waits": args.waits, "settle_seconds": args.settle,
+              "held": held,
+              "outcomes": dict(outcomes) | holder,
               "healthz_p50_ms": statistics.median(timings), "healthz_p99_ms": p99(timings),
               "cpu": cpu_name()}
     print(json.dumps(result, indent=2))

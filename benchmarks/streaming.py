@@ -6,7 +6,7 @@ and tokens/s of concurrent streamed jobs against the same jobs unstreamed, in on
 
 - engine TTFT: the engine alone in this process, configured as the worker's, idle: from
   `add_request(stream=True)` to its first delta.
-- system TTFT: `POST /v1/chat/completions` with `stream: true` to a real API (gunicorn) and worker,
+- system TTFT: `POST /v1/chat/completions` with `stream: true` to a real API and worker,
   idle: from sending the request to the first chunk with text.
 - throughput: `--streams` jobs at once, streamed (one SSE client each) or unstreamed (submitted
   to /v1/jobs, counted when their rows are committed), in alternating rounds; then the
@@ -34,6 +34,7 @@ import redis
 import requests
 from sqlalchemy import func, select
 
+from cli.services import API_WORKER_CLASS
 from genq import db
 from genq.api_keys import create_api_key
 from genq.models import Job
@@ -84,7 +85,7 @@ def stop(process: subprocess.Popen) -> None:
 
 
 class Stack:
-    """A gunicorn API (enough threads and wait slots for every stream) and one worker."""
+    """The API as `genq api` runs it (one process) and one worker."""
 
     def __init__(self, settings: Settings, workdir: Path, streams: int) -> None:
         self.settings, self.workdir = settings, workdir
@@ -92,13 +93,13 @@ class Stack:
                     "GENQ_DATABASE_URL": settings.database_url_resolved,
                     "GENQ_BROKER_URL": settings.broker_url, "GENQ_MODEL": settings.model,
                     "GENQ_MODEL_CACHE_DIR": str(settings.model_cache_dir_resolved),
-                    "GENQ_DATA_DIR": str(workdir), "GENQ_API_THREADS": str(streams + 8),
-                    "GENQ_MAX_WAITS_PER_TENANT": str(streams)}
+                    "GENQ_DATA_DIR": str(workdir)}
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.api = start([sys.executable, "-m", "gunicorn", "--worker-class", "gthread",
-                          "--threads", str(streams + 8), "--bind", f"127.0.0.1:{port}",
-                          "results_api.app:create_app()"], self.env, workdir / "api.log",
+        self.api = start([sys.executable, "-m", "gunicorn", "--worker-class", API_WORKER_CLASS,
+                          "--bind", f"127.0.0.1:{port}", "--config",
+                          "python:results_api.gunicorn_config",
+                          "results_api.asgi:create_asgi_app()"], self.env, workdir / "api.log",
                          self._api_ready)
         self.worker: subprocess.Popen | None = None
         with db.transaction(settings.database_url_resolved) as session:

@@ -27,12 +27,17 @@ def worker_stop_seconds(settings: Settings) -> float:
     return settings.worker_drain_seconds + WORKER_STOP_MARGIN_SECONDS
 
 
+# Uvicorn workers: waits and streams live on an event loop, not in request threads
+# (results_api.asgi); Flask's routes run in a pool of GENQ_API_THREADS threads per process.
+API_WORKER_CLASS = "results_api.gunicorn_config.ApiWorker"
+
+
 def _api_command(settings: Settings, host: str, port: int) -> list[str]:
     return [
-        sys.executable, "-m", "gunicorn", "--worker-class", "gthread",
-        "--workers", str(settings.api_workers), "--threads", str(settings.api_threads),
+        sys.executable, "-m", "gunicorn", "--worker-class", API_WORKER_CLASS,
+        "--workers", str(settings.api_workers),
         "--bind", f"{host}:{port}", "--graceful-timeout", "5", "--timeout", "120",
-        "--config", "python:results_api.gunicorn_config", "results_api.app:create_app()",
+        "--config", "python:results_api.gunicorn_config", "results_api.asgi:create_asgi_app()",
     ]
 
 

@@ -58,10 +58,11 @@ class Settings(BaseSettings):
     retention_sweep_seconds: float = Field(3600.0, gt=0)
     # When set, GET /metrics needs `Authorization: Bearer <this>` (Prometheus: bearer_token).
     metrics_token: str = ""
-    # Waits (`Prefer: wait`, synchronous completions) per API process: at most this many per
-    # tenant, and never on the last `api_threads_kept_free` request threads (health, polls).
-    max_waits_per_tenant: int = Field(4, ge=0)
-    api_threads_kept_free: int = Field(2, ge=1)
+    # Waits and streams (`Prefer: wait`, completions, SSE) open at once per API process: at
+    # most this many per tenant and `max_open_waits` in all. They hold no request thread
+    # (results_api.asgi); the caps bound memory, sockets and one tenant's share.
+    max_waits_per_tenant: int = Field(500, ge=0)
+    max_open_waits: int = Field(5000, ge=1)
 
     # Worker and engine
     worker_concurrency: int = 32  # jobs in flight per worker process (engine max_num_seqs)

@@ -5,7 +5,7 @@ Without Redis (RabbitMQ) the row gives it all: status changes, then the output a
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -47,6 +47,28 @@ class Idle:
 JobStreamEvent = StatusChanged | Delta | Finished | Idle
 
 
+@dataclass(frozen=True)
+class ReadJob:
+    """A request of follow_steps: the job's row now (its reply: the Job)."""
+
+
+@dataclass(frozen=True)
+class ReadEvents:
+    """A request of follow_steps: the log's events after `after`, waiting up to
+    DB_CHECK_SECONDS for one (its reply: a list, empty on a timeout or without a log)."""
+    after: EventId | None
+
+
+@dataclass(frozen=True)
+class ReadEvent:
+    """A request of follow_steps: the log's event `id`, or None (a Last-Event-ID resume)."""
+    id: EventId
+
+
+IoRequest = ReadJob | ReadEvents | ReadEvent
+READ_JOB = ReadJob()
+
+
 @lru_cache(maxsize=4)
 def _event_log(broker_url: str) -> JobEventLog:
     return JobEventLog(broker_url)
@@ -60,14 +82,44 @@ def event_log_for(settings: Settings) -> JobEventLog | None:
 def follow_job(settings: Settings, tenant_id: str, job: Job,
                after: EventId | None = None) -> Iterator[JobStreamEvent]:
     """The events of `job` (the tenant's) after `after` (a Last-Event-ID), ending with
-    Finished. A finished job yields at most one last delta and Finished."""
+    Finished. A finished job yields at most one last delta and Finished. This thread does the
+    reads (results_api.stream_hub does them for many streams at once, without a thread)."""
     event_log = event_log_for(settings)
-    attempt, num_chars = (after.attempt, 0) if after is not None else (None, 0)
-    if after is not None and after.offset and event_log is not None:
+    steps = follow_steps(job, after, has_log=event_log is not None)
+    reply = None
+    while True:
         try:
-            resumed = event_log.event(job.id, after)
-        except Exception:  # Redis down: the rest comes from the job row
-            resumed = None
+            item = steps.send(reply)
+        except StopIteration:
+            return
+        reply = None
+        if isinstance(item, ReadJob):
+            reply = get_job(settings, tenant_id, job.id)
+        elif isinstance(item, ReadEvents):
+            reply = _read(event_log, job.id, item.after)
+        elif isinstance(item, ReadEvent):
+            reply = read_event_quietly(event_log, job.id, item.id)
+        else:
+            yield item
+
+
+def read_event_quietly(event_log: JobEventLog | None, job_id: str,
+                       event_id: EventId) -> JobEvent | None:
+    if event_log is None:
+        return None
+    try:
+        return event_log.event(job_id, event_id)
+    except Exception:  # Redis down: the rest comes from the job row
+        return None
+
+
+def follow_steps(job: Job, after: EventId | None = None, has_log: bool = True
+                 ) -> Generator[JobStreamEvent | IoRequest, object, None]:
+    """follow_job without its I/O: yields the stream's events and the reads it needs
+    (ReadJob, ReadEvents, ReadEvent), each answered by the driver through send()."""
+    attempt, num_chars = (after.attempt, 0) if after is not None else (None, 0)
+    if after is not None and after.offset and has_log:
+        resumed = yield ReadEvent(after)
         num_chars = resumed.chars if resumed is not None else 0
         if (resumed is None and JobStatus(job.status).is_terminal
                 and after.offset >= (job.completion_tokens or 0)):
@@ -79,8 +131,8 @@ def follow_job(settings: Settings, tenant_id: str, job: Job,
     while True:
         now = time.monotonic()
         if refresh or now >= next_check:
-            job, next_check = get_job(settings, tenant_id, job.id), now + DB_CHECK_SECONDS
-            refresh = False
+            job = yield READ_JOB
+            next_check, refresh = now + DB_CHECK_SECONDS, False
         if JobStatus(job.status).is_terminal:
             # Canceled while it ran: its worker stores the partial output a moment later (and
             # then says `ended`); a worker that is gone never will.
@@ -92,7 +144,7 @@ def follow_job(settings: Settings, tenant_id: str, job: Job,
         if job.status != status and not JobStatus(job.status).is_terminal:
             status = job.status
             yield StatusChanged(JobStatus(status))
-        events = _read(event_log, job.id, cursor)
+        events = yield ReadEvents(cursor)
         if not events:
             yield Idle()
         for event in _coalesced(events):

@@ -1,5 +1,6 @@
-"""The Flask application factory. Run it with a production WSGI server, e.g.
-`gunicorn --worker-class gthread --threads 8 -w 2 'results_api.app:create_app()'`."""
+"""The Flask application factory. `genq api` serves it through results_api.asgi (uvicorn
+workers, waits and streams on the event loop); a plain WSGI server also runs it, a thread per
+wait or stream."""
 
 from __future__ import annotations
 

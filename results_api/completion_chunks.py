@@ -9,17 +9,19 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Response
+from flask.typing import ResponseReturnValue
 
 from genq.errors import ErrorCode, GenqError
 from genq.models import Job
 from genq.settings import Settings
 from genq.states import JobStatus
-from producer.job_stream import Delta, Finished, Idle, follow_job
+from producer.job_stream import Delta, Finished, Idle, JobStreamEvent
 from producer.jobs import cancel_job
 from producer.openai_compat import CompletionRequest, completion_object
 from producer.submit import submit_job
-from results_api.sse import KEEP_ALIVE, sse, stream_response, take_stream_slot
+from results_api.handoff import Stream, hand_off
+from results_api.sse import KEEP_ALIVE, sse
+from results_api.waits import take_required_wait_slot
 
 log = logging.getLogger(__name__)
 
@@ -27,37 +29,63 @@ DONE = "data: [DONE]\n\n"
 
 
 def stream_completion(settings: Settings, tenant_id: str,
-                      completion: CompletionRequest) -> Response:
-    release_slot = take_stream_slot(tenant_id)
+                      completion: CompletionRequest) -> ResponseReturnValue:
+    release_slot = take_required_wait_slot(tenant_id, "streams and waits")
     try:
         job = submit_job(settings, tenant_id, completion.choice(0)).job
     except BaseException:
         release_slot()
         raise
-    finished: list[bool] = []  # set by the stream once the job's final chunks are out
+    render = CompletionChunks(job, completion.include_usage)
 
     def release() -> None:
         """When the response closes, even before its first chunk: a client that went away
-        (or a stream that broke) stops spending on its job."""
-        try:
-            if not finished:
-                _cancel_quietly(settings, tenant_id, job.id)
-        finally:
-            release_slot()
+        (or a stream that broke) stops spending on its job. The slot first: cancel_job waits
+        for the job's partial output, and a client that saw it could be refused meanwhile."""
+        release_slot()
+        if not render.finished:
+            _cancel_quietly(settings, tenant_id, job.id)
 
-    return stream_response(_chunks(settings, tenant_id, job, completion, finished), release)
+    return hand_off(Stream(settings, tenant_id, job, None, render, release))
 
 
-def _chunks(settings: Settings, tenant_id: str, job: Job, completion: CompletionRequest,
-            finished: list[bool]) -> Iterator[str]:
-    chat = job.messages is not None
-    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job.id}",
-            "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(job.created_at.timestamp()), "model": job.model}
-    extra = {"usage": None} if completion.include_usage else {}
+class CompletionChunks:
+    """The chunks of one completion stream, event by event (results_api.handoff.Stream)."""
 
-    def chunk(text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
-        if chat:
+    def __init__(self, job: Job, include_usage: bool) -> None:
+        self.chat = job.messages is not None
+        self.head = {"id": f"{'chatcmpl' if self.chat else 'cmpl'}-{job.id}",
+                     "object": "chat.completion.chunk" if self.chat else "text_completion",
+                     "created": int(job.created_at.timestamp()), "model": job.model}
+        self.extra = {"usage": None} if include_usage else {}
+        self.include_usage = include_usage
+        self.sent = _SentText()
+        self.finished = False  # the job's final chunks are out: nothing to cancel
+        self.done = False
+
+    def start(self) -> list[str]:
+        return [self.chunk("", role=True)] if self.chat else []
+
+    def on(self, event: JobStreamEvent) -> list[str]:
+        if isinstance(event, Delta) and event.text:
+            new_text = self.sent.add(event)
+            if new_text is None:
+                self.done = True
+                return [_RESTARTED]
+            return [self.chunk(new_text)] if new_text else []
+        if isinstance(event, Idle):
+            return [KEEP_ALIVE]
+        if isinstance(event, Finished):
+            self.finished = self.done = True
+            if event.job.status == JobStatus.SUCCEEDED.value and self.sent.text != (
+                    event.job.output_text or ""):
+                return [_RESTARTED]
+            return list(_last_chunks(event.job, self.chunk, self.head, self.include_usage))
+        return []
+
+    def chunk(self, text: str | None, finish_reason: str | None = None,
+              role: bool = False) -> str:
+        if self.chat:
             delta = ({"role": "assistant"} if role else {}) | (
                 {"content": text} if text is not None else {})
             choice = {"index": 0, "delta": delta, "logprobs": None,
@@ -65,28 +93,7 @@ def _chunks(settings: Settings, tenant_id: str, job: Job, completion: Completion
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None,
                       "finish_reason": finish_reason}
-        return sse({**head, "choices": [choice], **extra})
-
-    if chat:
-        yield chunk("", role=True)
-    sent = _SentText()
-    for event in follow_job(settings, tenant_id, job):
-        if isinstance(event, Delta) and event.text:
-            new_text = sent.add(event)
-            if new_text is None:
-                yield _RESTARTED
-                return
-            if new_text:
-                yield chunk(new_text)
-        elif isinstance(event, Idle):
-            yield KEEP_ALIVE
-        elif isinstance(event, Finished):
-            finished.append(True)
-            if event.job.status == JobStatus.SUCCEEDED.value and sent.text != (
-                    event.job.output_text or ""):
-                yield _RESTARTED
-                return
-            yield from _last_chunks(event.job, chunk, head, completion.include_usage)
+        return sse({**self.head, "choices": [choice], **self.extra})
 
 
 class _SentText:

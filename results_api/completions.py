@@ -8,15 +8,15 @@ Past `completion_timeout_seconds` the job is canceled and the call answers 503
 
 from __future__ import annotations
 
-import time
-
 from flask import Blueprint, Response, jsonify, request
+from flask.typing import ResponseReturnValue
 from pydantic import ValidationError
 
 from genq.errors import ErrorCode, GenqError
 from genq.models import Job
+from genq.settings import Settings
 from genq.states import JobStatus, Priority
-from producer.jobs import cancel_job
+from producer.jobs import cancel_job, get_job
 from producer.openai_compat import (
     CHAT_COMPLETIONS,
     COMPLETIONS,
@@ -27,8 +27,9 @@ from producer.openai_compat import (
 from producer.submit import submit_job
 from results_api.completion_chunks import stream_completion
 from results_api.context import authenticate, current_settings, current_tenant_id
-from results_api.openai_errors import register_openai_errors
-from results_api.waits import required_wait_slot, wait_for_job
+from results_api.handoff import WaitThenAnswer, hand_off
+from results_api.openai_errors import openai_error_response, register_openai_errors
+from results_api.waits import take_required_wait_slot
 
 bp = Blueprint("completions", __name__, url_prefix="/v1")
 register_openai_errors(bp)
@@ -45,7 +46,7 @@ def completions() -> Response:
     return _answer(_request_for(COMPLETIONS))
 
 
-def _answer(completion: CompletionRequest) -> Response:
+def _answer(completion: CompletionRequest) -> ResponseReturnValue:
     if completion.stream:
         return stream_completion(current_settings(), current_tenant_id(), completion)
     return _complete(completion)
@@ -64,28 +65,33 @@ def _request_for(endpoint: str) -> CompletionRequest:
                         f"the body is not valid JSON: {exc.errors()[0]['msg']}") from None
 
 
-def _complete(completion: CompletionRequest) -> Response:
+def _complete(completion: CompletionRequest) -> ResponseReturnValue:
     """One job per choice, all submitted first (they run side by side), then waited for.
 
-    The call holds one of the tenant's wait slots (429 beyond them), so synchronous completions
-    cannot take every request thread of the API."""
+    The call holds one of the tenant's wait slots (429 beyond them) while it waits."""
     settings, tenant_id = current_settings(), current_tenant_id()
     jobs: list[Job] = []
-    with required_wait_slot(tenant_id):
-        try:
-            for index in range(completion.num_choices):
-                jobs.append(submit_job(settings, tenant_id, completion.choice(index)).job)
-        except GenqError:  # e.g. a rate limit after the first choices: none of them is answered
-            for job in jobs:
-                _cancel_quietly(job)
-            raise
-        deadline = time.monotonic() + settings.completion_timeout_seconds
-        for index, job in enumerate(jobs):
-            jobs[index] = wait_for_job(settings, tenant_id, job,
-                                       max(0.0, deadline - time.monotonic()))
+    release = take_required_wait_slot(tenant_id)
+    try:
+        for index in range(completion.num_choices):
+            jobs.append(submit_job(settings, tenant_id, completion.choice(index)).job)
+    except BaseException:  # e.g. a rate limit after the first choices: none of them is answered
+        release()
+        for job in jobs:
+            _cancel_quietly(settings, tenant_id, job)
+        raise
+    return hand_off(WaitThenAnswer(
+        [job.id for job in jobs], settings.completion_timeout_seconds, release=release,
+        answer=lambda: _completion_answer(settings, tenant_id, completion, jobs),
+        on_error=openai_error_response))
+
+
+def _completion_answer(settings: Settings, tenant_id: str, completion: CompletionRequest,
+                       jobs: list[Job]) -> ResponseReturnValue:
+    jobs = [get_job(settings, tenant_id, job.id) for job in jobs]
     if not all(JobStatus(job.status).is_terminal for job in jobs):
         for job in jobs:
-            _cancel_quietly(job)
+            _cancel_quietly(settings, tenant_id, job)
         raise GenqError(ErrorCode.SERVICE_UNAVAILABLE,
                         f"the completion did not finish within "
                         f"{settings.completion_timeout_seconds:g} s; retry later")
@@ -102,8 +108,8 @@ def _job_error(job: Job) -> GenqError:
                      f"the completion {job.status}: {job.error_message or job.error_code}")
 
 
-def _cancel_quietly(job: Job) -> None:
+def _cancel_quietly(settings: Settings, tenant_id: str, job: Job) -> None:
     try:
-        cancel_job(current_settings(), current_tenant_id(), job.id)
+        cancel_job(settings, tenant_id, job.id)
     except GenqError:  # it finished in the meantime: nothing to cancel
         pass

@@ -15,8 +15,8 @@ from producer.jobs import DEFAULT_LIST_LIMIT, cancel_job, get_job, list_jobs
 from producer.schemas import BulkJobRequest, BulkJobResponse, JobList, JobRequest, JobResponse
 from producer.submit import submit_job, submit_jobs
 from results_api.context import authenticate, current_settings, current_tenant_id, limit_arg
-from results_api.waits import WAIT_POLL_SECONDS as WAIT_POLL_SECONDS  # completions.py's import
-from results_api.waits import wait_for_job, wait_slot
+from results_api.handoff import WaitThenAnswer, hand_off
+from results_api.waits import take_wait_slot
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
@@ -49,12 +49,14 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     headers = {"Location": f"/v1/jobs/{job.id}"}
     if wait_seconds is not None:
         # Beyond the tenant's wait slots the preference is ignored: 202 now, poll the Location.
-        with wait_slot(tenant_id) as may_wait:
-            if may_wait:
-                job = wait_for_job(settings, tenant_id, job, wait_seconds)
-                headers["Preference-Applied"] = f"wait={wait_seconds}"
-        if JobStatus(job.status).is_terminal:
-            status = 200
+        release = take_wait_slot(tenant_id)
+        if release is not None:
+            headers["Preference-Applied"] = f"wait={wait_seconds}"
+            unfinished = [] if JobStatus(job.status).is_terminal else [job.id]
+            return hand_off(WaitThenAnswer(
+                unfinished, wait_seconds, release=release,
+                answer=lambda: _job_response(get_job(settings, tenant_id, job.id), status,
+                                             headers)))
     return _job_response(job, status, headers)
 
 
@@ -90,6 +92,8 @@ def cancel(job_id: str) -> tuple[Response, int, dict[str, str]]:
 def _job_response(
     job: Job, status: int = 200, headers: dict[str, str] | None = None
 ) -> tuple[Response, int, dict[str, str]]:
+    if JobStatus(job.status).is_terminal:
+        status = 200  # a 202 says "accepted, not finished"
     return jsonify(JobResponse.from_job(job).model_dump(mode="json")), status, headers or {}
 
 

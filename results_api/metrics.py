@@ -71,12 +71,16 @@ def _start_timer() -> None:
 
 
 def _count_request(response: Response) -> Response:
+    if g.get("genq_handed_off"):  # counted once answered (results_api.asgi)
+        return response
     # The URL rule (`/v1/jobs/<job_id>`), not the path: one series per route, not per job id.
     route = request.url_rule.rule if request.url_rule is not None else UNMATCHED_ROUTE
-    HTTP_REQUESTS.labels(request.method, route, str(response.status_code)).inc()
-    started = g.get("metrics_started")
-    if started is not None:
-        HTTP_REQUEST_SECONDS.labels(request.method, route).observe(
-            time.perf_counter() - started)
+    count_request(request.method, route, response.status_code, g.get("metrics_started"))
     return response
+
+
+def count_request(method: str, route: str, status: int, started: float | None) -> None:
+    HTTP_REQUESTS.labels(method, route, str(status)).inc()
+    if started is not None:
+        HTTP_REQUEST_SECONDS.labels(method, route).observe(time.perf_counter() - started)
 

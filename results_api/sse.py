@@ -1,5 +1,5 @@
-"""Server-sent events for the API: the wire format, and a response that holds one of the
-tenant's wait slots (results_api.waits) for as long as its stream is open."""
+"""Server-sent events for the API: the wire format, and a WSGI response that releases the
+stream's wait slot (results_api.waits) once it closes."""
 
 from __future__ import annotations
 
@@ -7,10 +7,7 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import Response, current_app
-
-from genq.errors import ErrorCode, GenqError
-from results_api.waits import WaitSlots
+from flask import Response
 
 # A comment line: sent when nothing else was, so a closed connection is noticed (the write
 # fails) within a second or so, and proxies keep the connection open.
@@ -41,17 +38,6 @@ class _HeldStream:
         finally:
             release, self._release = self._release, lambda: None
             release()
-
-
-def take_stream_slot(tenant_id: str) -> Callable[[], None]:
-    """One of the tenant's wait slots for a stream (an open stream holds a request thread, as
-    a wait does); returns its release. 429 when none is free."""
-    slots: WaitSlots = current_app.extensions["genq_wait_slots"]
-    if not slots.try_take(tenant_id):
-        raise GenqError(ErrorCode.RATE_LIMITED,
-                        "too many streams and waits of this tenant are open; retry later",
-                        headers={"Retry-After": "1"})
-    return lambda: slots.give_back(tenant_id)
 
 
 def stream_response(events: Iterator[str], release: Callable[[], None]) -> Response:

@@ -1,12 +1,9 @@
-"""Bounded waits for a job to finish (`Prefer: wait`, synchronous completions), per API process.
+"""Bounded waits and streams (`Prefer: wait`, completions, SSE), per API process: each needs a
+slot, at most `max_waits_per_tenant` per tenant and `max_open_waits` in all. Without one
+`Prefer: wait` is ignored (202 at once, as RFC 7240 allows) and a completion or stream is a 429.
 
-A wait holds one of gunicorn's request threads. So that waits can never take them all (and
-`/healthz`, `/readyz` and every other tenant with them), each wait needs a slot: at most
-`max_waits_per_tenant` per tenant and `api_threads - api_threads_kept_free` in all. Without a
-slot `Prefer: wait` is ignored (202 at once, as RFC 7240 allows) and a completion is a 429.
-
-Waiting is cheap for the database: one watcher thread polls every waited job in one query per
-tick and wakes the waiters whose job finished, instead of each waiter polling on its own.
+Under the ASGI server a wait holds no thread (results_api.stream_hub waits); under a plain WSGI
+server it holds its request thread, and JobWatcher's one thread polls all waited jobs.
 """
 
 from __future__ import annotations
@@ -14,8 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 from flask import current_app
 from sqlalchemy import select
@@ -25,7 +21,6 @@ from genq.errors import ErrorCode, GenqError
 from genq.models import Job
 from genq.settings import Settings
 from genq.states import TERMINAL_STATES
-from producer.jobs import get_job
 
 WAIT_POLL_SECONDS = 0.1
 _FINISHED = [state.value for state in TERMINAL_STATES]
@@ -103,38 +98,31 @@ class JobWatcher:
 
 
 def init_app(app, settings: Settings) -> None:
-    app.extensions["genq_wait_slots"] = WaitSlots(
-        settings.max_waits_per_tenant, settings.api_threads - settings.api_threads_kept_free)
+    app.extensions["genq_wait_slots"] = WaitSlots(settings.max_waits_per_tenant,
+                                                  settings.max_open_waits)
     app.extensions["genq_job_watcher"] = JobWatcher(settings.database_url_resolved)
 
 
-@contextmanager
-def wait_slot(tenant_id: str) -> Iterator[bool]:
-    """A slot for one wait of this tenant: yields False when none is free (do not wait)."""
+def take_wait_slot(tenant_id: str) -> Callable[[], None] | None:
+    """One of the tenant's wait slots: its release, or None when none is free."""
     slots: WaitSlots = current_app.extensions["genq_wait_slots"]
-    taken = slots.try_take(tenant_id)
-    try:
-        yield taken
-    finally:
-        if taken:
+    if not slots.try_take(tenant_id):
+        return None
+    released: list[bool] = []
+
+    def release() -> None:
+        if not released:  # once, however many paths end the wait
+            released.append(True)
             slots.give_back(tenant_id)
 
-
-@contextmanager
-def required_wait_slot(tenant_id: str) -> Iterator[None]:
-    """As wait_slot, for a call that cannot answer without waiting: 429 without a slot."""
-    with wait_slot(tenant_id) as taken:
-        if not taken:
-            raise GenqError(ErrorCode.RATE_LIMITED,
-                            "too many calls of this tenant are waiting for their jobs; retry "
-                            "later, or submit to /v1/jobs and poll",
-                            headers={"Retry-After": "1"})
-        yield
+    return release
 
 
-def wait_for_job(settings: Settings, tenant_id: str, job: Job, seconds: float) -> Job:
-    """The job once finished, or as it is after `seconds`. Call inside a wait slot."""
-    if job.status in _FINISHED:
-        return job
-    current_app.extensions["genq_job_watcher"].wait(job.id, seconds)
-    return get_job(settings, tenant_id, job.id)
+def take_required_wait_slot(tenant_id: str, what: str = "waits") -> Callable[[], None]:
+    """As take_wait_slot, for a call that cannot answer without waiting: 429 without a slot."""
+    release = take_wait_slot(tenant_id)
+    if release is None:
+        raise GenqError(ErrorCode.RATE_LIMITED,
+                        f"too many {what} of this tenant are open; retry later, or submit to "
+                        "/v1/jobs and poll", headers={"Retry-After": "1"})
+    return release

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import requests
 
+from cli.services import API_WORKER_CLASS
+
 
 @dataclass
 class Process:
@@ -83,9 +85,10 @@ def http_ok(url: str) -> bool:
 
 
 def start_api(group: ProcessGroup, port: int) -> Process:
-    process = group.start("api", [
-        sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--workers", "1",
-        "--threads", "8", "--bind", f"127.0.0.1:{port}", "results_api.app:create_app()",
+    process = group.start("api", [  # as `genq api` runs it, with one process
+        sys.executable, "-m", "gunicorn", "--worker-class", API_WORKER_CLASS, "--workers", "1",
+        "--bind", f"127.0.0.1:{port}", "--graceful-timeout", "5",
+        "--config", "python:results_api.gunicorn_config", "results_api.asgi:create_asgi_app()",
     ])
     wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), 60, "the API", process)
     return process

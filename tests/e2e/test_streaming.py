@@ -133,7 +133,10 @@ def test_a_stream_holds_a_wait_slot_and_going_away_cancels_its_job_keeping_outpu
     url = f"{stack.api_url}/v1/completions"
     response = requests.post(url, json=body, headers=headers(stack), stream=True, timeout=30)
     chunks = []
-    for line in response.iter_lines(decode_unicode=True):
+    # `lines` stays referenced: abandoned, urllib3 would close the connection at once (which
+    # the API, on its event loop, notices at once: the slot would be free below).
+    lines = response.iter_lines(decode_unicode=True)
+    for line in lines:
         if line.startswith("data: "):
             chunks.append(json.loads(line.removeprefix("data: ")))
         if len(chunks) >= 5:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from cli.services import API_WORKER_CLASS
 from genq.db import SchemaOutOfDate
 from genq.settings import Settings
 from producer.client import GenqAPIError, GenqClient
@@ -104,7 +105,7 @@ def test_docs_page_is_self_contained_html(sqlite_url, broker_url):
 
 @pytest.fixture
 def server(sqlite_url, broker_url, tmp_path):
-    """gunicorn exactly as `genq api` runs it, configured only through GENQ_* variables."""
+    """gunicorn as `genq api` runs it, configured only through GENQ_* variables."""
     port = free_port()
     env = os.environ | {
         "GENQ_DATABASE_URL": sqlite_url,
@@ -115,8 +116,9 @@ def server(sqlite_url, broker_url, tmp_path):
         "GENQ_MAX_BODY_BYTES": "2048",
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--threads", "8",
-         "-w", "2", "-b", f"127.0.0.1:{port}", "results_api.app:create_app()"],
+        [sys.executable, "-m", "gunicorn", "--worker-class", API_WORKER_CLASS,
+         "-w", "2", "-b", f"127.0.0.1:{port}", "--config", "python:results_api.gunicorn_config",
+         "results_api.asgi:create_asgi_app()"],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     base_url = f"http://127.0.0.1:{port}"
