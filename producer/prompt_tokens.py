@@ -7,6 +7,7 @@ template); only a model not converted yet goes once through the engine's loader 
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -55,15 +56,22 @@ def cached_directory(model: str, cache_dir: Path) -> Path:
     return cache_dir / name
 
 
+# Conversions one at a time: threads importing transformers at once can see a half-imported
+# module ("cannot import name ..."), which answered an API's first submits with a 500.
+_CONVERSION_LOCK = threading.Lock()
+
+
 @cache
 def load_prompt_tokenizer(model: str, cache_dir: Path) -> PromptTokenizer:
-    """One per model, cache dir and process. No lock: two first requests racing may both load
-    it (harmless); a lock would serialize every model."""
+    """One per model, cache dir and process. Two first requests racing may both read the
+    files (harmless); only the one-time conversion is serialized."""
     directory = cached_directory(model, cache_dir)
     if not (directory / "tokenizer.json").is_file():
-        from engine import load_tokenizer  # converts once (GGUF → tokenizer files), with torch
+        with _CONVERSION_LOCK:
+            if not (directory / "tokenizer.json").is_file():
+                from engine import load_tokenizer  # converts once (GGUF → tokenizer files)
 
-        load_tokenizer(model, cache_dir=cache_dir)
+                load_tokenizer(model, cache_dir=cache_dir)
     config = json.loads((directory / "tokenizer_config.json").read_text())
     template_file = directory / "chat_template.jinja"
     template = (template_file.read_text() if template_file.is_file()

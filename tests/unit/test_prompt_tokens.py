@@ -62,3 +62,32 @@ print(sorted({{"torch", "transformers"}} & set(sys.modules)))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=120, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_first_submits_racing_on_an_unconverted_tokenizer_all_get_it(tmp_path):
+    # The API's warm-up thread and its first requests each converted the tokenizer, importing
+    # transformers at once from several threads; one saw a half-imported module ("cannot
+    # import name 'GGUF_CONFIG_ARCHS'") and its submit was a 500. A fresh process, a fresh
+    # cache: what an API's first moments after install look like.
+    script = f"""
+import threading
+from pathlib import Path
+from producer.prompt_tokens import load_prompt_tokenizer
+barrier, errors = threading.Barrier(6), []
+def first_submit():
+    barrier.wait()
+    try:
+        assert load_prompt_tokenizer("smollm2-135m", Path("{tmp_path}")).count("hi") == 1
+    except Exception as error:
+        errors.append(repr(error))
+threads = [threading.Thread(target=first_submit) for _ in range(6)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(errors)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]
