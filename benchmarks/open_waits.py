@@ -100,7 +100,9 @@ def _auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def _raise_open_files_limit(wanted: int) -> None:
+def raise_open_files_limit(wanted: int) -> None:
+    """Each open call is a socket here and one in an API this process starts (which inherits
+    the limit); tests/e2e/test_open_waits.py uses it too."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
@@ -122,7 +124,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     keys = [create_key(f"waits-{n}") for n in range(args.tenants)]
-    _raise_open_files_limit(2 * (args.streams + args.waits) + 1024)
+    raise_open_files_limit(2 * (args.streams + args.waits) + 1024)
     outcomes: Counter = Counter()
     spawn = multiprocessing.get_context("spawn")
     timings_queue = spawn.Queue()

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import resource
 import time
 
 import httpx
 import requests
 from sqlalchemy import select
 
+from benchmarks.open_waits import raise_open_files_limit
 from genq import db
 from genq.job_store import transition
 from genq.models import Job, utcnow
@@ -28,7 +28,7 @@ JOB = {"prompt": "Hello there", "max_tokens": 4}
 
 def test_hundreds_of_waits_and_streams_stay_open_and_end_with_their_jobs(
         stack_factory, sqlite_url, redis_url):
-    _raise_open_files_limit(4 * (NUM_WAITS + NUM_STREAMS) + 1024)
+    raise_open_files_limit(4 * (NUM_WAITS + NUM_STREAMS) + 1024)
     # given one API process and no worker (no job finishes on its own), and two tenants
     stack = stack_factory(sqlite_url, redis_db(redis_url, OPEN_WAITS_REDIS_DB), worker=False)
     streamer_key = make_key(sqlite_url, "streamer")
@@ -124,8 +124,3 @@ def _auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def _raise_open_files_limit(wanted: int) -> None:
-    """Each open call is a socket here and one in the API (which inherits this limit)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
