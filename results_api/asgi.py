@@ -1,12 +1,5 @@
-"""The API as an ASGI app, which `genq api` serves with uvicorn workers under gunicorn.
-
-Flask answers every route, in a bounded thread pool (a2wsgi): it authenticates, validates,
-admits and submits. What its views hand off (results_api.handoff: a wait, a stream) is served
-here on the event loop, its reads batched by one StreamHub per process, so thousands of waits
-and streams stay open without a thread each while /healthz and ordinary calls keep the pool.
-(gevent was the other way to cheap waits; its hub stalls on SQLite's busy waits and on
-tokenization, which run in C without yielding: here they stay in threads.)
-"""
+"""The API as an ASGI app (uvicorn workers under gunicorn): Flask answers every route in a
+thread pool; the waits and streams its views hand off are served here on the event loop."""
 
 from __future__ import annotations
 
@@ -39,6 +32,12 @@ def create_asgi_app(config: dict | None = None) -> GenqAsgi:
 
 
 class GenqAsgi:
+    # Flask (in a2wsgi's bounded pool) authenticates, validates, admits and submits; what its
+    # views hand off (results_api.handoff) waits here, its reads batched by one StreamHub per
+    # process, so thousands of waits and streams stay open without a thread each. gevent was
+    # the other way to cheap waits; its hub stalls on SQLite's busy waits and on tokenization,
+    # which run in C without yielding: here they stay in threads.
+
     def __init__(self, flask_app: Flask) -> None:
         self.flask_app = flask_app
         self.settings = flask_app.config["GENQ_SETTINGS"]

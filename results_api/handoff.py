@@ -1,6 +1,5 @@
-"""The long-lived part of a call, which its Flask view hands to the ASGI layer
-(results_api.asgi) so that a wait or a stream holds no request thread. Under a plain WSGI
-server (or Flask's test client) it runs in the request thread instead, as it always did."""
+"""The long-lived part of a call (a wait, a stream), which a Flask view hands to the ASGI layer
+(results_api.asgi) so that it holds no request thread; under plain WSGI it runs in the thread."""
 
 from __future__ import annotations
 
