@@ -1,6 +1,7 @@
 """Builds and loads genq's CPU ops from engine/csrc: the decode attention that reads the paged
 KV pool in place (``torch.ops.genq.paged_decode_attention``), RMSNorm and RoPE + KV store as
-one op each (``rms_norm``, ``rope_store_``) and the W8A8 linear (``int8_linear``); bf16 on CPU.
+one op each (``rms_norm``, ``rope_store_``), the W8A8 linear (``int8_linear``) and the top k
+of logits rows (``row_top_k``); bf16 on CPU.
 
 Compiled once per machine with the host's own instruction set (about a minute on 2 cores),
 then loaded from torch's extension cache. Without a C++ compiler the engine keeps its ATen
@@ -23,7 +24,7 @@ _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 _SOURCES = [os.path.join(_CSRC, name)
             for name in ("paged_attention.cpp", "fused_ops.cpp", "int8_linear.cpp")]
 _HEADERS = [os.path.join(_CSRC, "bf16.h")]
-_OPS = ("paged_decode_attention", "rms_norm", "rope_store_", "int8_linear")
+_OPS = ("paged_decode_attention", "rms_norm", "rope_store_", "int8_linear", "row_top_k")
 _lock = threading.Lock()
 _loaded: bool | None = None
 
@@ -57,3 +58,23 @@ def _load() -> bool:
                     str(error).splitlines()[0] if str(error) else type(error).__name__)
         return False
     return all(hasattr(torch.ops.genq, op) for op in _OPS)
+
+
+def row_top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k largest of each row, descending, as ``x.topk(k, dim=-1)``;
+    one vectorized pass on the CPU (ties: lower index first)."""
+    if _uses_row_top_k(x):
+        return torch.ops.genq.row_top_k(x, k)
+    return x.topk(k, dim=-1)
+
+
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` (the first of equal maxima), a vectorized pass on the CPU."""
+    if _uses_row_top_k(x):
+        return torch.ops.genq.row_top_k(x, 1)[1][:, 0]
+    return x.argmax(dim=-1)
+
+
+def _uses_row_top_k(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
+            and x.is_contiguous() and cpu_kernels_available())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.cpu_kernels import row_argmax
 from engine.sequence import Sequence
 
 
@@ -27,7 +28,7 @@ class Sampler:
         if any(p.logprobs is not None for p in params):
             logprobs = torch.log_softmax(logits, dim=-1)
         if all(p.is_greedy for p in params):
-            tokens = logits.argmax(dim=-1)
+            tokens = row_argmax(logits)
         else:
             tokens = self._sample_random(logits, seqs)
         token_ids = tokens.tolist()
@@ -82,7 +83,7 @@ class Sampler:
             # All rows of one kind (the usual batch) skip the copy that indexing makes.
             group = logits if len(rows) == len(seqs) else logits[index]
             if kind == "greedy":
-                tokens[index] = group.argmax(dim=-1)
+                tokens[index] = row_argmax(group)
             elif kind == "plain":
                 scaled = group / temperature[index].unsqueeze(1)
                 tokens[index] = _pick(scaled, uniform[index]).squeeze(1)

@@ -15,7 +15,7 @@ from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from engine.attention import AttentionMetadata, attend, write_kv
-from engine.cpu_kernels import cpu_kernels_available
+from engine.cpu_kernels import cpu_kernels_available, row_top_k
 from engine.quantization import Linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -143,7 +143,7 @@ class LlamaForCausalLM:
         x = self._norm(x[logits_index], self.final_norm)
         logits = self.lm_head(x).float()
         if self.dtype != torch.float32:
-            top = logits.topk(REFINED_LOGITS, dim=-1).indices
+            top = row_top_k(logits, REFINED_LOGITS)[1]
             exact = torch.einsum("rd,rkd->rk", x.float(), self.lm_head.weight[top].float())
             logits.scatter_(1, top, exact)
         return logits

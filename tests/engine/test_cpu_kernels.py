@@ -105,3 +105,25 @@ def test_one_op_rope_rotates_q_and_k_and_stores_k_and_v_at_their_slots(kernel, d
     meta = type("Meta", (), {"num_slots": num_slots, "slots": slots})
     write_kv(expected_pool, qkv[:, heads:heads + kv_heads], values, meta)
     assert torch.equal(pool, expected_pool)
+
+
+@pytest.mark.parametrize("k", [1, 4, 40])
+@pytest.mark.parametrize("vocab", [49152, 1000, 37])
+def test_row_top_k_matches_topk_and_argmax(kernel, k, vocab):
+    from engine.cpu_kernels import row_argmax, row_top_k
+
+    k = min(k, vocab)
+    torch.manual_seed(0)
+    logits = torch.randn(9, vocab) * 4
+    logits[1] = float("-inf")  # every candidate equal (a fully banned row)
+    logits[2] = torch.randint(0, 3, (vocab,)).float()  # many ties: lower index first
+    logits[3, -1] = 100.0  # the maximum in the tail past the last whole block
+    logits[4, :k] = -50.0  # the first k (the initial candidates) are the smallest
+
+    values, indices = row_top_k(logits, k)
+
+    # Descending and ties in index order, as a stable descending sort gives
+    expected_values, expected_indices = logits.sort(dim=-1, descending=True, stable=True)
+    assert torch.equal(values, expected_values[:, :k])
+    assert torch.equal(indices, expected_indices[:, :k])
+    assert torch.equal(row_argmax(logits), logits.argmax(dim=-1))
