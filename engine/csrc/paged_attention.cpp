@@ -102,14 +102,15 @@ inline __m512 widen(__m256i bf16) {  // 16 bf16 -> 16 fp32
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
 }
 
-template <int64_t Dim>
-bool decode_task_in_registers(const c10::BFloat16* query_rows, const c10::BFloat16* keys,
+// Dim and the group size are compile-time, so every loop over them unrolls and the
+// accumulators stay in registers (with a runtime group they spilled to the stack each position).
+template <int64_t Dim, int64_t group>
+void decode_task_in_registers(const c10::BFloat16* query_rows, const c10::BFloat16* keys,
                               const c10::BFloat16* values, const int64_t* table,
-                              int64_t block_size, int64_t length, int64_t group, float scale,
-                              float* scores, c10::BFloat16* out) {
-  constexpr int64_t kChunks = Dim / 32, kVectors = Dim / 16, kMaxGroup = 4;
-  if (group > kMaxGroup) return false;
-  __m512bh queries[kMaxGroup][kChunks];
+                              int64_t block_size, int64_t length, float scale, float* scores,
+                              c10::BFloat16* out) {
+  constexpr int64_t kChunks = Dim / 32, kVectors = Dim / 16;
+  __m512bh queries[group][kChunks];
   for (int64_t g = 0; g < group; ++g) {
     for (int64_t c = 0; c < kChunks; ++c) {
       queries[g][c] = (__m512bh)_mm512_loadu_si512(query_rows + g * Dim + 32 * c);
@@ -154,8 +155,8 @@ bool decode_task_in_registers(const c10::BFloat16* query_rows, const c10::BFloat
     const float inverse = 1.f / total;
     for (int64_t i = 0; i < length; ++i) s[i] *= inverse;
   }
-  __m512 acc[kMaxGroup][kVectors];
-  for (int64_t g = 0; g < kMaxGroup; ++g) {
+  __m512 acc[group][kVectors];
+  for (int64_t g = 0; g < group; ++g) {
     for (int64_t v = 0; v < kVectors; ++v) acc[g][v] = _mm512_setzero_ps();
   }
   for (pos = 0; pos < length; ++pos) {
@@ -180,7 +181,24 @@ bool decode_task_in_registers(const c10::BFloat16* query_rows, const c10::BFloat
                           _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
     }
   }
-  return true;
+}
+
+template <int64_t Dim>
+bool decode_dim_in_registers(const c10::BFloat16* query_rows, const c10::BFloat16* keys,
+                             const c10::BFloat16* values, const int64_t* table,
+                             int64_t block_size, int64_t length, int64_t group, float scale,
+                             float* scores, c10::BFloat16* out) {
+  switch (group) {
+    case 1: decode_task_in_registers<Dim, 1>(query_rows, keys, values, table, block_size,
+                                             length, scale, scores, out); return true;
+    case 2: decode_task_in_registers<Dim, 2>(query_rows, keys, values, table, block_size,
+                                             length, scale, scores, out); return true;
+    case 3: decode_task_in_registers<Dim, 3>(query_rows, keys, values, table, block_size,
+                                             length, scale, scores, out); return true;
+    case 4: decode_task_in_registers<Dim, 4>(query_rows, keys, values, table, block_size,
+                                             length, scale, scores, out); return true;
+    default: return false;
+  }
 }
 
 template <>
@@ -189,12 +207,12 @@ bool decode_in_registers(const c10::BFloat16* query_rows, const c10::BFloat16* k
                          int64_t length, int64_t group, int64_t dim, float scale, float* scores,
                          c10::BFloat16* out) {
   if (dim == 64) {
-    return decode_task_in_registers<64>(query_rows, keys, values, table, block_size, length,
-                                        group, scale, scores, out);
+    return decode_dim_in_registers<64>(query_rows, keys, values, table, block_size, length,
+                                       group, scale, scores, out);
   }
   if (dim == 128) {
-    return decode_task_in_registers<128>(query_rows, keys, values, table, block_size, length,
-                                         group, scale, scores, out);
+    return decode_dim_in_registers<128>(query_rows, keys, values, table, block_size, length,
+                                        group, scale, scores, out);
   }
   return false;
 }
