@@ -91,11 +91,18 @@ def test_w8a8_silu_of_a_huge_negative_input_is_zero_not_nan():
     assert torch.allclose(out[0], torch.nn.functional.silu(torch.tensor(3.0)), atol=0.05)
 
 
-def test_w8a8_is_on_by_default_in_bf16_where_the_cpu_has_int8_dot_products():
-    from engine.config import cpu_has_int8_dot
+def test_w8a8_is_on_by_default_in_bf16_where_int8_beats_bf16(monkeypatch):
+    from engine import config as engine_config
 
     config = EngineConfig(model="dummy:tiny-llama", device="cpu", dtype="bfloat16")
-    assert config.activation_quantization == ("int8" if cpu_has_int8_dot() else "none")
+    assert config.activation_quantization == ("int8" if engine_config.int8_beats_bf16()
+                                              else "none")
+    for flags, expected in (({"avx512_bf16", "avx512_vnni"}, "int8"),  # Zen 4
+                            ({"avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"}, "none"),
+                            ({"avx2"}, "none")):
+        monkeypatch.setattr(engine_config, "cpu_flags", lambda flags=flags: flags)
+        assert engine_config.resolve_activation_quantization(
+            "auto", "cpu", torch.bfloat16) == expected, flags
     assert EngineConfig(model="dummy:tiny-llama", device="cpu",
                         dtype="float32").activation_quantization == "none"
     for bad in (dict(activation_quantization="int4"),
