@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import httpx
 import requests
 
 from benchmarks.metrics_scrape import cpu_name
+from results_api.gunicorn_config import raise_open_files_limit
 
 JOB = {"prompt": "x", "max_tokens": 4}
 MAX_WAIT_SECONDS = 60
@@ -98,14 +98,6 @@ async def hold_all(args: argparse.Namespace, keys: list[str], outcomes: Counter,
 
 def _auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-def raise_open_files_limit(wanted: int) -> None:
-    """Each open call is a socket here and one in an API this process starts (which inherits
-    the limit); tests/e2e/test_open_waits.py uses it too."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
 
 
 def p99(values: list[float]) -> float:

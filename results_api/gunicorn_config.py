@@ -5,12 +5,30 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import resource
 import signal
 import sys
 
 from gunicorn.arbiter import Arbiter
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
+
+# Each open wait or stream holds a socket, and GENQ_MAX_OPEN_WAITS allows 5000 per process: a
+# soft limit of 1024 open files (many hosts' default) would refuse connections long before.
+OPEN_FILES_WANTED = 65536
+
+
+def on_starting(server: object) -> None:
+    """The master raises its soft open-files limit, which the workers it forks inherit."""
+    raise_open_files_limit(OPEN_FILES_WANTED)
+
+
+def raise_open_files_limit(wanted: int) -> None:
+    """The soft limit up to `wanted`, never past the hard limit (the host's real cap)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (
+            wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard))
 
 
 def post_worker_init(worker: object) -> None:

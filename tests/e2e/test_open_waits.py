@@ -12,11 +12,11 @@ import httpx
 import requests
 from sqlalchemy import select
 
-from benchmarks.open_waits import raise_open_files_limit
 from genq import db
 from genq.job_store import transition
 from genq.models import Job, utcnow
 from genq.states import JobStatus
+from results_api.gunicorn_config import raise_open_files_limit
 from tests.conftest import make_key
 from tests.e2e.conftest import redis_db
 

@@ -4,6 +4,7 @@ gunicorn server over HTTP with the Python client."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from tests.conftest import MODEL_CACHE_DIR, TINY_MODEL, empty_redis_db, free_por
 pytestmark = pytest.mark.integration
 
 TEST_REDIS_DB = 12
+LOW_OPEN_FILES = 256
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -105,7 +107,8 @@ def test_docs_page_is_self_contained_html(sqlite_url, broker_url):
 
 @pytest.fixture
 def server(sqlite_url, broker_url, tmp_path):
-    """gunicorn as `genq api` runs it, configured only through GENQ_* variables."""
+    """gunicorn as `genq api` runs it, configured only through GENQ_* variables: (base URL,
+    API key, the master's pid)."""
     port = free_port()
     env = os.environ | {
         "GENQ_DATABASE_URL": sqlite_url,
@@ -120,11 +123,12 @@ def server(sqlite_url, broker_url, tmp_path):
          "-w", "2", "-b", f"127.0.0.1:{port}", "--config", "python:results_api.gunicorn_config",
          "results_api.asgi:create_asgi_app()"],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        preexec_fn=_start_with_few_open_files,
     )
     base_url = f"http://127.0.0.1:{port}"
     try:
         _wait_until_serving(base_url, process)
-        yield base_url, make_key(sqlite_url)
+        yield base_url, make_key(sqlite_url), process.pid
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -132,6 +136,20 @@ def server(sqlite_url, broker_url, tmp_path):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _start_with_few_open_files() -> None:
+    """As on a host whose default soft limit is low (1024 is common; 256 here)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (LOW_OPEN_FILES, hard))
+
+
+def _open_files_limits(pid: int) -> tuple[int, str]:
+    """(soft, hard) of a process's 'Max open files', from /proc (hard may be 'unlimited')."""
+    line = next(line for line in Path(f"/proc/{pid}/limits").read_text().splitlines()
+                if line.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    return int(soft), hard
 
 
 def _wait_until_serving(base_url: str, process: subprocess.Popen) -> None:
@@ -148,7 +166,7 @@ def _wait_until_serving(base_url: str, process: subprocess.Popen) -> None:
 
 
 def test_gunicorn_serves_the_api_over_http(server):
-    base_url, key = server
+    base_url, key, _ = server
     client = GenqClient(base_url, key, timeout=30)
 
     job = client.submit(messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=8,
@@ -173,7 +191,7 @@ def test_gunicorn_serves_the_api_over_http(server):
 
 
 def test_gunicorn_rejects_a_large_body_by_content_length(server):
-    base_url, key = server
+    base_url, key, _ = server
     response = requests.post(f"{base_url}/v1/jobs", data=b"{" + b" " * 4096 + b"}",
                              headers={"Authorization": f"Bearer {key}",
                                       "Content-Type": "application/json"}, timeout=10)
@@ -183,8 +201,25 @@ def test_gunicorn_rejects_a_large_body_by_content_length(server):
 
 
 def test_gunicorn_answers_unknown_routes_with_json(server):
-    base_url, _ = server
+    base_url, _, _ = server
     response = requests.get(f"{base_url}/nowhere", timeout=10)
 
     assert response.status_code == 404
     assert response.headers["Content-Type"] == "application/json"
+
+
+def test_the_api_raises_its_open_files_limit_for_thousands_of_waits(server):
+    # Given the API started with a soft limit of 256 open files (the `server` fixture)
+    _, _, master = server
+    workers = [int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text()
+               .split()]
+
+    # Then the master and each worker may open up to OPEN_FILES_WANTED files (or the hard cap)
+    from results_api.gunicorn_config import OPEN_FILES_WANTED
+
+    assert len(workers) == 2
+    for pid in [master, *workers]:
+        soft, hard = _open_files_limits(pid)
+        assert soft == (OPEN_FILES_WANTED if hard == "unlimited"
+                        else min(OPEN_FILES_WANTED, int(hard))), (pid, soft, hard)
+        assert soft > LOW_OPEN_FILES
