@@ -62,6 +62,7 @@ class EngineRequest:
 class _InFlight:
     request: EngineRequest
     future: Future[RequestOutput] = field(default_factory=Future)
+    partial: RequestOutput | None = None  # a re-run's output so far (an abort's), to resume
 
 
 class EngineLoop:
@@ -116,9 +117,12 @@ class EngineLoop:
             queued = [i for i in (*self._pending, *self._isolated)
                       if i.request.request_id == request_id]
             running = request_id in self._running
-        for item in queued:  # never reached the engine: finish it here, with no output
+        for item in queued:  # not in the engine: finish it here, with its output so far
             self._forget(item)
-            item.future.set_exception(RequestAborted(request_id))
+            if item.partial is not None:
+                item.future.set_result(item.partial)
+            else:
+                item.future.set_exception(RequestAborted(request_id))
         if running:
             self.engine.abort_request(request_id)
             self._wakeup.set()
@@ -215,21 +219,22 @@ class EngineLoop:
         log.exception("engine step failed; re-running its %d requests one at a time", len(batch))
         with self._lock:
             for item in reversed(batch):
+                output = partial.get(item.request.request_id)
                 rerun = replace(item.request, isolated=True,
-                                resume_from=partial.get(item.request.request_id))
-                self._isolated.appendleft(_InFlight(rerun, item.future))
+                                resume_from=output.outputs[0] if output else None)
+                self._isolated.appendleft(_InFlight(rerun, item.future, output))
 
-    def _abort_all(self, request_ids: list[str]) -> dict[str, CompletionOutput]:
+    def _abort_all(self, request_ids: list[str]) -> dict[str, RequestOutput]:
         """Abort these requests (all the engine runs) at once, so that no step computes any of
         them again; their partial outputs that have tokens, by request id."""
-        partial: dict[str, CompletionOutput] = {}
+        partial: dict[str, RequestOutput] = {}
         try:
             for request_id in request_ids:
                 self.engine.abort_request(request_id)
             while self.engine.has_unfinished_requests():  # flush the aborted requests out
                 for output in self.engine.step():
                     if output.finished and output.outputs and output.outputs[0].token_ids:
-                        partial[output.request_id] = output.outputs[0]
+                        partial[output.request_id] = output
         except Exception:  # a re-run of a request still in the engine fails as a duplicate
             log.exception("the engine could not abort %s after a failed step", request_ids)
         return partial
@@ -242,4 +247,4 @@ class EngineLoop:
 
 
 class RequestAborted(Exception):
-    """The request was aborted before it reached the engine (no partial output exists)."""
+    """The request was aborted before it produced a token (no partial output exists)."""

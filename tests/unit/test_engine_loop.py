@@ -68,6 +68,33 @@ def test_an_engine_error_fails_only_the_request_that_caused_it(loop_factory):
         assert futures[rid].result(timeout=10).outputs[0].finish_reason in {"stop", "length"}
 
 
+def test_a_re_run_aborted_before_it_resumes_keeps_its_output_so_far():
+    # given a failed step whose requests wait to re-run, and one of them aborted meanwhile
+    # (from the loop's own thread, right after the pass that failed)
+    engine = PoisonedEchoEngine(poison_id="bad")
+    aborted: list[str] = []
+
+    def abort_after_the_failure() -> None:
+        if any("bad" in batch for batch in engine.batches) and not aborted:
+            aborted.append("c")
+            loop.abort("c")
+
+    loop = EngineLoop(lambda: engine, after_pass=abort_after_the_failure)
+    futures = loop.submit_many([EngineRequest(rid, f"prompt {rid}", PARAMS, 1)
+                                for rid in ("a", "bad", "c")])
+    loop.start()
+    try:
+        # then it ends as an abort with the tokens its first run made, the others as before
+        output = futures[2].result(timeout=10).outputs[0]
+        assert aborted and output.finish_reason == "abort" and output.token_ids
+        assert futures[0].result(timeout=10).outputs[0].finish_reason in {"stop", "length"}
+        with pytest.raises(RuntimeError, match="out of memory"):
+            futures[1].result(timeout=10)
+    finally:
+        loop.stop(timeout=5)
+    assert not any("c" in batch for batch in engine.batches[1:])
+
+
 def test_an_isolated_request_never_shares_a_step(loop_factory):
     engine = PoisonedEchoEngine(poison_id="none")
     loop = loop_factory(engine)
