@@ -22,8 +22,10 @@ class EchoEngine:
         self._live: dict[str, RequestOutput] = {}
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
-                    priority: int = 0, stream: bool = False) -> None:
-        """`stream` changes nothing: an echoed request finishes at its first step."""
+                    priority: int = 0, stream: bool = False,
+                    resume_from: CompletionOutput | None = None) -> None:
+        """`stream` and `resume_from` change nothing: an echoed request finishes at its first
+        step, and an echo continues any part of itself into the same echo."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             token_ids = self.tokenizer.encode(prompt)

@@ -94,10 +94,14 @@ class LLMEngine:
         return self._backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
-                    priority: int = 0, stream: bool = False) -> None:
+                    priority: int = 0, stream: bool = False,
+                    resume_from: CompletionOutput | None = None) -> None:
         """Queue a request; raises ValueError for a duplicate id or a prompt that cannot fit.
         A `stream` request also gets an unfinished RequestOutput from every step() that gives it
-        new tokens: the delta (new text and token ids) since the previous one."""
+        new tokens: the delta (new text and token ids) since the previous one.
+        `resume_from`: the partial output of an earlier run of this request (an abort's); its
+        tokens count as generated already (max_tokens, penalties, stops, the final output) and
+        a stream reports only what comes after them."""
         params = params or SamplingParams()
         token_ids = self.tokenize(prompt)
         if not token_ids:
@@ -115,6 +119,9 @@ class LLMEngine:
             raise ValueError(f"prompt + max_tokens needs {worst_case} KV-cache tokens but the "
                              f"pool holds {capacity} (raise kv_cache_tokens)")
         generator = torch.Generator()
+        seq = Sequence(request_id, token_ids, params, priority, generator, stream)
+        if resume_from is not None:
+            self._resume(seq, resume_from)
         seed = params.seed
         with self._lock:
             if request_id in self._live:
@@ -122,9 +129,30 @@ class LLMEngine:
             if seed is None:
                 seed = self._seed_source.getrandbits(63)
             generator.manual_seed(seed)
-            seq = Sequence(request_id, token_ids, params, priority, generator, stream)
             self._live[request_id] = seq
             self._inbox.append(seq)
+
+    def _resume(self, seq: Sequence, partial: CompletionOutput) -> None:
+        """Take `partial`'s tokens as ``seq``'s first output tokens, in the state the earlier
+        run left them: its text decoded token by token as that run did, and (streamed) counted
+        as reported, held-back text excepted, so the next delta starts where its last ended."""
+        params, vocab = seq.params, self.runner.model.vocab_size
+        if len(partial.token_ids) >= params.max_tokens or (
+                seq.num_prompt_tokens + len(partial.token_ids) >= self.max_model_len):
+            raise ValueError("a resumed output must leave room for one more token")
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in partial.token_ids):
+            raise ValueError(f"resumed token ids must be ints in [0, {vocab})")
+        if seq.logprobs is not None:
+            if partial.logprobs is None or len(partial.logprobs) != len(partial.token_ids):
+                raise ValueError("a resumed output needs the logprobs of its tokens")
+            seq.logprobs = list(partial.logprobs)
+        for token_id in partial.token_ids:
+            seq.token_ids.append(token_id)
+            if params.stop or seq.stream:
+                self._decode_new_text(seq)
+        if seq.stream:
+            seq.num_streamed_chars = max(0, len(seq.output_text) - _num_held_back_chars(params))
+            seq.num_streamed_tokens = seq.num_output_tokens
 
     def abort_request(self, request_id: str) -> None:
         """The request finishes with reason "abort" (partial output kept) at the next step()."""
@@ -239,8 +267,8 @@ class LLMEngine:
         """The text and token ids `seq` produced since its previous delta. Text that could still
         become the start of a stop string is held back, so that every delta is a prefix of the
         final text (which cuts the stop string off); the final output carries the rest."""
-        held_back = max(map(len, seq.params.stop), default=1) - 1
-        end = max(seq.num_streamed_chars, len(seq.output_text) - held_back)
+        end = max(seq.num_streamed_chars,
+                  len(seq.output_text) - _num_held_back_chars(seq.params))
         text = seq.output_text[seq.num_streamed_chars:end]
         token_ids = seq.token_ids[seq.num_prompt_tokens + seq.num_streamed_tokens:]
         seq.num_streamed_chars, seq.num_streamed_tokens = end, seq.num_output_tokens
@@ -266,6 +294,11 @@ class LLMEngine:
                                       token_texts=token_texts)
         return RequestOutput(seq.request_id, seq.token_ids[:seq.num_prompt_tokens],
                              [completion], finished=True)
+
+
+def _num_held_back_chars(params: SamplingParams) -> int:
+    """A streamed request's trailing characters that could still start a stop string."""
+    return max(map(len, params.stop), default=1) - 1
 
 
 def _eos_token_ids(hf_config, tokenizer) -> set[int]:

@@ -5,12 +5,16 @@ a client that goes away. The deltas always join to the job's committed output_te
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import requests
 
+from genq.job_events import EventKind, JobEventLog
 from tests.conftest import TINY_MODEL, make_key
 from tests.e2e.batch_support import openai_client
 from tests.e2e.conftest import redis_db
+from tests.faults.sitecustomize import FAIL_AT_TOKENS_VARIABLE
 from tests.processes import wait_for
 
 
@@ -121,6 +125,37 @@ def test_job_events_resume_replay_and_stay_with_their_tenant(stack_factory, sqli
     other = make_key(stack.database_url, tenant="globex")
     response = requests.get(url, headers={"Authorization": f"Bearer {other}"}, timeout=10)
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+def test_a_stream_open_across_a_failed_engine_step_joins_to_the_committed_output(
+        stack_factory, sqlite_url, redis_url):
+    # Regression (issue 19): after a failed step the engine re-ran the request from scratch,
+    # and the stream showed the first run's text and then the whole re-run's.
+    # given a stack whose engine fails its step once a request has 8 tokens
+    faults = str(Path(__file__).parents[1] / "faults")
+    stack = stack_factory(sqlite_url, redis_db(redis_url), extra_env={
+        FAIL_AT_TOKENS_VARIABLE: "8",
+        "PYTHONPATH": os.pathsep.join(filter(None, [faults, os.environ.get("PYTHONPATH")]))})
+
+    # when a completion of 32 tokens is streamed across that step
+    chunks = list(openai_client(stack).completions.create(
+        model=TINY_MODEL, prompt="Once upon a time", max_tokens=32, temperature=0,
+        stream=True))
+
+    # then the step failed and the request ran again in the engine
+    assert "engine step failed; re-running its 1 requests" in stack.group.logs()
+    # and the chunks join to the job's committed output, all 32 tokens of it
+    job = get_job(stack, chunks[0].id.removeprefix("cmpl-"))
+    assert job["status"] == "succeeded" and job["usage"]["completion_tokens"] == 32
+    assert "".join(chunk.choices[0].text for chunk in chunks) == job["output"]["text"]
+    # and so do the job's events as the worker published them: one delta per token but the
+    # last (it comes from the row), none repeated, their text the start of the output
+    events = JobEventLog(redis_db(redis_url)).read(job["id"], None, 1.0)
+    deltas = [event for event in events if event.kind is EventKind.DELTA]
+    assert [event.id.offset for event in deltas] == list(range(1, 32))
+    streamed = "".join(event.text for event in deltas)
+    assert events[-1].kind is EventKind.ENDED and events[-1].chars == len(streamed)
+    assert job["output"]["text"].startswith(streamed) and len(streamed) > 0
 
 
 def test_a_stream_holds_a_wait_slot_and_going_away_cancels_its_job_keeping_output(

@@ -68,6 +68,33 @@ def test_an_engine_error_fails_only_the_request_that_caused_it(loop_factory):
         assert futures[rid].result(timeout=10).outputs[0].finish_reason in {"stop", "length"}
 
 
+def test_a_re_run_aborted_before_it_resumes_keeps_its_output_so_far():
+    # given a failed step whose requests wait to re-run, and one of them aborted meanwhile
+    # (from the loop's own thread, right after the pass that failed)
+    engine = PoisonedEchoEngine(poison_id="bad")
+    aborted: list[str] = []
+
+    def abort_after_the_failure() -> None:
+        if any("bad" in batch for batch in engine.batches) and not aborted:
+            aborted.append("c")
+            loop.abort("c")
+
+    loop = EngineLoop(lambda: engine, after_pass=abort_after_the_failure)
+    futures = loop.submit_many([EngineRequest(rid, f"prompt {rid}", PARAMS, 1)
+                                for rid in ("a", "bad", "c")])
+    loop.start()
+    try:
+        # then it ends as an abort with the tokens its first run made, the others as before
+        output = futures[2].result(timeout=10).outputs[0]
+        assert aborted and output.finish_reason == "abort" and output.token_ids
+        assert futures[0].result(timeout=10).outputs[0].finish_reason in {"stop", "length"}
+        with pytest.raises(RuntimeError, match="out of memory"):
+            futures[1].result(timeout=10)
+    finally:
+        loop.stop(timeout=5)
+    assert not any("c" in batch for batch in engine.batches[1:])
+
+
 def test_an_isolated_request_never_shares_a_step(loop_factory):
     engine = PoisonedEchoEngine(poison_id="none")
     loop = loop_factory(engine)
@@ -157,3 +184,48 @@ def test_after_each_pass_every_request_its_step_finished_is_resolved():
         loop.stop(timeout=5)
 
     assert resolved_at_each_pass[0] == 8  # the echo engine finishes all 8 in its first step
+
+
+def test_requests_re_run_after_a_failed_step_resume_and_their_deltas_join_to_the_output():
+    # Regression (issue 19): the isolated re-run started over, so a stream showed the text of
+    # both runs while the output was only the second's.
+    from engine import LLMEngine
+    from tests.conftest import TINY_MODEL
+    from tests.faults.sitecustomize import failing_once
+
+    def make_engine() -> LLMEngine:
+        return LLMEngine.from_model(TINY_MODEL, dtype="float32", cache_dir=MODEL_CACHE_DIR,
+                                    kv_cache_tokens=4096)
+
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    prompts = {"a": "Once upon a time", "b": "The quick brown fox"}
+    # given what two greedy requests produce when nothing fails
+    reference = make_engine()
+    for rid, prompt in prompts.items():
+        reference.add_request(rid, prompt, params)
+    expected = {}
+    while reference.has_unfinished_requests():
+        expected.update({out.request_id: out.outputs[0] for out in reference.step()})
+
+    # when they stream together on an engine whose step fails once they have 8 tokens
+    deltas: dict[str, list] = {rid: [] for rid in prompts}
+    loop = EngineLoop(make_engine, on_deltas=lambda outputs: [
+        deltas[out.request_id].append(out.outputs[0]) for out in outputs])
+    loop.start()
+    try:
+        runner = loop.engine.runner
+        runner.run = failing_once(runner.run, 8)
+        futures = loop.submit_many([EngineRequest(rid, prompt, params, 1, stream=True)
+                                    for rid, prompt in prompts.items()])
+        outputs = {f.result(timeout=60).request_id: f.result().outputs[0] for f in futures}
+    finally:
+        loop.stop(timeout=5)
+
+    # then the step did fail, and each re-run went on from its 8 tokens: its output is the
+    # uninterrupted one, and its deltas, first run's and re-run's, join to it
+    assert runner.run.failed
+    for rid, output in outputs.items():
+        assert (output.token_ids, output.text) == (expected[rid].token_ids, expected[rid].text)
+        assert [t for d in deltas[rid] for t in d.token_ids] == output.token_ids[:23]
+        streamed = "".join(d.text for d in deltas[rid])
+        assert streamed and output.text.startswith(streamed)
