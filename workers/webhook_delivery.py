@@ -176,7 +176,9 @@ def deliver(settings: Settings, delivery_id: str, token: str) -> None:
     token was replaced by a newer one, does nothing)."""
     url = settings.database_url_resolved
     now = utcnow()
-    with db.transaction(url) as session:
+    # Unflushed: a claim lost in a power failure only lets the lease run out and the delivery
+    # be sent again (same webhook-id, which receivers deduplicate on).
+    with db.transaction(url, lazy=True) as session:
         claimed = session.execute(
             update(WebhookDelivery)
             .where(WebhookDelivery.id == delivery_id, WebhookDelivery.lease_token == token,

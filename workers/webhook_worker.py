@@ -69,10 +69,15 @@ def deliver_webhook(delivery_id: str, token: str) -> None:
     deliver(get_settings(), delivery_id, token)
 
 
-def dispatch_due(settings: Settings, limit: int = DISPATCH_BATCH) -> int:
+def dispatch_due(settings: Settings, limit: int = DISPATCH_BATCH,
+                 celery_app: Celery | None = None) -> int:
     """Lease and publish the deliveries whose next attempt is due; return how many. A URL
     with `webhook_max_in_flight_per_url` attempts leased already gets no more this round: a
-    slow receiver holds that many webhook threads at most, never all of them."""
+    slow receiver holds that many webhook threads at most, never all of them.
+
+    One write transaction leases the whole round, without a disk flush: a lease lost in a
+    power failure only leaves its delivery due again. A transaction per delivery queued behind
+    the workers' and the API's writes for SQLite's one write lock, a round at a time."""
     now = utcnow()
     # A published delivery not started within this long (worker died, queue backed up) is
     # published again under a new token; the old message then does nothing.
@@ -81,7 +86,8 @@ def dispatch_due(settings: Settings, limit: int = DISPATCH_BATCH) -> int:
            WebhookDelivery.next_attempt_at <= now,
            or_(WebhookDelivery.lease_expires_at.is_(None),
                WebhookDelivery.lease_expires_at < now))
-    with db.session_factory(settings.database_url_resolved)() as session:
+    leased = []
+    with db.transaction(settings.database_url_resolved, lazy=True) as session:
         due_rows = session.execute(select(WebhookDelivery.id, WebhookDelivery.url).where(*due)
                                    .order_by(WebhookDelivery.next_attempt_at).limit(limit)).all()
         in_flight = Counter(dict(session.execute(
@@ -89,21 +95,20 @@ def dispatch_due(settings: Settings, limit: int = DISPATCH_BATCH) -> int:
                 WebhookDelivery.status == DeliveryStatus.PENDING.value,
                 WebhookDelivery.lease_expires_at >= now)
             .group_by(WebhookDelivery.url)).all()))
-    dispatched = 0
-    for delivery_id, url in due_rows:
-        if in_flight[url] >= settings.webhook_max_in_flight_per_url:
-            continue
-        token = secrets.token_hex(16)
-        with db.transaction(settings.database_url_resolved) as session:
-            leased = session.execute(
-                update(WebhookDelivery).where(WebhookDelivery.id == delivery_id, *due)
-                .values(lease_token=token, lease_expires_at=now + lease)
-            ).rowcount == 1
-        if leased:
-            app.send_task(DELIVER_WEBHOOK_TASK, args=[delivery_id, token], queue=WEBHOOK_QUEUE)
-            in_flight[url] += 1
-            dispatched += 1
-    return dispatched
+        for delivery_id, url in due_rows:
+            if in_flight[url] >= settings.webhook_max_in_flight_per_url:
+                continue
+            token = secrets.token_hex(16)
+            # Another dispatcher (one per webhook worker) may have leased it since the select.
+            if session.execute(
+                    update(WebhookDelivery).where(WebhookDelivery.id == delivery_id, *due)
+                    .values(lease_token=token, lease_expires_at=now + lease)).rowcount == 1:
+                leased.append((delivery_id, token))
+                in_flight[url] += 1
+    for delivery_id, token in leased:  # after the commit: a task finds its token current
+        (celery_app or app).send_task(DELIVER_WEBHOOK_TASK, args=[delivery_id, token],
+                                      queue=WEBHOOK_QUEUE)
+    return len(leased)
 
 
 def run_dispatcher(settings: Settings, stop: threading.Event) -> None:
