@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 WEBHOOK_QUEUE = "genq.webhooks"
 DELIVER_WEBHOOK_TASK = "genq.deliver_webhook"
 DISPATCH_BATCH = 200
+MIN_ROUND_GAP_SECONDS = 0.01
 
 
 def make_webhook_celery(settings: Settings) -> Celery:
@@ -64,9 +65,18 @@ def _quiet_task_lines(**_) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+# Set when an attempt ends, so the dispatcher's next round starts at once: the per-URL cap
+# then bounds a receiver's deliveries in flight, not its rate (a round a poll let a URL have
+# at most webhook_max_in_flight_per_url deliveries a second).
+_attempt_ended = threading.Event()
+
+
 @app.task(name=DELIVER_WEBHOOK_TASK)
 def deliver_webhook(delivery_id: str, token: str) -> None:
-    deliver(get_settings(), delivery_id, token)
+    try:
+        deliver(get_settings(), delivery_id, token)
+    finally:
+        _attempt_ended.set()
 
 
 def dispatch_due(settings: Settings, limit: int = DISPATCH_BATCH,
@@ -111,14 +121,18 @@ def dispatch_due(settings: Settings, limit: int = DISPATCH_BATCH,
     return len(leased)
 
 
-def run_dispatcher(settings: Settings, stop: threading.Event) -> None:
-    """Dispatch due deliveries every `webhook_poll_seconds` until `stop`; never raises."""
+def run_dispatcher(settings: Settings, stop: threading.Event,
+                   wake: threading.Event = _attempt_ended) -> None:
+    """Dispatch due deliveries every `webhook_poll_seconds`, and after an attempt ends (`wake`),
+    until `stop` (which sets `wake` too); never raises."""
     while not stop.is_set():
+        wake.clear()
         try:
             dispatch_due(settings)
         except Exception:  # DB or broker hiccup: the leases run out, the next round retries
             log.exception("webhook dispatch round failed")
-        stop.wait(settings.webhook_poll_seconds)
+        wake.wait(settings.webhook_poll_seconds)
+        stop.wait(MIN_ROUND_GAP_SECONDS)  # attempts ending together share one round
 
 
 def run_retention_sweep(settings: Settings, stop: threading.Event) -> None:
@@ -151,3 +165,4 @@ def run_webhook_worker(settings: Settings, concurrency: int | None = None,
         app.worker_main(argv)
     finally:
         stop.set()
+        _attempt_ended.set()

@@ -1,12 +1,17 @@
-"""The webhook dispatcher's round on real SQLite and Redis: every due delivery is leased in
-one write transaction (one wait for SQLite's write lock, not one per delivery), and each is
-published once, after the commit, under the token its row holds."""
+"""The webhook dispatcher on real SQLite and Redis: a round leases every due delivery in one
+write transaction (one wait for SQLite's write lock, not one per delivery) and publishes each
+once, after the commit; a real webhook worker's per-URL cap bounds a receiver's deliveries in
+flight, not its rate."""
 
 from __future__ import annotations
 
 import base64
 import json
+import os
+import sys
 import threading
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -21,12 +26,14 @@ from genq.states import JobStatus
 from producer.submit import load_tokenizer_cached
 from results_api.app import create_app
 from tests.conftest import MODEL_CACHE_DIR, TINY_MODEL, make_key
-from tests.webhook_receiver import webhook_test_broker_url
+from tests.processes import ProcessGroup, wait_for
+from tests.webhook_receiver import receiving, webhook_test_broker_url
 from workers.webhook_worker import WEBHOOK_QUEUE, dispatch_due, make_webhook_celery
 
 pytestmark = pytest.mark.integration
 
 NUM_DELIVERIES = 40
+NUM_TO_ONE_RECEIVER = 30
 
 
 @pytest.fixture
@@ -37,8 +44,8 @@ def broker_url():
     redis.Redis.from_url(url).flushdb()
 
 
-def test_a_round_leases_every_due_delivery_in_one_transaction(tmp_path, broker_url):
-    # Given 40 jobs that succeeded, each with a webhook to its own URL (no per-URL cap applies)
+def succeeded_jobs_with_webhooks(tmp_path: Path, broker_url: str, urls: list[str]) -> Settings:
+    """A fresh SQLite database holding one succeeded job per URL, each with a due delivery."""
     database_url = f"sqlite:///{tmp_path / 'genq.db'}"
     db.upgrade(database_url)
     load_tokenizer_cached(TINY_MODEL, Path(MODEL_CACHE_DIR))
@@ -47,14 +54,22 @@ def test_a_round_leases_every_due_delivery_in_one_transaction(tmp_path, broker_u
     client = create_app({"GENQ_SETTINGS": settings}).test_client()
     auth = {"Authorization": f"Bearer {make_key(database_url)}"}
     assert client.post("/v1/webhook-secret", headers=auth).status_code == 201
-    for index in range(NUM_DELIVERIES):
+    for url in urls:
         response = client.post("/v1/jobs", headers=auth, json={
-            "prompt": "Hi", "max_tokens": 2, "webhook_url": f"http://127.0.0.1:9/hook/{index}",
+            "prompt": "Hi", "max_tokens": 2, "webhook_url": url,
             "webhook_events": ["succeeded"]})
         assert response.status_code == 202, response.json
         for state in (JobStatus.RUNNING, JobStatus.SUCCEEDED):
             with db.transaction(database_url) as session:
                 assert transition(session, response.json["id"], state)
+    return settings
+
+
+def test_a_round_leases_every_due_delivery_in_one_transaction(tmp_path, broker_url):
+    # Given 40 jobs that succeeded, each with a webhook to its own URL (no per-URL cap applies)
+    settings = succeeded_jobs_with_webhooks(
+        tmp_path, broker_url, [f"http://127.0.0.1:9/hook/{i}" for i in range(NUM_DELIVERIES)])
+    database_url = settings.database_url
 
     # When the dispatcher runs one round, counting the transactions it begins
     begun = []
@@ -88,3 +103,31 @@ def _task_args(message: bytes) -> list:
     """A task's args from its kombu message on Redis (Celery protocol 2: a base64 JSON body)."""
     args, _kwargs, _embed = json.loads(base64.b64decode(json.loads(message)["body"]))
     return args
+
+
+def test_a_capped_receiver_gets_its_next_delivery_as_soon_as_one_ends(tmp_path, broker_url):
+    # Given 30 deliveries due to one receiver, and a webhook worker that polls every 5 s and
+    # keeps at most 2 deliveries in flight per URL
+    with receiving() as receiver:
+        settings = succeeded_jobs_with_webhooks(tmp_path, broker_url,
+                                                [receiver.url] * NUM_TO_ONE_RECEIVER)
+        group = ProcessGroup(tmp_path, {
+            **os.environ, "GENQ_DATABASE_URL": settings.database_url,
+            "GENQ_BROKER_URL": broker_url, "GENQ_WEBHOOK_ALLOW_PRIVATE": "true",
+            "GENQ_WEBHOOK_POLL_SECONDS": "5", "GENQ_WEBHOOK_MAX_IN_FLIGHT_PER_URL": "2"})
+        try:
+            # When the worker starts
+            worker = group.start("webhook-worker", [
+                sys.executable, "-m", "cli", "webhook-worker",
+                "--hostname", f"webhooks-dispatch-{uuid.uuid4().hex[:6]}@%h"])
+            wait_for(lambda: " ready." in worker.log(), 60, "the webhook worker", worker)
+            ready = time.monotonic()
+
+            # Then each delivery that ends lets the next one go: all 30 arrive well within
+            # two polls (at 2 a poll, they took 15 polls, 70 s)
+            wait_for(lambda: len(receiver.requests) >= NUM_TO_ONE_RECEIVER, 60,
+                     "every delivery", worker)
+            assert receiver.requests[-1].at - ready < 10, receiver.requests[-1].at - ready
+        finally:
+            group.stop_all()
+    assert len(receiver.requests) == NUM_TO_ONE_RECEIVER
