@@ -19,7 +19,7 @@ from sqlalchemy import Row
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from genq.errors import ErrorCode
-from genq.job_store import Claimed, claim_deliveries
+from genq.job_store import Claimed, claim_deliveries, mark_started
 from genq.models import utcnow
 from genq.settings import Settings
 from genq.states import JobStatus, Priority
@@ -296,6 +296,10 @@ class Worker:
                 self._end_before_engine(running, JobStatus.QUEUED,
                                         job_writes.requeue(running.job.id, self.worker_id))
             return
+        # Past its start now (claim, before_job, hand-off): if this worker dies from here on,
+        # its jobs are not taken for suspects at their first redelivery (workers.in_flight).
+        self.writes.submit(partial(mark_started, job_ids=[running.job.id for running in runs],
+                                   worker_id=self.worker_id), lazy=True)
         for running, future in zip(runs, futures, strict=True):
             future.add_done_callback(partial(self._commit, running))
 
