@@ -391,9 +391,10 @@ class Worker:
                 self._unsettled -= 1
                 free = self.window - self._unsettled
                 suspect_done = self._suspects.settled(delivery.job_id)
+                waiting_suspects = len(self._suspects) > 0
             if free >= self.refill_at:
                 self._slot_freed.set()
-        if suspect_done:
+        if suspect_done or waiting_suspects:
             self._start_next_suspect()
 
     # Beside the path: a direct call, suspects, the worker's state for its chores ----------
@@ -409,9 +410,14 @@ class Worker:
             self.enforce_deadlines()
 
     def _start_next_suspect(self) -> None:
-        """Start the oldest held suspect if no other suspect runs (workers.in_flight)."""
+        """Start the next held suspect if no other suspect runs (workers.in_flight), and no
+        redelivered job: lost once with a worker already, it is not to die with a poison
+        job a second time."""
         with self._lock:
-            suspect = None if self.drain_deadline is not None else self._suspects.next_to_start()
+            suspect = None
+            if self.drain_deadline is None and not any(
+                    running.job.attempts > 1 for running in self._running.values()):
+                suspect = self._suspects.next_to_start()
         if suspect is not None:
             start_suspect(*suspect, self.writes, self.worker_id, generate=self._generate,
                           settle=self._settle)
