@@ -19,7 +19,7 @@ from sqlalchemy import Row
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from genq.errors import ErrorCode
-from genq.job_store import Claimed, claim_deliveries, mark_started
+from genq.job_store import Claimed, claim_deliveries
 from genq.models import utcnow
 from genq.settings import Settings
 from genq.states import JobStatus, Priority
@@ -69,6 +69,7 @@ class Worker:
         self.url = settings.database_url_resolved
         self.writes = GroupCommitter(self.url)
         self._outputs = BatchedWrite(job_writes.store_outputs(worker_id))
+        self._started = BatchedWrite(job_writes.mark_micro_batches_started(worker_id))
         self.middleware = load_middleware(settings.worker_middleware)
         # The engine's batch plus standby jobs; refilled once half the standby jobs started
         # (fewer, larger rounds: on few cores each wake-up of a thread preempts the engine).
@@ -298,8 +299,8 @@ class Worker:
             return
         # Past its start now (claim, before_job, hand-off): if this worker dies from here on,
         # its jobs are not taken for suspects at their first redelivery (workers.in_flight).
-        self.writes.submit(partial(mark_started, job_ids=[running.job.id for running in runs],
-                                   worker_id=self.worker_id), lazy=True)
+        self.writes.submit_batched(self._started, [running.job.id for running in runs],
+                                   lazy=True)
         for running, future in zip(runs, futures, strict=True):
             future.add_done_callback(partial(self._commit, running))
 
