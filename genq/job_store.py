@@ -132,10 +132,10 @@ def claim_deliveries(session: Session, job_ids: list[str], *, model: str, worker
     A queued job is claimed whatever its attempts (a redelivered job runs in the micro-batch
     like any other), with one more attempt, and `is_starting` set; a suspect (`is_suspect`) is
     held (RUNNING under `worker_id`, no attempt spent until `count_attempt`) for the worker to
-    start alone. A running job is claimed the same ways only when its holder
-    is gone: its lease ran out, or `is_holder_dead(its worker_id)` (a dead process on this
-    host: no need to wait for its lease). Usually one UPDATE; a SELECT and an UPDATE per job
-    only for the ids the first UPDATE did not take.
+    start alone. A running job is claimed the same ways only when its holder is gone: its
+    lease ran out, or `is_holder_dead(its worker_id)` (a dead process on this host: no need to
+    wait for its lease). Usually one UPDATE; a SELECT and an UPDATE per job only for the ids
+    the first UPDATE did not take (suspects among them).
     """
     params = {"claim_ids": job_ids, "claim_model": model, "claim_version": model_version,
               "claim_worker": worker_id,
@@ -186,9 +186,9 @@ def count_attempt(session: Session, job_id: str, *, worker_id: str) -> Row | Non
 
 
 def mark_started(session: Session, job_ids: list[str], *, worker_id: str) -> None:
-    """Clear `is_starting` for a micro-batch `worker_id` has handed to its engine: from now on
-    a death of the worker is no longer a death while starting them (one UPDATE per
-    micro-batch, committed lazily with the worker's other writes)."""
+    """Clear `is_starting` for the jobs `worker_id` has handed to its engine: from now on a
+    death of the worker is no longer a death while starting them (the worker sends those of
+    all micro-batches handed over meanwhile in one UPDATE, without a disk flush)."""
     session.execute(
         update(_JOBS)
         .where(_JOBS.c.id.in_(job_ids), _JOBS.c.worker_id == worker_id,
