@@ -114,6 +114,14 @@ class Claimed:
     held: list[Row]  # suspects: claimed without spending an attempt, to be started alone
 
 
+def is_suspect(attempts: int, is_starting: bool, suspect_after: int | None) -> bool:
+    """A redelivered job whose worker died starting its micro-batch (`is_starting` still set:
+    see `mark_started`), or one claimed `suspect_after` times already (lost later, twice)."""
+    if suspect_after is None:
+        return False
+    return attempts >= suspect_after or (is_starting and attempts > 0)
+
+
 def claim_deliveries(session: Session, job_ids: list[str], *, model: str, worker_id: str,
                      lease_expires_at: datetime, model_version: str | None = None,
                      is_holder_dead: Callable[[str], bool] = lambda _holder: False,
@@ -122,18 +130,20 @@ def claim_deliveries(session: Session, job_ids: list[str], *, model: str, worker
     unversioned worker: then only unversioned jobs) → RUNNING under `worker_id`.
 
     A queued job is claimed whatever its attempts (a redelivered job runs in the micro-batch
-    like any other), with one more attempt; one with `suspect_after` attempts or more is a
-    suspect: it is held (RUNNING under `worker_id`, no attempt spent until `count_attempt`)
-    for the worker to start alone. A running job is claimed the same ways only when its holder
-    is gone: its lease ran out, or `is_holder_dead(its worker_id)` (a dead process on this
-    host: no need to wait for its lease). Usually one UPDATE; a SELECT and an UPDATE per job
-    only for the ids the first UPDATE did not take.
+    like any other), with one more attempt, and `is_starting` set; a suspect (`is_suspect`) is
+    held (RUNNING under `worker_id`, no attempt spent until `count_attempt`) for the worker to
+    start alone. A running job is claimed the same ways only when its holder is gone: its
+    lease ran out, or `is_holder_dead(its worker_id)` (a dead process on this host: no need to
+    wait for its lease). Usually one UPDATE; a SELECT and an UPDATE per job only for the ids
+    the first UPDATE did not take (suspects among them).
     """
     params = {"claim_ids": job_ids, "claim_model": model, "claim_version": model_version,
               "claim_worker": worker_id,
               "claim_lease": lease_expires_at, "claim_now": utcnow(),
               "claim_below": suspect_after if suspect_after is not None else _NO_LIMIT}
-    jobs = list(session.execute(_claim_statement(JobStatus.QUEUED, True), params).all())
+    jobs = list(session.execute(
+        _claim_statement(JobStatus.QUEUED, True, leave_starting=suspect_after is not None),
+        params).all())
     _announce_claims(session, jobs)
     claimed = {job.id for job in jobs}
     left = [job_id for job_id in job_ids if job_id not in claimed]
@@ -141,26 +151,26 @@ def claim_deliveries(session: Session, job_ids: list[str], *, model: str, worker
         return Claimed(jobs, [])
     rows = session.execute(
         select(_JOBS.c.id, _JOBS.c.status, _JOBS.c.worker_id, _JOBS.c.lease_expires_at,
-               _JOBS.c.attempts)
+               _JOBS.c.attempts, _JOBS.c.is_starting)
         .where(_JOBS.c.id.in_(left), _JOBS.c.model == model,
                _JOBS.c.model_version.is_not_distinct_from(model_version),
                _JOBS.c.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
                or_(_JOBS.c.worker_id.is_(None), _JOBS.c.worker_id != worker_id))).all()
     now, held = utcnow(), []
-    for job_id, status, holder, lease, attempts in rows:
+    for job_id, status, holder, lease, attempts, is_starting in rows:
         source = JobStatus(status)
         if source is JobStatus.RUNNING and not (
                 (lease is not None and lease < now) or is_holder_dead(holder)):
             continue  # its holder may be alive
-        is_suspect = attempts >= params["claim_below"]
-        job = session.execute(_claim_statement(source, not is_suspect), {
+        suspect = is_suspect(attempts, is_starting, suspect_after)
+        job = session.execute(_claim_statement(source, not suspect), {
             **params, "claim_ids": [job_id], "claim_holder": holder,
             "claim_below": _NO_LIMIT}).one_or_none()
         if job is None:
             continue
         if source is JobStatus.QUEUED:  # a re-claim changes no state: it announces nothing
             _announce_claims(session, [job])
-        (held if is_suspect else jobs).append(job)
+        (held if suspect else jobs).append(job)
     return Claimed(jobs, held)
 
 
@@ -171,8 +181,19 @@ def count_attempt(session: Session, job_id: str, *, worker_id: str) -> Row | Non
         update(_JOBS)
         .where(_JOBS.c.id == job_id, _JOBS.c.worker_id == worker_id,
                _JOBS.c.status == JobStatus.RUNNING.value)
-        .values(attempts=_JOBS.c.attempts + 1)
+        .values(attempts=_JOBS.c.attempts + 1, is_starting=True)
         .returning(*_JOBS.columns)).one_or_none()
+
+
+def mark_started(session: Session, job_ids: list[str], *, worker_id: str) -> None:
+    """Clear `is_starting` for the jobs `worker_id` has handed to its engine: from now on a
+    death of the worker is no longer a death while starting them (the worker sends those of
+    all micro-batches handed over meanwhile in one UPDATE, without a disk flush)."""
+    session.execute(
+        update(_JOBS)
+        .where(_JOBS.c.id.in_(job_ids), _JOBS.c.worker_id == worker_id,
+               _JOBS.c.is_starting)
+        .values(is_starting=False))
 
 
 def hand_back(session: Session, job_id: str, *, worker_id: str,
@@ -183,7 +204,9 @@ def hand_back(session: Session, job_id: str, *, worker_id: str,
                 else _JOBS.c.attempts)
     return transition(session, job_id, JobStatus.QUEUED,
                       extra_where=(_JOBS.c.worker_id == worker_id,),
-                      worker_id=None, lease_expires_at=None, attempts=attempts)
+                      worker_id=None, lease_expires_at=None, attempts=attempts,
+                      # a held suspect (never started here) stays one
+                      is_starting=False if attempt_spent else _JOBS.c.is_starting)
 
 
 def extend_leases(session: Session, job_ids: list[str], *, worker_id: str,
@@ -233,14 +256,17 @@ def _store_some_results(session: Session, results: dict[str, dict[str, Any]], wo
 _NO_LIMIT = 2**31 - 1
 
 
-@lru_cache(maxsize=4)
-def _claim_statement(source: JobStatus, spend_attempt: bool):
+@lru_cache(maxsize=8)
+def _claim_statement(source: JobStatus, spend_attempt: bool, leave_starting: bool = False):
     """QUEUED → RUNNING, or RUNNING → RUNNING from a given (gone) holder; with one more
-    attempt, or none (a held suspect)."""
+    attempt, or none (a held suspect). `leave_starting`: not the jobs whose worker died
+    starting them (they are suspects, claimed one by one)."""
     where = [_JOBS.c.id.in_(bindparam("claim_ids", expanding=True)),
              _JOBS.c.status == source.value, _JOBS.c.model == bindparam("claim_model"),
              _JOBS.c.model_version.is_not_distinct_from(bindparam("claim_version")),
              _JOBS.c.attempts < bindparam("claim_below")]
+    if leave_starting:
+        where.append(or_(~_JOBS.c.is_starting, _JOBS.c.attempts == 0))
     if source is JobStatus.RUNNING:
         where.append(_JOBS.c.worker_id == bindparam("claim_holder"))
     return (
@@ -249,6 +275,7 @@ def _claim_statement(source: JobStatus, spend_attempt: bool):
         .values(status=JobStatus.RUNNING.value, worker_id=bindparam("claim_worker"),
                 lease_expires_at=bindparam("claim_lease"),
                 attempts=_JOBS.c.attempts + 1 if spend_attempt else _JOBS.c.attempts,
+                is_starting=True if spend_attempt else _JOBS.c.is_starting,
                 started_at=func.coalesce(_JOBS.c.started_at, bindparam("claim_now")))
         .returning(*_JOBS.columns)
     )

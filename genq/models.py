@@ -19,6 +19,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -124,6 +125,9 @@ class Job(Base):
     request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
     worker_id: Mapped[str | None] = mapped_column(String(200), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Set by the claim, cleared once the job's micro-batch is in the engine: still set after
+    # its worker died means it died starting the micro-batch (workers.in_flight: suspects).
+    is_starting: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # From the optional `timeout_s` at submit: past it the job is `expired`, partial output kept.
     deadline_at: Mapped[datetime | None] = mapped_column(default=None)
     # Set on the jobs of a batch's lines (issue 7): the line's custom_id and 1-based number.

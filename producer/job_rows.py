@@ -75,6 +75,7 @@ def new_job(tenant_id: str, request: JobRequest, model: str, prompt_tokens: int,
         "prompt_tokens": prompt_tokens,
         "admitted_tokens": admitted_tokens,
         "attempts": 0,
+        "is_starting": False,
         "idempotency_key": idempotency_key,
         "request_hash": request_hash,
         "deadline_at": None if request.timeout_s is None

@@ -76,10 +76,10 @@ class GroupCommitter:
         """`write` without waiting: the Future resolves once the write is committed."""
         return self._enqueue(_Write(apply=apply, lazy=lazy))
 
-    def submit_batched(self, kind: BatchedWrite, argument: Any) -> Future:
+    def submit_batched(self, kind: BatchedWrite, argument: Any, *, lazy: bool = False) -> Future:
         """Apply `kind` to `argument`, together with the other waiting arguments of that kind;
         the Future resolves with this argument's result once committed (or its error)."""
-        return self._enqueue(_Write(kind=kind, argument=argument))
+        return self._enqueue(_Write(kind=kind, argument=argument, lazy=lazy))
 
     def _enqueue(self, item: _Write) -> Future:
         with self._lock:

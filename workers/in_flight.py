@@ -1,5 +1,6 @@
 """What a worker holds between claim and ack: its running jobs (and why one was stopped) and its
-suspects, jobs lost with a worker twice, which start one at a time beside the others."""
+suspects, jobs lost with a worker that died starting them (or lost twice), which start one at
+a time beside the others."""
 
 from __future__ import annotations
 
@@ -14,14 +15,18 @@ from functools import partial
 from sqlalchemy import Row
 
 from genq.job_store import count_attempt
-from genq.states import JobStatus
+from genq.states import JobStatus, Priority
 from workers.group_commit import GroupCommitter
 from workers.intake import Delivery
 
 log = logging.getLogger(__name__)
 
-# A redelivered job runs in the micro-batch like any other: one lost delivery is what any job
-# of a worker that died has. Lost this often, the job itself is a suspect (see Suspects).
+# A redelivered job runs in the micro-batch like any other: one lost delivery is what any job of
+# a worker that died has. Two kinds are suspects instead (genq.job_store.is_suspect):
+# - the jobs of a micro-batch the worker was starting when it died (claimed, not yet handed
+#   to its engine: a poison job kills its worker there, in before_job or the hand-off), from
+#   their first loss: all of them, since which one was to blame is unknown;
+# - a job lost this often, wherever it was (e.g. one that kills its worker mid-decode).
 LOST_DELIVERIES_BEFORE_ISOLATION = 2
 
 
@@ -40,11 +45,12 @@ class RunningJob:
 
 
 class Suspects:
-    """Jobs lost with their worker LOST_DELIVERIES_BEFORE_ISOLATION times, held (claimed without
-    spending an attempt) and started one at a time, oldest first, beside the worker's other
-    jobs: never two suspects together, so a poison job among them takes down no other suspect,
-    and nothing else ever waits for them (fresh and interactive jobs keep their micro-batches).
-    Not thread-safe: the worker calls it under its lock."""
+    """Suspects (see LOST_DELIVERIES_BEFORE_ISOLATION), held (claimed without spending an
+    attempt) and started one at a time, interactive ones first, then oldest first, beside the
+    worker's other jobs, each once the one before has settled: never two suspects together, so
+    a poison job among them takes down no other suspect, and nothing else ever waits for them
+    (fresh and interactive jobs keep their micro-batches). Not thread-safe: the worker calls
+    it under its lock."""
 
     def __init__(self) -> None:
         self._held: deque[tuple[Row, Delivery]] = deque()
@@ -54,7 +60,10 @@ class Suspects:
         return len(self._held)
 
     def hold(self, job: Row, delivery: Delivery) -> None:
-        self._held.append((job, delivery))
+        if job.priority == Priority.INTERACTIVE.value:
+            self._held.appendleft((job, delivery))
+        else:
+            self._held.append((job, delivery))
 
     def next_to_start(self) -> tuple[Row, Delivery] | None:
         """The oldest held suspect, when no suspect runs (it is then the one running)."""
@@ -87,8 +96,8 @@ def start_suspect(job: Row, delivery: Delivery, writes: GroupCommitter, worker_i
     attempt is spent only now: a suspect that waited in a worker that died comes back as it
     was. If it is what kills workers, it takes down no other suspect, and no job that had been
     lost with it before."""
-    log.warning("job %s was lost with its worker %d times: it starts as the only suspect",
-                job.id, job.attempts)
+    log.warning("job %s was lost with a worker %s: it starts as the only suspect", job.id,
+                "that died starting it" if job.is_starting else f"{job.attempts} times")
 
     def counted(future: Future) -> None:
         try:

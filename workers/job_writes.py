@@ -10,7 +10,13 @@ from sqlalchemy.orm import Session
 
 from engine.outputs import RequestOutput
 from genq.errors import ErrorCode
-from genq.job_store import hand_back_to_queue, keep_canceled_output, store_results, transition
+from genq.job_store import (
+    hand_back_to_queue,
+    keep_canceled_output,
+    mark_started,
+    store_results,
+    transition,
+)
 from genq.models import Job
 from genq.states import JobStatus
 
@@ -30,6 +36,18 @@ def store_outputs(worker_id: str) -> Callable[[Session, list[tuple[str, dict]]],
         return [None] * len(outputs)
 
     return store
+
+
+def mark_micro_batches_started(worker_id: str) -> Callable[[Session, list[list[str]]],
+                                                             list[None]]:
+    """Clear the start trace of the micro-batches handed to the engine meanwhile, in one
+    UPDATE."""
+    def mark(session: Session, micro_batches: list[list[str]]) -> list[None]:
+        mark_started(session, [job_id for job_ids in micro_batches for job_id in job_ids],
+                     worker_id=worker_id)
+        return [None] * len(micro_batches)
+
+    return mark
 
 
 def finish(job_id: str, status: JobStatus, worker_id: str,

@@ -69,6 +69,7 @@ class Worker:
         self.url = settings.database_url_resolved
         self.writes = GroupCommitter(self.url)
         self._outputs = BatchedWrite(job_writes.store_outputs(worker_id))
+        self._started = BatchedWrite(job_writes.mark_micro_batches_started(worker_id))
         self.middleware = load_middleware(settings.worker_middleware)
         # The engine's batch plus standby jobs; refilled once half the standby jobs started
         # (fewer, larger rounds: on few cores each wake-up of a thread preempts the engine).
@@ -296,6 +297,10 @@ class Worker:
                 self._end_before_engine(running, JobStatus.QUEUED,
                                         job_writes.requeue(running.job.id, self.worker_id))
             return
+        # Past its start now (claim, before_job, hand-off): if this worker dies from here on,
+        # its jobs are not taken for suspects at their first redelivery (workers.in_flight).
+        self.writes.submit_batched(self._started, [running.job.id for running in runs],
+                                   lazy=True)
         for running, future in zip(runs, futures, strict=True):
             future.add_done_callback(partial(self._commit, running))
 
@@ -387,9 +392,10 @@ class Worker:
                 self._unsettled -= 1
                 free = self.window - self._unsettled
                 suspect_done = self._suspects.settled(delivery.job_id)
+                waiting_suspects = len(self._suspects) > 0
             if free >= self.refill_at:
                 self._slot_freed.set()
-        if suspect_done:
+        if suspect_done or waiting_suspects:
             self._start_next_suspect()
 
     # Beside the path: a direct call, suspects, the worker's state for its chores ----------
@@ -405,9 +411,14 @@ class Worker:
             self.enforce_deadlines()
 
     def _start_next_suspect(self) -> None:
-        """Start the oldest held suspect if no other suspect runs (workers.in_flight)."""
+        """Start the next held suspect if no other suspect runs (workers.in_flight), and no
+        redelivered job: lost once with a worker already, it is not to die with a poison
+        job a second time."""
         with self._lock:
-            suspect = None if self.drain_deadline is not None else self._suspects.next_to_start()
+            suspect = None
+            if self.drain_deadline is None and not any(
+                    running.job.attempts > 1 for running in self._running.values()):
+                suspect = self._suspects.next_to_start()
         if suspect is not None:
             start_suspect(*suspect, self.writes, self.worker_id, generate=self._generate,
                           settle=self._settle)

@@ -183,3 +183,45 @@ def test_only_jobs_that_asked_for_logprobs_get_the_logprobs_column(database_url)
     assert raw[plain] is None
     assert jobs[scored].output_logprobs == stored and jobs[plain].output_logprobs is None
     assert {job.status for job in jobs.values()} == {JobStatus.SUCCEEDED}
+
+
+def test_a_job_lost_while_its_micro_batch_started_is_a_suspect_from_its_first_loss(
+        database_url):
+    from datetime import timedelta
+
+    from genq.job_store import claim_deliveries, hand_back, mark_started
+    from genq.models import utcnow
+
+    # given a worker that claimed two micro-batches, handed the first to its engine, and died
+    # starting the second; the reaper then requeued one job of each
+    first = [_make_job(database_url, tenant_name=f"a{i}") for i in range(2)]
+    second = [_make_job(database_url, tenant_name=f"b{i}") for i in range(2)]
+    lease = utcnow() + timedelta(hours=1)
+    with db.transaction(database_url) as session:
+        for batch in (first, second):
+            claim_deliveries(session, batch, model="m", worker_id="w-dead",
+                             lease_expires_at=lease, suspect_after=2)
+        mark_started(session, first, worker_id="w-dead")
+        for job_id in (first[0], second[0]):
+            assert transition(session, job_id, JobStatus.QUEUED, worker_id=None,
+                              lease_expires_at=None)
+
+    # when a replacement claims all four (the queued ones and those of the dead holder)
+    with db.transaction(database_url) as session:
+        claim = claim_deliveries(session, [*first, *second], model="m", worker_id="w2",
+                                 lease_expires_at=lease, suspect_after=2,
+                                 is_holder_dead=lambda holder: holder == "w-dead")
+
+    # then the jobs of the micro-batch it was starting are held as suspects after one loss,
+    # and the others run at once with their second attempt
+    assert sorted((job.id, job.attempts, job.is_starting) for job in claim.jobs) == sorted(
+        (job_id, 2, True) for job_id in first)
+    assert sorted((job.id, job.attempts, job.is_starting) for job in claim.held) == sorted(
+        (job_id, 1, True) for job_id in second)
+    # and a held suspect handed back at a drain stays one; a job handed back after it was
+    # claimed (a clean stop) does not become one
+    with db.transaction(database_url) as session:
+        assert hand_back(session, second[0], worker_id="w2", attempt_spent=False)
+        assert hand_back(session, first[0], worker_id="w2")
+        assert session.get(Job, second[0]).is_starting
+        assert not session.get(Job, first[0]).is_starting

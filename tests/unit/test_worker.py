@@ -387,6 +387,33 @@ def test_a_suspect_starts_beside_busy_jobs_and_never_beside_another_suspect(sqli
     assert sorted(echo_worker.engine.in_flight()) == sorted([busy, first])
 
 
+def test_a_suspect_lost_while_starting_waits_for_redelivered_jobs_not_for_fresh_ones(
+        sqlite_url, echo_worker):
+    # given a worker busy with a fresh job and a redelivered one (its engine stopped: they
+    # wait in the loop's queue)
+    fresh = _queued_job(sqlite_url)
+    redelivered = _queued_job(sqlite_url, tenant_name="r", attempts=1)
+    suspect = _queued_job(sqlite_url, tenant_name="s", attempts=1, is_starting=True)
+    echo_worker.engine.stop(timeout=5)
+
+    # when a job lost once while its worker was starting it arrives with them
+    echo_worker.deliver([Delivery(fresh, 1), Delivery(redelivered, 2), Delivery(suspect, 3)])
+
+    # then the others are handed to the engine (their start trace cleared), and the suspect
+    # is held, no attempt spent, while the redelivered job runs: lost once already, it is
+    # not to die with a poison job again
+    wait_until = time.monotonic() + 10
+    while _job(sqlite_url, redelivered).is_starting and time.monotonic() < wait_until:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    jobs = {job_id: _job(sqlite_url, job_id) for job_id in (fresh, redelivered, suspect)}
+    assert {job_id: (job.status, job.attempts, job.is_starting)
+            for job_id, job in jobs.items()} == {
+        fresh: (JobStatus.RUNNING, 1, False), redelivered: (JobStatus.RUNNING, 2, False),
+        suspect: (JobStatus.RUNNING, 1, True)}
+    assert sorted(echo_worker.engine.in_flight()) == sorted([fresh, redelivered])
+
+
 def test_a_held_suspect_goes_back_at_a_drain_without_spending_an_attempt(sqlite_url,
                                                                          echo_worker):
     # given a worker (its engine stopped) running one suspect and holding another
