@@ -19,9 +19,10 @@ exception, its neighbours finish normally. A re-run resumes from the tokens its 
 produced (the abort's partial output), not from scratch: what was streamed stays the start of
 the final output, and the re-run's deltas continue it. Requests submitted with `isolated=True`
 run alone the same way. Interactive requests are admitted beside an isolated one all the same:
-the isolation never holds them back. (A job lost with its worker twice is isolated by the worker
-instead, which starts such suspects one at a time (workers.in_flight): a dead process takes its
-engine queue with it, so isolation here could not protect the waiting jobs.)
+the isolation never holds them back. (A job lost with a worker that was starting it, or lost
+twice, is isolated by the worker instead, which starts such suspects one at a time
+(workers.in_flight): a dead process takes its engine queue with it, so isolation here could not
+protect the waiting jobs.)
 """
 
 from __future__ import annotations
