@@ -96,17 +96,28 @@ def dispatch_due(settings: Settings, limit: int = DISPATCH_BATCH,
            WebhookDelivery.next_attempt_at <= now,
            or_(WebhookDelivery.lease_expires_at.is_(None),
                WebhookDelivery.lease_expires_at < now))
+    cap = settings.webhook_max_in_flight_per_url
     leased = []
     with db.transaction(settings.database_url_resolved, lazy=True) as session:
-        due_rows = session.execute(select(WebhookDelivery.id, WebhookDelivery.url).where(*due)
-                                   .order_by(WebhookDelivery.next_attempt_at).limit(limit)).all()
         in_flight = Counter(dict(session.execute(
             select(WebhookDelivery.url, func.count()).where(
                 WebhookDelivery.status == DeliveryStatus.PENDING.value,
                 WebhookDelivery.lease_expires_at >= now)
             .group_by(WebhookDelivery.url)).all()))
+        # At most `cap` rows a URL, none of a URL at its cap: a receiver with a backlog of due
+        # deliveries (a slow one, retried) must not fill the round and starve the others.
+        ranked = select(WebhookDelivery.id, WebhookDelivery.url, WebhookDelivery.next_attempt_at,
+                        func.row_number().over(partition_by=WebhookDelivery.url,
+                                               order_by=WebhookDelivery.next_attempt_at)
+                        .label("rank")).where(*due)
+        saturated = [url for url, count in in_flight.items() if count >= cap]
+        if saturated:
+            ranked = ranked.where(WebhookDelivery.url.not_in(saturated))
+        ranked = ranked.subquery()
+        due_rows = session.execute(select(ranked.c.id, ranked.c.url).where(ranked.c.rank <= cap)
+                                   .order_by(ranked.c.next_attempt_at).limit(limit)).all()
         for delivery_id, url in due_rows:
-            if in_flight[url] >= settings.webhook_max_in_flight_per_url:
+            if in_flight[url] >= cap:
                 continue
             token = secrets.token_hex(16)
             # Another dispatcher (one per webhook worker) may have leased it since the select.

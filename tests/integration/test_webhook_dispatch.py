@@ -44,10 +44,8 @@ def broker_url():
     redis.Redis.from_url(url).flushdb()
 
 
-def succeeded_jobs_with_webhooks(tmp_path: Path, broker_url: str, urls: list[str]) -> Settings:
-    """A fresh SQLite database holding one succeeded job per URL, each with a due delivery."""
-    database_url = f"sqlite:///{tmp_path / 'genq.db'}"
-    db.upgrade(database_url)
+def succeeded_jobs_with_webhooks(database_url: str, broker_url: str, urls: list[str]) -> Settings:
+    """One succeeded job per URL in a fresh database, each with a due delivery."""
     load_tokenizer_cached(TINY_MODEL, Path(MODEL_CACHE_DIR))
     settings = Settings(database_url=database_url, broker_url=broker_url, model=TINY_MODEL,
                         model_cache_dir=Path(MODEL_CACHE_DIR), webhook_allow_private=True)
@@ -65,10 +63,10 @@ def succeeded_jobs_with_webhooks(tmp_path: Path, broker_url: str, urls: list[str
     return settings
 
 
-def test_a_round_leases_every_due_delivery_in_one_transaction(tmp_path, broker_url):
+def test_a_round_leases_every_due_delivery_in_one_transaction(sqlite_url, broker_url):
     # Given 40 jobs that succeeded, each with a webhook to its own URL (no per-URL cap applies)
     settings = succeeded_jobs_with_webhooks(
-        tmp_path, broker_url, [f"http://127.0.0.1:9/hook/{i}" for i in range(NUM_DELIVERIES)])
+        sqlite_url, broker_url, [f"http://127.0.0.1:9/hook/{i}" for i in range(NUM_DELIVERIES)])
     database_url = settings.database_url
 
     # When the dispatcher runs one round, counting the transactions it begins
@@ -105,11 +103,12 @@ def _task_args(message: bytes) -> list:
     return args
 
 
-def test_a_capped_receiver_gets_its_next_delivery_as_soon_as_one_ends(tmp_path, broker_url):
+def test_a_capped_receiver_gets_its_next_delivery_as_soon_as_one_ends(tmp_path, sqlite_url,
+                                                                      broker_url):
     # Given 30 deliveries due to one receiver, and a webhook worker that polls every 5 s and
     # keeps at most 2 deliveries in flight per URL
     with receiving() as receiver:
-        settings = succeeded_jobs_with_webhooks(tmp_path, broker_url,
+        settings = succeeded_jobs_with_webhooks(sqlite_url, broker_url,
                                                 [receiver.url] * NUM_TO_ONE_RECEIVER)
         group = ProcessGroup(tmp_path, {
             **os.environ, "GENQ_DATABASE_URL": settings.database_url,
@@ -131,3 +130,24 @@ def test_a_capped_receiver_gets_its_next_delivery_as_soon_as_one_ends(tmp_path, 
         finally:
             group.stop_all()
     assert len(receiver.requests) == NUM_TO_ONE_RECEIVER
+
+
+def test_a_receiver_with_a_backlog_does_not_starve_the_others(database_url, broker_url):
+    # Given 30 deliveries due to one receiver, then one to each of 5 others, and rounds of 10
+    backlogged = "http://127.0.0.1:9/slow"
+    others = [f"http://127.0.0.1:9/hook/{index}" for index in range(5)]
+    settings = succeeded_jobs_with_webhooks(database_url, broker_url, [backlogged] * 30 + others)
+    settings = settings.model_copy(update={"webhook_max_in_flight_per_url": 2})
+    celery_app = make_webhook_celery(settings)
+
+    # When the dispatcher runs two rounds
+    first = dispatch_due(settings, limit=10, celery_app=celery_app)
+    second = dispatch_due(settings, limit=10, celery_app=celery_app)
+
+    # Then the first leased 2 to the backlogged receiver (its cap) and one to each other one;
+    # the second, none (the backlogged receiver is at its cap; its rows do not fill the round)
+    assert (first, second) == (2 + 5, 0)
+    with db.session_factory(settings.database_url)() as session:
+        leased = session.execute(select(WebhookDelivery.url).where(
+            WebhookDelivery.lease_token.is_not(None))).scalars().all()
+    assert sorted(leased) == sorted([backlogged] * 2 + others)
