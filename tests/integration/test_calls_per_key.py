@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from select import select as readable_among
 
 import pytest
 import requests
+from sqlalchemy import func, select
 
+from genq import db
+from genq.models import Job, Tenant
 from tests.conftest import MODEL_CACHE_DIR, TINY_MODEL, empty_redis_db, free_port, make_key
 from tests.processes import ProcessGroup, start_api
 
@@ -33,6 +36,8 @@ class Api:
     port: int
     key: str  # the tenant sending slow calls
     other_key: str  # another tenant
+    database_url: str
+    tenant: str = "slow-team"
 
 
 @pytest.fixture
@@ -48,7 +53,7 @@ def api(sqlite_url, redis_url, tmp_path) -> Iterator[Api]:
     try:
         start_api(group, port)
         api = Api(f"http://127.0.0.1:{port}", port, make_key(sqlite_url, "slow-team"),
-                  make_key(sqlite_url, "other-team"))
+                  make_key(sqlite_url, "other-team"), sqlite_url)
         assert _submit(api, api.other_key).status_code == 202  # the tokenizer is loaded
         yield api
     finally:
@@ -66,7 +71,7 @@ class RawCall:
         self.rest = body[send_now:]
 
     def answered(self) -> bool:
-        return bool(select.select([self.sock], [], [], 0)[0])
+        return bool(readable_among([self.sock], [], [], 0)[0])
 
     def response(self) -> tuple[int, dict[str, str], str]:
         data = b""
@@ -109,25 +114,42 @@ def _submit(api: Api, key: str, **headers: str) -> requests.Response:
                          headers={"Authorization": f"Bearer {key}", **headers})
 
 
+def _until_jobs_of_key(api: Api, count: int) -> None:
+    """Until the slow tenant has `count` jobs (read from the database: no call of the key)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with db.session_factory(api.database_url)() as session:
+            if session.scalar(select(func.count()).select_from(Job).where(
+                    Job.tenant_id == select(Tenant.id).where(Tenant.name == api.tenant)
+                    .scalar_subquery())) == count:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"the key's {count} jobs were not submitted in time")
+
+
 def _timed(call, *args) -> tuple[requests.Response, float]:
     began = time.monotonic()
     return call(*args), time.monotonic() - began
 
 
-def _open(count: int, call: Callable[[], RawCall]) -> list[RawCall]:
+def _open(count: int, call: Callable[[], RawCall], held: int) -> tuple[list, list]:
+    """`count` calls at once: (those still held, those answered at once), once all but `held`
+    were answered (or 5 s passed) and a moment more, so a late answer counts too."""
     calls = [call() for _ in range(count)]
-    time.sleep(1.0)  # every one reached the API and was either admitted or answered
-    return calls
+    deadline = time.monotonic() + 5
+    while sum(c.answered() for c in calls) < count - held and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    answered = [c for c in calls if c.answered()]
+    return [c for c in calls if c not in answered], answered
 
 
 def test_a_keys_slow_calls_beyond_its_share_get_429_and_others_still_answer(api):
     # when one key opens more trickled uploads than there are request threads
-    uploads = _open(API_THREADS + 2, lambda: trickled_upload(api))
+    held, refused = _open(API_THREADS + 2, lambda: trickled_upload(api), CALLS_PER_KEY)
 
     # then all but CALLS_PER_KEY were answered at once with 429, JSON and Retry-After
-    refused = [upload for upload in uploads if upload.answered()]
-    held = [upload for upload in uploads if upload not in refused]
-    assert len(held) == CALLS_PER_KEY
+    assert (len(held), len(refused)) == (CALLS_PER_KEY, API_THREADS + 2 - CALLS_PER_KEY)
     for upload in refused:
         status, headers, body = upload.response()
         assert status == 429 and headers["retry-after"] == "1"
@@ -148,25 +170,27 @@ def test_a_keys_slow_calls_beyond_its_share_get_429_and_others_still_answer(api)
     # when one held upload ends and the other's client goes away mid-body
     assert held[0].finish() == 200
     held[1].abandon()
-    time.sleep(0.5)
+    time.sleep(1.0)
 
     # then both slots are free again: the key holds its full share once more
-    again = _open(CALLS_PER_KEY + 1, lambda: trickled_upload(api))
-    assert [upload.answered() for upload in again] == [False] * CALLS_PER_KEY + [True]
-    assert [upload.finish() for upload in again[:CALLS_PER_KEY]] == [200] * CALLS_PER_KEY
-    assert again[-1].response()[0] == 429
+    held, refused = _open(CALLS_PER_KEY + 1, lambda: trickled_upload(api), CALLS_PER_KEY)
+    assert (len(held), len(refused)) == (CALLS_PER_KEY, 1)
+    assert [upload.finish() for upload in held] == [200] * CALLS_PER_KEY
+    assert refused[0].response()[0] == 429
 
 
 def test_a_handed_off_wait_leaves_the_pool_and_its_slot(api):
     # given CALLS_PER_KEY waits of the key held open (no worker: their jobs never finish)
-    waits = _open(CALLS_PER_KEY, lambda: waiting_submit(api))
-    assert not any(wait.answered() for wait in waits)
+    waits, answered = _open(CALLS_PER_KEY, lambda: waiting_submit(api), CALLS_PER_KEY)
+    assert answered == []
+    _until_jobs_of_key(api, CALLS_PER_KEY)  # submitted, so handed off a moment after
+    time.sleep(0.5)
 
     # when the same key makes its full share of calls in the pool
-    uploads = _open(CALLS_PER_KEY, lambda: trickled_upload(api))
+    uploads, refused = _open(CALLS_PER_KEY, lambda: trickled_upload(api), CALLS_PER_KEY)
 
     # then none is refused: the waits count against the wait caps, not against the pool's
-    assert not any(upload.answered() for upload in uploads)
+    assert refused == []
     assert [upload.finish() for upload in uploads] == [200] * CALLS_PER_KEY
     for wait in waits:
         wait.abandon()
