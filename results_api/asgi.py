@@ -75,7 +75,7 @@ class GenqAsgi:
         # left the pool by then and counts against the wait caps instead.
         caller = caller_of(scope)
         if not self.call_slots.try_take(caller):
-            return await self._refuse(scope, send)
+            return await self._refuse(send)
         try:
             await self.wsgi(scope, receive, send_unless_handed_off)
         finally:
@@ -104,7 +104,7 @@ class GenqAsgi:
                     "body": body if scope["method"] == "GET" else b""})
         metrics.count_request(scope["method"], "/healthz", 200, started)
 
-    async def _refuse(self, scope, send) -> None:
+    async def _refuse(self, send) -> None:
         """A 429 at once, from the loop: a key at its cap never queues for a thread."""
         headers, body = refusal(self.call_slots.per_key)
         await send({"type": "http.response.start", "status": 429, "headers": headers})

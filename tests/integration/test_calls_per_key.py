@@ -166,6 +166,8 @@ def test_a_keys_slow_calls_beyond_its_share_get_429_and_others_still_answer(api)
         headers={"Authorization": f"Bearer {api.other_key}"}))
     assert read.status_code == 200 and seconds < QUICK_SECONDS
     assert requests.get(f"{api.url}/healthz", timeout=QUICK_SECONDS).status_code == 200
+    scraped = requests.get(f"{api.url}/metrics", timeout=10).text
+    assert f"genq_http_calls_refused_busy_key_total {float(len(refused))}" in scraped
 
     # when one held upload ends and the other's client goes away mid-body
     assert held[0].finish() == 200
