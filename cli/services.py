@@ -28,7 +28,8 @@ def worker_stop_seconds(settings: Settings) -> float:
 
 
 # Uvicorn workers: waits and streams live on an event loop, not in request threads
-# (results_api.asgi); Flask's routes run in a pool of GENQ_API_THREADS threads per process.
+# (results_api.asgi); Flask's routes run in a pool of GENQ_API_THREADS threads per process,
+# at most GENQ_MAX_CALLS_PER_KEY of them per key.
 API_WORKER_CLASS = "results_api.gunicorn_config.ApiWorker"
 
 

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     max_wait_seconds: int = 60
     api_workers: int = 2
     api_threads: int = 8
+    # Calls of one API key (or dashboard session) in the Flask pool at once, per API process;
+    # beyond it 429 at once. 0: half of api_threads (at least 1), so one key's slow calls
+    # leave the other half to everyone else.
+    max_calls_per_key: int = Field(0, ge=0)
     # Signs the dashboard's session cookie; every API process must share it. Empty: a random one
     # kept in data_dir/secret_key (enough for one host).
     secret_key: str = ""
@@ -172,6 +176,10 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'genq.db').resolve()}"
+
+    @property
+    def max_calls_per_key_resolved(self) -> int:
+        return self.max_calls_per_key or max(1, self.api_threads // 2)
 
     @property
     def engine_threads_resolved(self) -> int:

@@ -14,6 +14,7 @@ from flask import Flask
 from genq.errors import ErrorCode, GenqError
 from results_api import health, metrics
 from results_api.app import create_app
+from results_api.call_slots import CallSlots, caller_of, refusal
 from results_api.handoff import ASYNC_LAYER, HANDOFF, Handoff, Stream, WaitThenAnswer
 from results_api.stream_hub import StreamHub
 
@@ -44,6 +45,7 @@ class GenqAsgi:
         self.wsgi = WSGIMiddleware(flask_app, workers=self.settings.api_threads)
         # /readyz never queues behind a burst of ordinary calls in the pool above.
         self.probes = WSGIMiddleware(flask_app, workers=PROBE_THREADS)
+        self.call_slots = CallSlots(self.settings.max_calls_per_key_resolved)
         self._hub: StreamHub | None = None
         self._num_open = 0  # waits and streams, until released
 
@@ -68,7 +70,16 @@ class GenqAsgi:
             if HANDOFF not in scope:
                 await send(message)
 
-        await self.wsgi(scope, receive, send_unless_handed_off)
+        # A call counts against its key from here until Flask is done with it, reading its
+        # body included (a trickled upload holds its thread); a handed-off wait or stream has
+        # left the pool by then and counts against the wait caps instead.
+        caller = caller_of(scope)
+        if not self.call_slots.try_take(caller):
+            return await self._refuse(send)
+        try:
+            await self.wsgi(scope, receive, send_unless_handed_off)
+        finally:
+            self.call_slots.give_back(caller)
         handoff: Handoff | None = scope.pop(HANDOFF, None)
         if handoff is None:
             return
@@ -92,6 +103,13 @@ class GenqAsgi:
         await send({"type": "http.response.body",
                     "body": body if scope["method"] == "GET" else b""})
         metrics.count_request(scope["method"], "/healthz", 200, started)
+
+    async def _refuse(self, send) -> None:
+        """A 429 at once, from the loop: a key at its cap never queues for a thread."""
+        headers, body = refusal(self.call_slots.per_key)
+        await send({"type": "http.response.start", "status": 429, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        metrics.CALLS_REFUSED.inc()
 
     async def _wait(self, handoff: Handoff, work: WaitThenAnswer, receive, send) -> None:
         """A client that goes away frees its slot at once (its jobs run on: a poll or a

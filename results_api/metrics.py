@@ -30,6 +30,10 @@ HTTP_REQUESTS = Counter("genq_http_requests", "HTTP requests answered by the API
 HTTP_REQUEST_SECONDS = Histogram("genq_http_request_duration_seconds",
                                  "Time to answer an HTTP request.", ["method", "route"],
                                  registry=None)
+# Answered 429 by results_api.asgi before Flask: the caller's key had its share of the pool.
+CALLS_REFUSED = Counter("genq_http_calls_refused_busy_key",
+                        "Calls refused at once because their API key already had "
+                        "GENQ_MAX_CALLS_PER_KEY calls in the API's request pool.", registry=None)
 UNMATCHED_ROUTE = "<unmatched>"
 
 bp = Blueprint("metrics", __name__)
@@ -55,6 +59,7 @@ def init_app(app: Flask) -> None:
     else:
         registry.register(HTTP_REQUESTS)
         registry.register(HTTP_REQUEST_SECONDS)
+        registry.register(CALLS_REFUSED)
     registry.register(DatabaseCollector(
         settings.database_url_resolved, settings.worker_live_seconds,
         target_backlog_seconds=settings.target_backlog_seconds,
