@@ -5,11 +5,11 @@
 
 Run against a genq API with no worker (so the jobs stay queued and every wait lasts), in the
 project directory of its database (keys come from `genq keys create`), with
-GENQ_MAX_CALLS_PER_KEY at least the calls per tenant: they are all sent at once. Reports how many streams
-and waits were held open, how many were turned away (429, or 202 without waiting), and the
-/healthz p50/p99 meanwhile (timed from a process of its own; the calls are held by one asyncio
-client thread). A wait is held while it has no answer: with --seconds 30 every one of them
-should still be open at the end (Prefer: wait=60).
+GENQ_MAX_QUEUED_CALLS_PER_KEY at least the calls per tenant (they are all sent at once). Reports
+how many streams and waits were held open, how many were turned away (429, or 202 without
+waiting), and the /healthz p50/p99 meanwhile (timed from a process of its own; the calls are
+held by one asyncio client thread). A wait is held while it has no answer: with --seconds 30
+every one of them should still be open at the end (Prefer: wait=60).
 """
 
 from __future__ import annotations

@@ -48,10 +48,12 @@ class Settings(BaseSettings):
     max_wait_seconds: int = 60
     api_workers: int = 2
     api_threads: int = 8
-    # Calls of one API key (or dashboard session) in the Flask pool at once, per API process;
-    # beyond it 429 at once. 0: half of api_threads (at least 1), so one key's slow calls
-    # leave the other half to everyone else.
+    # Calls of one API key (or dashboard session) in the Flask pool at once, per API process.
+    # 0: half of api_threads (at least 1), so one key's slow calls leave the other half to
+    # everyone else. Beyond it up to `max_queued_calls_per_key` more wait their turn on the
+    # event loop (no thread held); the rest get 429 at once.
     max_calls_per_key: int = Field(0, ge=0)
+    max_queued_calls_per_key: int = Field(64, ge=0)
     # Signs the dashboard's session cookie; every API process must share it. Empty: a random one
     # kept in data_dir/secret_key (enough for one host).
     secret_key: str = ""

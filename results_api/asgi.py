@@ -45,7 +45,8 @@ class GenqAsgi:
         self.wsgi = WSGIMiddleware(flask_app, workers=self.settings.api_threads)
         # /readyz never queues behind a burst of ordinary calls in the pool above.
         self.probes = WSGIMiddleware(flask_app, workers=PROBE_THREADS)
-        self.call_slots = CallSlots(self.settings.max_calls_per_key_resolved)
+        self.call_slots = CallSlots(self.settings.max_calls_per_key_resolved,
+                                    self.settings.max_queued_calls_per_key)
         self._hub: StreamHub | None = None
         self._num_open = 0  # waits and streams, until released
 
@@ -74,7 +75,7 @@ class GenqAsgi:
         # body included (a trickled upload holds its thread); a handed-off wait or stream has
         # left the pool by then and counts against the wait caps instead.
         caller = caller_of(scope)
-        if not self.call_slots.try_take(caller):
+        if not await self.call_slots.take(caller):
             return await self._refuse(send)
         try:
             await self.wsgi(scope, receive, send_unless_handed_off)
@@ -105,8 +106,8 @@ class GenqAsgi:
         metrics.count_request(scope["method"], "/healthz", 200, started)
 
     async def _refuse(self, send) -> None:
-        """A 429 at once, from the loop: a key at its cap never queues for a thread."""
-        headers, body = refusal(self.call_slots.per_key)
+        """A 429 at once, from the loop, to a key whose calls fill its slots and its queue."""
+        headers, body = refusal(self.call_slots.per_key, self.call_slots.max_queued)
         await send({"type": "http.response.start", "status": 429, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         metrics.CALLS_REFUSED.inc()

@@ -1,11 +1,13 @@
-"""Calls of one credential in the API's Flask pool, capped, so that no key's slow calls (trickled
-uploads, big lists, bursts of submits) take every request thread from the other tenants."""
+"""Calls of one credential in the API's Flask pool, capped (the rest wait their turn on the
+event loop), so that no key's slow calls (trickled uploads, big lists, bursts of submits) take
+every request thread from the other tenants."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
-from collections import Counter
+from collections import Counter, deque
 
 from genq.errors import ErrorCode, GenqError
 from results_api.dashboard import SESSION_COOKIE
@@ -16,22 +18,50 @@ ANONYMOUS = b""  # calls without a credential share one bucket (Flask refuses mo
 
 class CallSlots:
     """Calls in the pool (waiting for a thread or holding one) per credential, at most
-    `per_key` each. Used on the event loop only, so it needs no lock."""
+    `per_key` each; beyond, up to `max_queued` more wait their turn here on the event loop,
+    holding no thread, and the rest are refused. Used on the event loop only (no lock)."""
 
-    def __init__(self, per_key: int) -> None:
-        self.per_key = per_key
-        self._by_caller: Counter[bytes] = Counter()
+    def __init__(self, per_key: int, max_queued: int) -> None:
+        self.per_key, self.max_queued = per_key, max_queued
+        self._running: Counter[bytes] = Counter()
+        self._queued: dict[bytes, deque[asyncio.Future]] = {}
 
-    def try_take(self, caller: bytes) -> bool:
-        if self._by_caller[caller] >= self.per_key:
+    async def take(self, caller: bytes) -> bool:
+        """True once the caller holds a slot; False (at once) if its queue is full."""
+        if self._running[caller] < self.per_key:
+            self._running[caller] += 1
+            return True
+        queue = self._queued.setdefault(caller, deque())
+        if len(queue) >= self.max_queued:
+            if not queue:
+                del self._queued[caller]
             return False
-        self._by_caller[caller] += 1
+        turn = asyncio.get_running_loop().create_future()
+        queue.append(turn)
+        try:
+            await turn  # give_back hands its slot over: the running count stays
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.give_back(caller)  # handed a slot, then cancelled before using it
+            elif turn in queue:  # give_back may have dropped it already
+                queue.remove(turn)
+                if not queue and self._queued.get(caller) is queue:
+                    del self._queued[caller]
+            raise
         return True
 
     def give_back(self, caller: bytes) -> None:
-        self._by_caller[caller] -= 1
-        if not self._by_caller[caller]:
-            del self._by_caller[caller]
+        queue = self._queued.get(caller)
+        while queue:
+            turn = queue.popleft()
+            if not queue:
+                del self._queued[caller]
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self._running[caller] -= 1
+        if not self._running[caller]:
+            del self._running[caller]
 
 
 def caller_of(scope: dict) -> bytes:
@@ -64,11 +94,12 @@ def _session_cookie(header: bytes) -> bytes:
     return b""
 
 
-def refusal(per_key: int) -> tuple[list[tuple[bytes, bytes]], bytes]:
+def refusal(per_key: int, max_queued: int) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """The 429's headers and JSON body."""
     body = json.dumps(GenqError(
-        ErrorCode.RATE_LIMITED, f"this API key already has {per_key} calls in progress on "
-        f"this API process (GENQ_MAX_CALLS_PER_KEY); retry when one has ended").to_dict()
+        ErrorCode.RATE_LIMITED, f"this API key already has {per_key} calls in progress and "
+        f"{max_queued} waiting on this API process (GENQ_MAX_CALLS_PER_KEY, "
+        f"GENQ_MAX_QUEUED_CALLS_PER_KEY); retry when one has ended").to_dict()
     ).encode()
     return [(b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),

@@ -29,11 +29,9 @@ def _timed_submit(stack, key: str, prefer: str) -> tuple[requests.Response, floa
 
 def test_one_tenants_waits_leave_health_and_other_tenants_answering(stack_factory, sqlite_url,
                                                                     redis_url):
-    # given the test API (8 request threads) and no worker, a tenant may hold 2 waits (and
-    # have all 12 of its submits in the pool at once: the pool's cap per key is not under test)
+    # given the test API (8 request threads) and no worker, a tenant may hold 2 waits
     stack = stack_factory(sqlite_url, redis_db(redis_url, WAITS_REDIS_DB), worker=False,
-                          extra_env={"GENQ_MAX_WAITS_PER_TENANT": "2",
-                                     "GENQ_MAX_CALLS_PER_KEY": "12"})
+                          extra_env={"GENQ_MAX_WAITS_PER_TENANT": "2"})
     other_key = make_key(sqlite_url, "other-team")
     assert _submit(stack, other_key).status_code == 202  # the tokenizer is loaded
 

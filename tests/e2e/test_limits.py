@@ -78,9 +78,7 @@ def test_tokens_queue_and_max_tokens_limits(stack_factory, sqlite_url, redis_url
 
 
 def test_concurrent_submits_never_exceed_the_limit(stack_factory, database_url, redis_url):
-    # all 16 concurrent submits of the key reach Flask (the pool's cap per key is not under test)
-    stack = stack_factory(database_url, redis_db(redis_url, LIMITS_REDIS_DB), worker=False,
-                          extra_env={"GENQ_MAX_CALLS_PER_KEY": "16"})
+    stack = stack_factory(database_url, redis_db(redis_url, LIMITS_REDIS_DB), worker=False)
     _set_limits(stack, "acme", "--rpm", "5")
     _submit(stack, make_key(database_url, "warm-up"))  # the tokenizer loads once, first
 

@@ -30,9 +30,10 @@ def test_hundreds_of_waits_and_streams_stay_open_and_end_with_their_jobs(
         stack_factory, sqlite_url, redis_url):
     raise_open_files_limit(4 * (NUM_WAITS + NUM_STREAMS) + 1024)
     # given one API process and no worker (no job finishes on its own), and two tenants whose
-    # calls all arrive at once (GENQ_MAX_CALLS_PER_KEY would turn most of the burst away)
+    # calls all arrive at once (a key's calls beyond its share of the request threads queue
+    # for them; the default queue, 64 a key, would turn most of this burst away)
     stack = stack_factory(sqlite_url, redis_db(redis_url, OPEN_WAITS_REDIS_DB), worker=False,
-                          extra_env={"GENQ_MAX_CALLS_PER_KEY": str(NUM_WAITS + NUM_STREAMS)})
+                          extra_env={"GENQ_MAX_QUEUED_CALLS_PER_KEY": str(NUM_WAITS + NUM_STREAMS)})
     streamer_key = make_key(sqlite_url, "streamer")
     asyncio.run(_open_then_finish(stack, streamer_key))
 

@@ -1,6 +1,7 @@
 """No key can take every request thread of the API: beyond GENQ_MAX_CALLS_PER_KEY calls in the
-Flask pool a key's calls get 429 at once, and other tenants, /healthz and the key's own later
-calls answer. Real gunicorn API, real HTTP; the slow calls are uploads whose bodies trickle."""
+Flask pool a key's calls wait their turn (GENQ_MAX_QUEUED_CALLS_PER_KEY of them, holding no
+thread), the rest get 429 at once, and other tenants, /healthz and the key's own later calls
+answer. Real gunicorn API, real HTTP; the slow calls are uploads whose bodies trickle."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.integration
 CALLS_REDIS_DB = 12  # shared with test_api_server (tests run one at a time)
 API_THREADS = 4
 CALLS_PER_KEY = API_THREADS // 2  # the default share
+QUEUED_PER_KEY = 2
 BOUNDARY = "genq-test-boundary"
 QUICK_SECONDS = 2.0  # generous for a loaded 2-core host
 
@@ -47,7 +49,7 @@ def api(sqlite_url, redis_url, tmp_path) -> Iterator[Api]:
         **os.environ, "GENQ_DATABASE_URL": sqlite_url, "GENQ_BROKER_URL": broker_url,
         "GENQ_MODEL": TINY_MODEL, "GENQ_MODEL_CACHE_DIR": MODEL_CACHE_DIR,
         "GENQ_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1",
-        "GENQ_API_THREADS": str(API_THREADS),
+        "GENQ_API_THREADS": str(API_THREADS), "GENQ_MAX_QUEUED_CALLS_PER_KEY": str(QUEUED_PER_KEY),
     })
     port = free_port()
     try:
@@ -144,12 +146,14 @@ def _open(count: int, call: Callable[[], RawCall], held: int) -> tuple[list, lis
     return [c for c in calls if c not in answered], answered
 
 
-def test_a_keys_slow_calls_beyond_its_share_get_429_and_others_still_answer(api):
+def test_a_keys_slow_calls_beyond_its_share_wait_or_get_429_and_others_still_answer(api):
     # when one key opens more trickled uploads than there are request threads
-    held, refused = _open(API_THREADS + 2, lambda: trickled_upload(api), CALLS_PER_KEY)
+    in_turn = CALLS_PER_KEY + QUEUED_PER_KEY
+    held, refused = _open(API_THREADS + 2, lambda: trickled_upload(api), in_turn)
 
-    # then all but CALLS_PER_KEY were answered at once with 429, JSON and Retry-After
-    assert (len(held), len(refused)) == (CALLS_PER_KEY, API_THREADS + 2 - CALLS_PER_KEY)
+    # then its share holds threads, QUEUED_PER_KEY more wait, and the rest were answered at
+    # once with 429, JSON and Retry-After
+    assert (len(held), len(refused)) == (in_turn, API_THREADS + 2 - in_turn)
     for upload in refused:
         status, headers, body = upload.response()
         assert status == 429 and headers["retry-after"] == "1"
@@ -169,15 +173,15 @@ def test_a_keys_slow_calls_beyond_its_share_get_429_and_others_still_answer(api)
     scraped = requests.get(f"{api.url}/metrics", timeout=10).text
     assert f"genq_http_calls_refused_busy_key_total {float(len(refused))}" in scraped
 
-    # when one held upload ends and the other's client goes away mid-body
-    assert held[0].finish() == 200
-    held[1].abandon()
+    # when one upload's client goes away mid-body and the others finish, queued ones in turn
+    held[0].abandon()
+    assert [upload.finish() for upload in held[1:]] == [200] * (in_turn - 1)
     time.sleep(1.0)
 
-    # then both slots are free again: the key holds its full share once more
-    held, refused = _open(CALLS_PER_KEY + 1, lambda: trickled_upload(api), CALLS_PER_KEY)
-    assert (len(held), len(refused)) == (CALLS_PER_KEY, 1)
-    assert [upload.finish() for upload in held] == [200] * CALLS_PER_KEY
+    # then every slot is free again: the key holds its full share and queue once more
+    held, refused = _open(in_turn + 1, lambda: trickled_upload(api), in_turn)
+    assert (len(held), len(refused)) == (in_turn, 1)
+    assert [upload.finish() for upload in held] == [200] * in_turn
     assert refused[0].response()[0] == 429
 
 

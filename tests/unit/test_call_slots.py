@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from flask import Flask
 
 from genq.settings import Settings
@@ -44,13 +46,26 @@ def test_a_dashboard_session_keeps_its_bucket_when_flask_signs_it_again():
     assert bearer == caller_of(_scope(("authorization", "Bearer sk-one")))  # the key first
 
 
-def test_a_key_holds_at_most_its_share_and_gets_its_slots_back():
-    slots = CallSlots(per_key=2)
+def test_a_key_holds_its_share_then_queues_then_is_refused():
+    async def scenario() -> None:
+        slots = CallSlots(per_key=2, max_queued=1)
+        assert [await slots.take(b"a") for _ in range(2)] == [True, True]
+        queued = asyncio.ensure_future(slots.take(b"a"))
+        await asyncio.sleep(0)
+        assert not queued.done()  # waiting its turn, holding no slot
+        assert await slots.take(b"a") is False  # the queue is full: refused at once
+        assert await slots.take(b"b")  # another key is not held back
+        slots.give_back(b"a")  # a slot ends: the queued call gets it
+        assert await queued is True
+        cancelled = asyncio.ensure_future(slots.take(b"a"))
+        await asyncio.sleep(0)
+        cancelled.cancel()  # a queued call that goes away leaves the queue
+        await asyncio.gather(cancelled, return_exceptions=True)
+        for _ in range(2):
+            slots.give_back(b"a")
+        assert [await slots.take(b"a") for _ in range(2)] == [True, True]
 
-    assert [slots.try_take(b"a") for _ in range(3)] == [True, True, False]
-    assert slots.try_take(b"b")
-    slots.give_back(b"a")
-    assert slots.try_take(b"a") and not slots.try_take(b"a")
+    asyncio.run(scenario())
 
 
 def test_the_default_share_is_half_the_pool_and_at_least_one():
