@@ -10,7 +10,7 @@ from sqlalchemy import func, insert, select
 
 from genq import db
 from genq.models import Tenant
-from workers.group_commit import GroupCommitter
+from genq.group_commit import GroupCommitter
 
 
 def _tenant_count(url: str) -> int:
@@ -172,7 +172,7 @@ def test_published_outbox_rows_are_marked_sent_in_the_background(sqlite_url, cou
 
 
 def test_batched_writes_waiting_together_are_applied_in_one_call(sqlite_url):
-    from workers.group_commit import BatchedWrite
+    from genq.group_commit import BatchedWrite
 
     committer = GroupCommitter(sqlite_url)
     gate = threading.Event()
@@ -196,7 +196,7 @@ def test_batched_writes_waiting_together_are_applied_in_one_call(sqlite_url):
 
 
 def test_a_failing_batched_write_fails_only_its_own_argument(sqlite_url):
-    from workers.group_commit import BatchedWrite
+    from genq.group_commit import BatchedWrite
 
     committer = GroupCommitter(sqlite_url)
     gate = threading.Event()
@@ -217,3 +217,31 @@ def test_a_failing_batched_write_fails_only_its_own_argument(sqlite_url):
     with pytest.raises(ValueError):
         futures["bad"].result(10)
     assert _tenant_count(sqlite_url) == 2
+
+
+def test_after_commit_runs_once_per_group_before_its_callers_return(sqlite_url):
+    from genq.group_commit import BatchedWrite
+
+    committer = GroupCommitter(sqlite_url)
+    gate = threading.Event()
+    seen: list[tuple[list[str], list[str], int]] = []
+
+    def add_all(session, names):
+        session.add_all(Tenant(name=name) for name in names)
+        return [f"added {name}" for name in names]
+
+    def after_commit(names, results):
+        seen.append((names, results, _tenant_count(sqlite_url)))  # committed by now
+        if "c" in names:
+            raise RuntimeError("the broker is down")  # logged: the writes stay committed
+
+    kind = BatchedWrite(add_all, after_commit=after_commit)
+    committer.submit(lambda session: gate.wait(5))
+    time.sleep(0.1)
+    futures = [committer.submit_batched(kind, name) for name in ("a", "b")]
+    gate.set()
+    assert [future.result(10) for future in futures] == ["added a", "added b"]
+    assert seen == [(["a", "b"], ["added a", "added b"], 2)]
+
+    assert committer.submit_batched(kind, "c").result(10) == "added c"
+    assert seen[-1] == (["c"], ["added c"], 3)

@@ -1,0 +1,165 @@
+"""Group commit: the DB writes of many threads (a worker's jobs, an API process's single
+submits), in one transaction at a time.
+
+Why: a worker runs up to `worker_concurrency` jobs at once, and each job writes twice (claim,
+result). Thirty-two threads each opening their own write transaction spend their time queuing
+for the database's write lock (SQLite's busy handler sleeps for milliseconds between tries),
+and every commit pays its own round trip. Here one writer thread takes every write that is
+waiting and commits them together, so N jobs that finish in one engine step cost one commit.
+An idle worker pays nothing extra: a lone write is committed as soon as it arrives.
+
+A write is a function of the session, or an argument of a `BatchedWrite`: the writes of one
+kind waiting together are applied by one call (the outputs of jobs that finished together are
+one UPDATE), so a group's SQL cost grows with its kinds of writes, not its number of jobs. If
+one write of a group raises, the group rolls back and each write is retried in a transaction of
+its own, so only the bad one sees its exception. A group of lazy writes alone (claims) commits
+without a disk flush (genq.db.LAZY_OPTION); one durable write makes its group durable.
+A kind's `after_commit` runs once per committed group, before its callers return (the submit
+path publishes the group's jobs there, in one pipelined round trip).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from sqlalchemy.orm import Session
+
+from genq import db
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_WRITES_PER_COMMIT = 256
+
+
+@dataclass(frozen=True, eq=False)
+class BatchedWrite:
+    """A kind of write applied to all its waiting arguments at once: `apply_all(session,
+    arguments)` returns one result per argument, in their order."""
+
+    apply_all: Callable[[Session, list[Any]], list[Any]]
+    # `after_commit(arguments, results)`: once the writes are committed, before their callers
+    # return; what it raises is logged, never handed to them (their writes are committed).
+    after_commit: Callable[[list[Any], list[Any]], None] | None = None
+
+
+@dataclass
+class _Write:
+    apply: Callable[[Session], Any] | None = None
+    kind: BatchedWrite | None = None
+    argument: Any = None
+    lazy: bool = False
+    future: Future = field(default_factory=Future)
+
+    def apply_alone(self, session: Session) -> Any:
+        if self.kind is not None:
+            return self.kind.apply_all(session, [self.argument])[0]
+        return self.apply(session)
+
+
+class GroupCommitter:
+    def __init__(self, database_url: str) -> None:
+        self.url = database_url
+        self._waiting: deque[_Write] = deque()
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="genq-group-commit", daemon=True)
+        self._thread.start()
+
+    def write(self, apply: Callable[[Session], T], *, lazy: bool = False) -> T:
+        """Run `apply(session)` in a committed transaction (shared with other writes) and
+        return its result; raise what it raised, or the commit's error. `lazy`: its loss in a
+        power failure is harmless, so it needs no disk flush of its own."""
+        return self.submit(apply, lazy=lazy).result()
+
+    def submit(self, apply: Callable[[Session], T], *, lazy: bool = False) -> Future[T]:
+        """`write` without waiting: the Future resolves once the write is committed."""
+        return self._enqueue(_Write(apply=apply, lazy=lazy))
+
+    def submit_batched(self, kind: BatchedWrite, argument: Any) -> Future:
+        """Apply `kind` to `argument`, together with the other waiting arguments of that kind;
+        the Future resolves with this argument's result once committed (or its error)."""
+        return self._enqueue(_Write(kind=kind, argument=argument))
+
+    def _enqueue(self, item: _Write) -> Future:
+        with self._lock:
+            self._waiting.append(item)
+        self._wakeup.set()
+        return item.future
+
+    def _run(self) -> None:
+        while True:
+            self._wakeup.wait()
+            self._wakeup.clear()
+            while group := self._take_group():
+                self._commit_group(group)
+
+    def _take_group(self) -> list[_Write]:
+        with self._lock:
+            count = min(len(self._waiting), MAX_WRITES_PER_COMMIT)
+            return [self._waiting.popleft() for _ in range(count)]
+
+    def _commit_group(self, group: list[_Write]) -> None:
+        if len(group) > 1:
+            try:
+                with db.transaction(self.url,
+                                    lazy=all(item.lazy for item in group)) as session:
+                    results = _apply_group(session, group)
+            except Exception:
+                log.warning("a group of %d writes failed; retrying each alone", len(group),
+                            exc_info=True)
+            else:
+                _run_after_commit(group, results)
+                for item, result in zip(group, results, strict=True):
+                    item.future.set_result(result)
+                return
+        for item in group:
+            self._commit_alone(item)
+
+    def _commit_alone(self, item: _Write) -> None:
+        try:
+            with db.transaction(self.url, lazy=item.lazy) as session:
+                result = item.apply_alone(session)
+        except BaseException as exc:  # handed to the waiting job thread, which decides
+            item.future.set_exception(exc)
+        else:
+            _run_after_commit([item], [result])
+            item.future.set_result(result)
+
+
+def _run_after_commit(group: list[_Write], results: list[Any]) -> None:
+    """Each kind's `after_commit` with its committed arguments and results, in order."""
+    committed: dict[BatchedWrite, tuple[list[Any], list[Any]]] = {}
+    for item, result in zip(group, results, strict=True):
+        if item.kind is not None and item.kind.after_commit is not None:
+            arguments, kind_results = committed.setdefault(item.kind, ([], []))
+            arguments.append(item.argument)
+            kind_results.append(result)
+    for kind, (arguments, kind_results) in committed.items():
+        try:
+            kind.after_commit(arguments, kind_results)
+        except Exception:  # the writes are committed; their callers must learn that
+            log.exception("after-commit step of %d write(s) failed", len(arguments))
+
+
+def _apply_group(session: Session, group: list[_Write]) -> list[Any]:
+    """Apply each plain write, then each batched kind once for all its arguments; the results
+    in the group's order."""
+    results: list[Any] = [None] * len(group)
+    batches: dict[BatchedWrite, list[int]] = {}
+    for index, item in enumerate(group):
+        if item.kind is None:
+            results[index] = item.apply(session)
+        else:
+            batches.setdefault(item.kind, []).append(index)
+    for kind, indexes in batches.items():
+        batch_results = kind.apply_all(session, [group[index].argument for index in indexes])
+        for index, result in zip(indexes, batch_results, strict=True):
+            results[index] = result
+    return results
