@@ -122,3 +122,17 @@ def test_a_group_submitted_with_the_broker_down_is_committed_and_relayed_later(
     assert all(any(job_id.encode() in message for message in messages) for job_id in job_ids)
     with db.session_factory(database_url)() as session:
         assert all(row.sent_at is not None for row in session.scalars(select(Outbox)))
+
+
+def test_limits_set_just_after_a_submit_apply_to_the_next_one(settings, tenant_id):  # noqa: F811
+    # given a tenant without limits that just submitted (its early refusal's read is skipped
+    # for a second after)
+    assert submit_job(settings, tenant_id, JobRequest(prompt="first", max_tokens=4)).created
+    # when its queue is capped at the one job it has
+    set_tenant_limits(settings, max_queued_jobs=1)
+
+    # then its next submit is refused at once, under the lock
+    with pytest.raises(GenqError) as refused:
+        submit_job(settings, tenant_id, JobRequest(prompt="second", max_tokens=4))
+    assert refused.value.code == ErrorCode.RATE_LIMITED
+    assert len(stored_jobs(settings)) == 1
