@@ -165,8 +165,8 @@ def _write_single(settings: Settings, tenant_id: str, job: NewJob) -> WrittenJob
             limits = refuse_early(connection, tenant_id, [job.cost])
         if limits == TenantLimits():
             _unlimited_until[(url, tenant_id)] = time.monotonic() + UNLIMITED_CACHE_SECONDS
-    return _single_submits(url).submit_batched(
-        _SINGLE_SUBMIT, _SingleSubmit(settings, tenant_id, job)).result()
+    return _single_submits(url).write_batched(_SINGLE_SUBMIT,
+                                              _SingleSubmit(settings, tenant_id, job))
 
 
 def _insert_single_submits(session: Session, submits: list[_SingleSubmit]) -> list[WrittenJob]:

@@ -245,3 +245,36 @@ def test_after_commit_runs_once_per_group_before_its_callers_return(sqlite_url):
 
     assert committer.submit_batched(kind, "c").result(10) == "added c"
     assert seen[-1] == (["c"], ["added c"], 3)
+
+
+def test_a_lone_write_batched_commits_in_its_callers_thread(sqlite_url):
+    from genq.group_commit import BatchedWrite
+
+    committer = GroupCommitter(sqlite_url)
+    threads: list[list[str]] = []
+
+    def add_all(session, names):
+        threads.append([threading.current_thread().name, *names])
+        session.add_all(Tenant(name=name) for name in names)
+        return names
+
+    kind = BatchedWrite(add_all)
+    assert committer.write_batched(kind, "alone") == "alone"
+    assert threads == [[threading.current_thread().name, "alone"]]
+
+    # while a group commits, the next callers wait for the writer thread, as one group
+    gate = threading.Event()
+    committer.submit(lambda session: gate.wait(5))
+    time.sleep(0.1)
+    results: dict[str, str] = {}
+    callers = [threading.Thread(target=lambda n=name: results.update(
+        {n: committer.write_batched(kind, n)})) for name in ("a", "b", "c")]
+    for caller in callers:
+        caller.start()
+    time.sleep(0.2)
+    gate.set()
+    for caller in callers:
+        caller.join(10)
+    assert results == {"a": "a", "b": "b", "c": "c"}
+    assert threads[1][0] == "genq-group-commit" and sorted(threads[1][1:]) == ["a", "b", "c"]
+    assert _tenant_count(sqlite_url) == 4
