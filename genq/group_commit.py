@@ -14,8 +14,9 @@ one UPDATE), so a group's SQL cost grows with its kinds of writes, not its numbe
 one write of a group raises, the group rolls back and each write is retried in a transaction of
 its own, so only the bad one sees its exception. A group of lazy writes alone (claims) commits
 without a disk flush (genq.db.LAZY_OPTION); one durable write makes its group durable.
-A kind's `after_commit` runs once per committed group, before its callers return (the submit
-path publishes the group's jobs there, in one pipelined round trip).
+A kind's `after_commit` runs once per committed group, before its callers return and while the
+next group commits (the submit path publishes the group's jobs there, in one pipelined round
+trip).
 """
 
 from __future__ import annotations
@@ -95,15 +96,9 @@ class GroupCommitter:
         item = _Write(kind=kind, argument=argument)
         with self._lock:
             self._waiting.append(item)
-        if self._committing.acquire(blocking=False):
-            try:
-                while not item.future.done() and (group := self._take_group()):
-                    self._commit_group(group)
-            finally:
-                self._committing.release()
-            self._wakeup.set()  # writes queued meanwhile go to the writer thread
-        else:
-            self._wakeup.set()
+        while not item.future.done() and self._commit_next_group(blocking=False):
+            pass
+        self._wakeup.set()  # writes queued meanwhile (this one too, if it lost) go to the thread
         return item.future.result()
 
     def _enqueue(self, item: _Write) -> Future:
@@ -116,16 +111,28 @@ class GroupCommitter:
         while True:
             self._wakeup.wait()
             self._wakeup.clear()
-            with self._committing:
-                while group := self._take_group():
-                    self._commit_group(group)
+            while self._commit_next_group():
+                pass
 
-    def _take_group(self) -> list[_Write]:
-        with self._lock:
-            count = min(len(self._waiting), MAX_WRITES_PER_COMMIT)
-            return [self._waiting.popleft() for _ in range(count)]
+    def _commit_next_group(self, *, blocking: bool = True) -> bool:
+        """Commit the waiting writes as one group under the commit lock, then run their
+        after-commit steps and answer their callers outside it, so that the next group commits
+        meanwhile. False when none waited (or, not `blocking`, another commit was running)."""
+        if not self._committing.acquire(blocking=blocking):
+            return False
+        try:
+            with self._lock:
+                count = min(len(self._waiting), MAX_WRITES_PER_COMMIT)
+                group = [self._waiting.popleft() for _ in range(count)]
+            outcomes = self._commit_group(group) if group else []
+        finally:
+            self._committing.release()
+        _settle(group, outcomes)
+        return bool(group)
 
-    def _commit_group(self, group: list[_Write]) -> None:
+    def _commit_group(self, group: list[_Write]) -> list[tuple[BaseException | None, Any]]:
+        """Each write's (error, result): the group in one transaction, or each alone if that
+        failed."""
         if len(group) > 1:
             try:
                 with db.transaction(self.url,
@@ -135,37 +142,36 @@ class GroupCommitter:
                 log.warning("a group of %d writes failed; retrying each alone", len(group),
                             exc_info=True)
             else:
-                _run_after_commit(group, results)
-                for item, result in zip(group, results, strict=True):
-                    item.future.set_result(result)
-                return
-        for item in group:
-            self._commit_alone(item)
+                return [(None, result) for result in results]
+        return [self._commit_alone(item) for item in group]
 
-    def _commit_alone(self, item: _Write) -> None:
+    def _commit_alone(self, item: _Write) -> tuple[BaseException | None, Any]:
         try:
             with db.transaction(self.url, lazy=item.lazy) as session:
                 result = item.apply_alone(session)
-        except BaseException as exc:  # handed to the waiting job thread, which decides
-            item.future.set_exception(exc)
-        else:
-            _run_after_commit([item], [result])
-            item.future.set_result(result)
+        except BaseException as exc:  # handed to the waiting thread, which decides
+            return exc, None
+        return None, result
 
 
-def _run_after_commit(group: list[_Write], results: list[Any]) -> None:
-    """Each kind's `after_commit` with its committed arguments and results, in order."""
+def _settle(group: list[_Write], outcomes: list[tuple[BaseException | None, Any]]) -> None:
+    """Run each kind's `after_commit` once for its committed writes, then answer the callers."""
     committed: dict[BatchedWrite, tuple[list[Any], list[Any]]] = {}
-    for item, result in zip(group, results, strict=True):
-        if item.kind is not None and item.kind.after_commit is not None:
-            arguments, kind_results = committed.setdefault(item.kind, ([], []))
+    for item, (error, result) in zip(group, outcomes, strict=True):
+        if error is None and item.kind is not None and item.kind.after_commit is not None:
+            arguments, results = committed.setdefault(item.kind, ([], []))
             arguments.append(item.argument)
-            kind_results.append(result)
-    for kind, (arguments, kind_results) in committed.items():
+            results.append(result)
+    for kind, (arguments, results) in committed.items():
         try:
-            kind.after_commit(arguments, kind_results)
+            kind.after_commit(arguments, results)
         except Exception:  # the writes are committed; their callers must learn that
             log.exception("after-commit step of %d write(s) failed", len(arguments))
+    for item, (error, result) in zip(group, outcomes, strict=True):
+        if error is None:
+            item.future.set_result(result)
+        else:
+            item.future.set_exception(error)
 
 
 def _apply_group(session: Session, group: list[_Write]) -> list[Any]:

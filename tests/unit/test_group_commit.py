@@ -278,3 +278,32 @@ def test_a_lone_write_batched_commits_in_its_callers_thread(sqlite_url):
     assert results == {"a": "a", "b": "b", "c": "c"}
     assert threads[1][0] == "genq-group-commit" and sorted(threads[1][1:]) == ["a", "b", "c"]
     assert _tenant_count(sqlite_url) == 4
+
+
+def test_a_slow_after_commit_step_does_not_hold_back_the_next_group(sqlite_url):
+    # (a submit's publish waiting on a broker that is going down must not stop other submits
+    # from committing)
+    from genq.group_commit import BatchedWrite
+
+    committer = GroupCommitter(sqlite_url)
+    broker_back = threading.Event()
+
+    def add_all(session, names):
+        session.add_all(Tenant(name=name) for name in names)
+        return names
+
+    def publish(names, _results):
+        if "slow" in names:
+            broker_back.wait(10)
+
+    kind = BatchedWrite(add_all, after_commit=publish)
+    slow = threading.Thread(target=committer.write_batched, args=(kind, "slow"))
+    slow.start()
+    time.sleep(0.2)  # "slow" is committed, its after-commit step waits
+
+    started = time.monotonic()
+    assert committer.write_batched(kind, "fast") == "fast"
+    assert time.monotonic() - started < 2 and slow.is_alive()
+    broker_back.set()
+    slow.join(10)
+    assert _tenant_count(sqlite_url) == 2
