@@ -12,15 +12,26 @@ from sqlalchemy import select
 
 from genq import db
 from genq.errors import ErrorCode, GenqError
-from genq.models import Job, Outbox
+from genq.models import Job, Outbox, Tenant
 from genq.settings import Settings
 from producer.outbox import relay_pending
 from producer.schemas import JobRequest
 from producer.submit import SubmitResult, _single_submits, submit_job
-from tests.conftest import MODEL_CACHE_DIR, TINY_MODEL, empty_redis_db, free_port, redis_queue_messages
-from tests.integration.test_bulk_submit import (DEFAULT_QUEUE, make_settings, outbox_rows,
-                                                set_tenant_limits, tenant_id,  # noqa: F401
-                                                wait_until_marked_sent)
+from tests.conftest import (
+    MODEL_CACHE_DIR,
+    TINY_MODEL,
+    empty_redis_db,
+    free_port,
+    make_key,
+    redis_queue_messages,
+)
+from tests.integration.test_bulk_submit import (
+    DEFAULT_QUEUE,
+    make_settings,
+    outbox_rows,
+    set_tenant_limits,
+    wait_until_marked_sent,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +46,13 @@ def broker_url(redis_url) -> str:
 @pytest.fixture
 def settings(database_url, broker_url):
     return make_settings(database_url, broker_url)
+
+
+@pytest.fixture
+def tenant_id(database_url) -> str:
+    make_key(database_url, "acme")
+    with db.session_factory(database_url)() as session:
+        return session.scalar(select(Tenant.id).where(Tenant.name == "acme"))
 
 
 def submit_together(settings, tenant_id, calls: list[tuple[JobRequest, str | None]]
@@ -68,7 +86,7 @@ def stored_jobs(settings) -> dict[str, Job]:
         return {job.id: job for job in session.scalars(select(Job))}
 
 
-def test_a_taken_idempotency_key_in_a_group_fails_alone(settings, tenant_id,  # noqa: F811
+def test_a_taken_idempotency_key_in_a_group_fails_alone(settings, tenant_id,
                                                         broker_url):
     same = JobRequest(prompt="twice", max_tokens=4)
     calls = [(JobRequest(prompt=f"Hello {index}", max_tokens=4), None) for index in range(6)]
@@ -89,7 +107,7 @@ def test_a_taken_idempotency_key_in_a_group_fails_alone(settings, tenant_id,  # 
 
 
 def test_a_group_over_the_tenants_queue_limit_admits_the_jobs_that_fit(
-        settings, tenant_id):  # noqa: F811
+        settings, tenant_id):
     set_tenant_limits(settings, max_queued_jobs=5)
 
     outcomes = submit_together(
@@ -104,7 +122,7 @@ def test_a_group_over_the_tenants_queue_limit_admits_the_jobs_that_fit(
 
 
 def test_a_group_submitted_with_the_broker_down_is_committed_and_relayed_later(
-        database_url, broker_url, tenant_id):  # noqa: F811
+        database_url, broker_url, tenant_id):
     down = make_settings(database_url, f"redis://127.0.0.1:{free_port()}/0")
 
     outcomes = submit_together(down, tenant_id, [
@@ -124,7 +142,7 @@ def test_a_group_submitted_with_the_broker_down_is_committed_and_relayed_later(
         assert all(row.sent_at is not None for row in session.scalars(select(Outbox)))
 
 
-def test_limits_set_just_after_a_submit_apply_to_the_next_one(settings, tenant_id):  # noqa: F811
+def test_limits_set_just_after_a_submit_apply_to_the_next_one(settings, tenant_id):
     # given a tenant without limits that just submitted (its early refusal's read is skipped
     # for a second after)
     assert submit_job(settings, tenant_id, JobRequest(prompt="first", max_tokens=4)).created

@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import func, insert, select
 
 from genq import db
-from genq.models import Tenant
 from genq.group_commit import GroupCommitter
+from genq.models import Tenant
 
 
 def _tenant_count(url: str) -> int:
