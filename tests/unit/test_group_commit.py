@@ -307,3 +307,29 @@ def test_a_slow_after_commit_step_does_not_hold_back_the_next_group(sqlite_url):
     broker_back.set()
     slow.join(10)
     assert _tenant_count(sqlite_url) == 2
+
+
+def test_a_failed_group_is_no_warning(sqlite_url, caplog):
+    # (on the submit path a group fails routinely: a tenant at its limit, a key taken)
+    from genq.group_commit import BatchedWrite
+
+    committer = GroupCommitter(sqlite_url)
+    gate = threading.Event()
+
+    def add_all(session, names):
+        if "bad" in names:
+            raise ValueError("a bad name")
+        session.add_all(Tenant(name=name) for name in names)
+        return names
+
+    kind = BatchedWrite(add_all)
+    committer.submit(lambda session: gate.wait(5))
+    time.sleep(0.1)
+    futures = [committer.submit_batched(kind, name) for name in ("a", "bad")]
+    with caplog.at_level("INFO", logger="genq.group_commit"):
+        gate.set()
+        assert futures[0].result(10) == "a"
+        with pytest.raises(ValueError):
+            futures[1].result(10)
+    assert [record.levelname for record in caplog.records] == ["INFO"]
+    assert "retrying each alone" in caplog.records[0].getMessage()
