@@ -2,13 +2,17 @@
 
     python -m benchmarks.queue_overhead [--num-jobs 1000] [--broker-url redis://…/14]
         [--database-url sqlite:///…] [--latency-samples 50] [--concurrency 32]
-        [--engine-model smollm2-135m --engine-prompts 64 --engine-rounds 3] [--json PATH]
+        [--producers 8] [--engine-model smollm2-135m --engine-prompts 64 --engine-rounds 3]
+        [--json PATH]
 
 - genq: jobs submitted through the producer (validate, job row + outbox row, publish), run by
-  a real `genq worker` with the echo engine, counted when their result row is committed; once
-  with one `submit_job` call per job, once with `submit_jobs` (the bulk API, --bulk-size jobs
-  per call: one transaction and one broker round trip per call).
-- plain Celery: a no-op task with acks_late, sent N times, drained by one default worker.
+  a real `genq worker` with the echo engine, counted when their result row is committed; with
+  one `submit_job` call per job from --producers threads at once (an API process's request
+  threads, GENQ_API_THREADS=8 by default: their submits share group commits) and from one
+  thread (`_sequential`: each submit waits for its own disk flush), and with `submit_jobs`
+  (the bulk API, --bulk-size jobs per call: one transaction and one broker round trip per call).
+- plain Celery: a no-op task with acks_late, `delay()`ed from the same threads (--producers,
+  and one), drained by one default worker.
 - idle submit→start latency: one job at a time, `started_at - created_at` from the DB.
 - with --engine-model: the same prompts through the whole system vs the engine's own
   `LLM.generate` in this process (the job system's share of end-to-end time), with the worker
@@ -34,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -130,10 +135,21 @@ def _wait_finished(url: str, tenant_id: str, timeout: float, poll: float) -> Non
         time.sleep(poll)
 
 
+def in_threads(count: int, items: list, send) -> None:
+    """`send(item)` for every item, in order within each of `count` threads (item i goes to
+    thread i % count), like `count` clients each sending one request at a time."""
+    threads = [threading.Thread(target=lambda share: [send(item) for item in share],
+                                args=(items[first::count],)) for first in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def run_genq(settings: Settings, tenant_id: str, prompts: list[str], max_tokens: int,
-             bulk_size: int = 1) -> dict:
-    """Submit `prompts` (one call per job, or `bulk_size` per submit_jobs call) and wait until
-    all have finished."""
+             bulk_size: int = 1, producers: int = 1) -> dict:
+    """Submit `prompts` (one call per job from `producers` threads, or `bulk_size` per
+    submit_jobs call) and wait until all have finished."""
     url = settings.database_url_resolved
     tokens_before = _completion_tokens(url)
     requests = [JobRequest(prompt=prompt, max_tokens=max_tokens, temperature=0)
@@ -143,8 +159,7 @@ def run_genq(settings: Settings, tenant_id: str, prompts: list[str], max_tokens:
     count_prompt_tokens(settings, settings.model, requests[0])
     started = time.perf_counter()
     if bulk_size == 1:
-        for request in requests:
-            submit_job(settings, tenant_id, request)
+        in_threads(producers, requests, lambda request: submit_job(settings, tenant_id, request))
     else:
         for first in range(0, len(requests), bulk_size):
             submit_jobs(settings, tenant_id, requests[first:first + bulk_size])
@@ -152,7 +167,8 @@ def run_genq(settings: Settings, tenant_id: str, prompts: list[str], max_tokens:
     # Poll often enough to time a run of seconds within 1%, rarely enough to cost little.
     _wait_finished(url, tenant_id, timeout=3600, poll=0.01 if settings.model == "echo" else 0.1)
     seconds = time.perf_counter() - started
-    return {"jobs": len(prompts), "bulk_size": bulk_size, "seconds": seconds,
+    return {"jobs": len(prompts), "bulk_size": bulk_size,
+            "producers": producers if bulk_size == 1 else 1, "seconds": seconds,
             "jobs_per_s": len(prompts) / seconds, "enqueued_per_s": len(prompts) / enqueued,
             "output_tokens": _completion_tokens(url) - tokens_before}
 
@@ -177,7 +193,8 @@ def idle_latency(settings: Settings, tenant_id: str, samples: int) -> dict:
             "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]}
 
 
-def run_plain_celery(broker_url: str, num_tasks: int, log_path: Path) -> dict:
+def run_plain_celery(broker_url: str, num_tasks: int, log_path: Path,
+                     producers: int = 1) -> dict:
     from benchmarks import celery_noop
 
     counter = redis.Redis.from_url(broker_url)
@@ -193,8 +210,7 @@ def run_plain_celery(broker_url: str, num_tasks: int, log_path: Path) -> dict:
             time.sleep(0.2)
         celery_noop.app.conf.broker_url = broker_url
         started = time.perf_counter()
-        for index in range(num_tasks):
-            celery_noop.noop.delay(index)
+        in_threads(producers, list(range(num_tasks)), celery_noop.noop.delay)
         enqueued = time.perf_counter() - started
         while int(counter.get(celery_noop.COUNTER_KEY) or 0) < num_tasks:
             time.sleep(0.005)
@@ -202,8 +218,8 @@ def run_plain_celery(broker_url: str, num_tasks: int, log_path: Path) -> dict:
     finally:
         worker.terminate()
         worker.wait(30)
-    return {"jobs": num_tasks, "seconds": seconds, "jobs_per_s": num_tasks / seconds,
-            "enqueued_per_s": num_tasks / enqueued}
+    return {"jobs": num_tasks, "producers": producers, "seconds": seconds,
+            "jobs_per_s": num_tasks / seconds, "enqueued_per_s": num_tasks / enqueued}
 
 
 class OfflineEngine:
@@ -266,6 +282,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-jobs", type=int, default=1000)
     parser.add_argument("--latency-samples", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--producers", type=int, default=8,
+                        help="threads submitting single jobs at once (default: an API "
+                             "process's request threads, GENQ_API_THREADS)")
     parser.add_argument("--broker-url", default="redis://127.0.0.1:6379/14")
     parser.add_argument("--database-url", default="")
     parser.add_argument("--model-cache-dir", default=str(REPO / ".genq" / "models"))
@@ -282,8 +301,10 @@ def main(argv: list[str] | None = None) -> dict:
     engine_prompts = [f"Write a short story about item {i}." for i in range(args.engine_prompts)]
     with tempfile.TemporaryDirectory(prefix="genq-bench-") as tmp:
         workdir = Path(tmp)
-        results["plain_celery"] = run_plain_celery(args.broker_url, args.num_jobs,
-                                                   workdir / "noop.log")
+        for name, producers in (("plain_celery", args.producers),
+                                ("plain_celery_sequential", 1)):
+            results[name] = run_plain_celery(args.broker_url, args.num_jobs,
+                                             workdir / f"{name}.log", producers)
         if args.engine_model:
             offline = OfflineEngine(make_settings(args, workdir, args.engine_model),
                                     args.engine_max_tokens)
@@ -304,9 +325,12 @@ def main(argv: list[str] | None = None) -> dict:
                     results["idle_submit_to_start"] = idle_latency(settings, tenant_id,
                                                                    args.latency_samples)
                     prompts = [f"job {i}: echo these words back" for i in range(args.num_jobs)]
-                    for name, bulk_size in ((label, 1), (f"{label}_bulk", args.bulk_size)):
+                    for name, bulk_size, producers in (
+                            (label, 1, args.producers), (f"{label}_sequential", 1, 1),
+                            (f"{label}_bulk", args.bulk_size, 1)):
                         results[name] = meter.measure(run_genq, settings, tenant_id, prompts,
-                                                      8, bulk_size=bulk_size)
+                                                      8, bulk_size=bulk_size,
+                                                      producers=producers)
                         results[name]["cpu_ms_per_job"] = {
                             process: round(1000 * seconds / len(prompts), 3)
                             for process, seconds in results[name]["cpu_seconds"].items()}
@@ -317,15 +341,21 @@ def main(argv: list[str] | None = None) -> dict:
                 worker.terminate()
                 worker.wait(60)
 
-    celery_jobs_per_s = results["plain_celery"]["jobs_per_s"]
-    ratios = {"genq_echo_vs_plain_celery": results["genq_echo"]["jobs_per_s"] / celery_jobs_per_s,
-              "genq_echo_bulk_vs_plain_celery":
-              results["genq_echo_bulk"]["jobs_per_s"] / celery_jobs_per_s}
+    def speed(name: str) -> float:
+        return results[name]["jobs_per_s"]
+
+    ratios = {"genq_echo_vs_plain_celery": speed("genq_echo") / speed("plain_celery"),
+              "genq_echo_sequential_vs_plain_celery_sequential":
+              speed("genq_echo_sequential") / speed("plain_celery_sequential"),
+              "genq_echo_bulk_vs_plain_celery": speed("genq_echo_bulk") / speed("plain_celery"),
+              "genq_echo_bulk_vs_plain_celery_sequential":
+              speed("genq_echo_bulk") / speed("plain_celery_sequential")}
     for name in ("system", "system_bulk") if args.engine_model else ():
         per_round = ratios_to_offline(results["engine_runs"], name)
         ratios[f"{name}_vs_engine_offline"] = statistics.median(per_round)
         ratios[f"{name}_vs_engine_offline_per_round"] = per_round
-    report = {"num_jobs": args.num_jobs, "broker": args.broker_url, "results": results,
+    report = {"num_jobs": args.num_jobs, "producers": args.producers,
+              "broker": args.broker_url, "results": results,
               "ratios": ratios}
     _print_table(report)
     if args.json:
@@ -346,11 +376,12 @@ def _tenant_of(session) -> str:
 
 
 def _print_table(report: dict) -> None:
-    print(f"{'contender':<18}{'jobs':>8}{'seconds':>10}{'jobs/s':>10}{'enqueued/s':>12}")
-    for name in ("plain_celery", "genq_echo", "genq_echo_bulk"):
+    print(f"{'contender':<26}{'jobs':>8}{'seconds':>10}{'jobs/s':>10}{'enqueued/s':>12}")
+    for name in ("plain_celery", "plain_celery_sequential", "genq_echo", "genq_echo_sequential",
+                 "genq_echo_bulk"):
         row = report["results"].get(name)
         if row:
-            print(f"{name:<18}{row['jobs']:>8}{row['seconds']:>10.2f}{row['jobs_per_s']:>10.1f}"
+            print(f"{name:<26}{row['jobs']:>8}{row['seconds']:>10.2f}{row['jobs_per_s']:>10.1f}"
                   f"{row['enqueued_per_s']:>12.1f}")
             if "cpu_ms_per_job" in row:
                 print("  CPU ms per job: " + ", ".join(

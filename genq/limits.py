@@ -117,17 +117,20 @@ def admit(connection: Connection, tenant_id: str, costs: Sequence[JobCost], *,
     return len(costs)
 
 
-def refuse_early(connection: Connection, tenant_id: str, costs: Sequence[JobCost]) -> None:
+def refuse_early(connection: Connection, tenant_id: str,
+                 costs: Sequence[JobCost]) -> TenantLimits:
     """`admit`'s checks of a submit on a read connection, before its write transaction.
 
     A tenant over a limit is refused here without taking the write lock (on SQLite the whole
     database's, on PostgreSQL its tenant row's). A burst of refused calls (an abusive client's
     threads waking together after their Retry-After) then queues neither other tenants'
     submits nor the workers' commits behind it: under `admit` each refusal held that lock
-    while it counted the minute's jobs. `admit` still decides, under the lock."""
+    while it counted the minute's jobs. `admit` still decides, under the lock. Returns the
+    tenant's limits as read."""
     limits = tenant_limits(connection, tenant_id)
     if limits != TenantLimits():
         _check_submit(connection, tenant_id, limits, costs)
+    return limits
 
 
 def _check_submit(connection: Connection, tenant_id: str, limits: TenantLimits,

@@ -93,7 +93,7 @@ def record_job_event(session: Session, job_id: str, state: JobStatus,
 
 def _enabled_endpoints(session: Session, tenant_id: str) -> list:
     """The tenant's enabled endpoints, read once per transaction: a worker's group commit
-    (workers/group_commit.py) records events for many jobs of one tenant in one transaction."""
+    (genq/group_commit.py) records events for many jobs of one tenant in one transaction."""
     cache = session.info.setdefault("genq_webhook_endpoints", {})
     if tenant_id not in cache:
         cache[tenant_id] = session.execute(_ENABLED_ENDPOINTS, {"tenant_id": tenant_id}).all()

@@ -1,11 +1,19 @@
 """Submit jobs: validate them, write their job rows and outbox rows in one transaction, then
-publish. A broker outage delays a job (the outbox relay publishes it) but never loses it."""
+publish. A broker outage delays a job (the outbox relay publishes it) but never loses it.
+
+Single submits of one process that arrive together (API request threads) share a group
+commit (genq.group_commit): one transaction and one disk flush, then one pipelined publish,
+before each caller returns. A group that fails (one job over a limit, an idempotency key
+taken) is retried job by job, so only the failing job sees its error."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +21,13 @@ from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from genq import db
 from genq.errors import ErrorCode, GenqError
 from genq.fair_share import share_levels
-from genq.limits import admit, refuse_early
+from genq.group_commit import BatchedWrite, GroupCommitter
+from genq.limits import TenantLimits, admit, refuse_early
 from genq.model_catalog import resolve_model, resolve_version
 from genq.models import Job, Outbox, new_id, utcnow
 from genq.routing import split_pinned
@@ -58,7 +68,7 @@ def submit_job(
     job = _validated_job(settings, tenant_id, request, model, pinned,
                          idempotency_key=idempotency_key, request_hash=request_hash)
     try:
-        written = _write_jobs(url, tenant_id, [job])
+        written = _write_single(settings, tenant_id, job)
     except IntegrityError:
         if idempotency_key is None:
             raise
@@ -67,8 +77,7 @@ def submit_job(
         if existing is None:
             raise
         return SubmitResult(existing, created=False)
-    _publish_after_commit(settings, written)
-    return SubmitResult(written[0].job, created=True)
+    return SubmitResult(written.job, created=True)
 
 
 def submit_jobs(settings: Settings, tenant_id: str,
@@ -127,6 +136,78 @@ def _write_jobs(url: str, tenant_id: str, jobs: Sequence[NewJob]) -> list[Writte
         levels = share_levels(connection, tenant_id,
                               [(job.model, job.priority) for job in jobs])
         return insert_jobs(connection, jobs, levels)
+
+
+# A tenant read without limits skips the early refusal's read (a connection and a query, a
+# fifth of a single submit's CPU) for this long: `admit` still checks the current limits under
+# the lock, so limits set meanwhile are enforced at once, only refused later in the submit.
+UNLIMITED_CACHE_SECONDS = 1.0
+_unlimited_until: dict[tuple[str, str], float] = {}
+
+
+def _unlimited_recently(url: str, tenant_id: str) -> bool:
+    return _unlimited_until.get((url, tenant_id), 0.0) > time.monotonic()
+
+
+@dataclass(frozen=True)
+class _SingleSubmit:
+    settings: Settings
+    tenant_id: str
+    job: NewJob
+
+
+def _write_single(settings: Settings, tenant_id: str, job: NewJob) -> WrittenJob:
+    """Commit the job with the single submits of this process waiting now, publish them, and
+    return it; raise what its own write raised (GenqError, IntegrityError)."""
+    url = settings.database_url_resolved
+    if not _unlimited_recently(url, tenant_id):
+        with db.get_engine(url).connect() as connection:
+            limits = refuse_early(connection, tenant_id, [job.cost])
+        if limits == TenantLimits():
+            _unlimited_until[(url, tenant_id)] = time.monotonic() + UNLIMITED_CACHE_SECONDS
+    return _single_submits(url).write_batched(_SINGLE_SUBMIT,
+                                              _SingleSubmit(settings, tenant_id, job))
+
+
+def _insert_single_submits(session: Session, submits: list[_SingleSubmit]) -> list[WrittenJob]:
+    """The group's jobs, admitted per tenant (GenqError fails the group: each is then retried
+    alone) and inserted in one statement per table."""
+    connection = session.connection()
+    by_tenant: dict[str, list[int]] = {}
+    for index, submit in enumerate(submits):
+        by_tenant.setdefault(submit.tenant_id, []).append(index)
+    levels = [0] * len(submits)
+    for tenant_id, indexes in by_tenant.items():
+        jobs = [submits[index].job for index in indexes]
+        admit(connection, tenant_id, [job.cost for job in jobs])
+        tenant_levels = share_levels(connection, tenant_id,
+                                     [(job.model, job.priority) for job in jobs])
+        for index, level in zip(indexes, tenant_levels, strict=True):
+            levels[index] = level
+    return insert_jobs(connection, [submit.job for submit in submits], levels)
+
+
+def _publish_single_submits(submits: list[_SingleSubmit], written: list[WrittenJob]) -> None:
+    by_broker: dict[str, tuple[Settings, list[WrittenJob]]] = {}
+    for submit, written_job in zip(submits, written, strict=True):
+        by_broker.setdefault(submit.settings.broker_url, (submit.settings, []))[1].append(
+            written_job)
+    for settings, jobs in by_broker.values():
+        _publish_after_commit(settings, jobs)
+
+
+_SINGLE_SUBMIT = BatchedWrite(_insert_single_submits, after_commit=_publish_single_submits)
+_committers: dict[tuple[int, str], GroupCommitter] = {}
+_committers_lock = threading.Lock()
+
+
+def _single_submits(database_url: str) -> GroupCommitter:
+    """One committer per process and database (keyed by pid: a forked child starts its own)."""
+    key = (os.getpid(), database_url)
+    with _committers_lock:
+        if key not in _committers:
+            _committers[key] = GroupCommitter(database_url)
+        return _committers[key]
 
 
 def _publish_after_commit(settings: Settings, written: Sequence[WrittenJob]) -> None:

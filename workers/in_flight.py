@@ -14,9 +14,9 @@ from functools import partial
 
 from sqlalchemy import Row
 
+from genq.group_commit import GroupCommitter
 from genq.job_store import count_attempt
 from genq.states import JobStatus, Priority
-from workers.group_commit import GroupCommitter
 from workers.intake import Delivery
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The job-row writes a worker queues on its group committer (workers.group_commit), each one
+"""The job-row writes a worker queues on its group committer (genq.group_commit), each one
 call into genq.job_store, conditional on the worker still holding the job: a duplicate
 delivery, a stale worker or a cancel that raced it can never write a second outcome."""
 

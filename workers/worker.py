@@ -19,6 +19,7 @@ from sqlalchemy import Row
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from genq.errors import ErrorCode
+from genq.group_commit import BatchedWrite, GroupCommitter
 from genq.job_store import Claimed, claim_deliveries
 from genq.models import utcnow
 from genq.settings import Settings
@@ -27,7 +28,6 @@ from workers import heartbeat, job_writes
 from workers.chores import Chores, lease_expiry
 from workers.engine_loop import EngineLoop, EngineRequest, RequestAborted
 from workers.engine_process import EngineProcess
-from workers.group_commit import BatchedWrite, GroupCommitter
 from workers.in_flight import (
     LOST_DELIVERIES_BEFORE_ISOLATION,
     RunningJob,

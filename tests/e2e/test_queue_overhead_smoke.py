@@ -26,11 +26,15 @@ def test_benchmark_writes_the_documented_json(redis_url, tmp_path):
     main(["--num-jobs", "20", "--latency-samples", "3", "--broker-url", broker,
           "--model-cache-dir", MODEL_CACHE_DIR, "--engine-model", TINY_MODEL,
           "--engine-prompts", "6", "--engine-max-tokens", "4", "--engine-rounds", "1",
-          "--json", str(path)])
+          "--producers", "4", "--json", str(path)])
     report = json.loads(path.read_text())
     results = report["results"]
-    for name in ("plain_celery", "genq_echo", "genq_echo_bulk"):
+    for name in ("plain_celery", "plain_celery_sequential", "genq_echo", "genq_echo_sequential",
+                 "genq_echo_bulk"):
         assert results[name]["jobs"] == 20 and results[name]["jobs_per_s"] > 0
+    assert report["producers"] == 4
+    assert results["plain_celery"]["producers"] == results["genq_echo"]["producers"] == 4
+    assert results["genq_echo_sequential"]["producers"] == 1
     assert results["idle_submit_to_start"]["p50_ms"] > 0
     runs = results["engine_runs"]
     assert [run["name"] for run in runs] == ["offline", "system", "offline", "system_bulk",

@@ -7,7 +7,7 @@ import time
 from sqlalchemy import text
 
 from genq import db
-from workers.group_commit import GroupCommitter
+from genq.group_commit import GroupCommitter
 
 
 def _synchronous(session) -> int:

@@ -1,4 +1,5 @@
-"""Group commit: the DB writes of all of a worker's job threads, in one transaction at a time.
+"""Group commit: the DB writes of many threads (a worker's jobs, an API process's single
+submits), in one transaction at a time.
 
 Why: a worker runs up to `worker_concurrency` jobs at once, and each job writes twice (claim,
 result). Thirty-two threads each opening their own write transaction spend their time queuing
@@ -13,6 +14,9 @@ one UPDATE), so a group's SQL cost grows with its kinds of writes, not its numbe
 one write of a group raises, the group rolls back and each write is retried in a transaction of
 its own, so only the bad one sees its exception. A group of lazy writes alone (claims) commits
 without a disk flush (genq.db.LAZY_OPTION); one durable write makes its group durable.
+A kind's `after_commit` runs once per committed group, before its callers return and while the
+next group commits (the submit path publishes the group's jobs there, in one pipelined round
+trip).
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ class BatchedWrite:
     arguments)` returns one result per argument, in their order."""
 
     apply_all: Callable[[Session, list[Any]], list[Any]]
+    # `after_commit(arguments, results)`: once the writes are committed, before their callers
+    # return; what it raises is logged, never handed to them (their writes are committed).
+    after_commit: Callable[[list[Any], list[Any]], None] | None = None
 
 
 @dataclass
@@ -63,6 +70,7 @@ class GroupCommitter:
         self._waiting: deque[_Write] = deque()
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
+        self._committing = threading.Lock()  # held by whoever commits a group
         self._thread = threading.Thread(target=self._run, name="genq-group-commit", daemon=True)
         self._thread.start()
 
@@ -81,6 +89,18 @@ class GroupCommitter:
         the Future resolves with this argument's result once committed (or its error)."""
         return self._enqueue(_Write(kind=kind, argument=argument, lazy=lazy))
 
+    def write_batched(self, kind: BatchedWrite, argument: Any) -> Any:
+        """`submit_batched` and wait for its result. While no group is being committed the
+        caller commits its group itself: a lone write pays no hand-off to the writer thread
+        and back (two thread wake-ups, each a scheduler wait on a busy machine)."""
+        item = _Write(kind=kind, argument=argument)
+        with self._lock:
+            self._waiting.append(item)
+        while not item.future.done() and self._commit_next_group(blocking=False):
+            pass
+        self._wakeup.set()  # writes queued meanwhile (this one too, if it lost) go to the thread
+        return item.future.result()
+
     def _enqueue(self, item: _Write) -> Future:
         with self._lock:
             self._waiting.append(item)
@@ -91,38 +111,69 @@ class GroupCommitter:
         while True:
             self._wakeup.wait()
             self._wakeup.clear()
-            while group := self._take_group():
-                self._commit_group(group)
+            while self._commit_next_group():
+                pass
 
-    def _take_group(self) -> list[_Write]:
-        with self._lock:
-            count = min(len(self._waiting), MAX_WRITES_PER_COMMIT)
-            return [self._waiting.popleft() for _ in range(count)]
+    def _commit_next_group(self, *, blocking: bool = True) -> bool:
+        """Commit the waiting writes as one group under the commit lock, then run their
+        after-commit steps and answer their callers outside it, so that the next group commits
+        meanwhile. False when none waited (or, not `blocking`, another commit was running)."""
+        if not self._committing.acquire(blocking=blocking):
+            return False
+        try:
+            with self._lock:
+                count = min(len(self._waiting), MAX_WRITES_PER_COMMIT)
+                group = [self._waiting.popleft() for _ in range(count)]
+            outcomes = self._commit_group(group) if group else []
+        finally:
+            self._committing.release()
+        _settle(group, outcomes)
+        return bool(group)
 
-    def _commit_group(self, group: list[_Write]) -> None:
+    def _commit_group(self, group: list[_Write]) -> list[tuple[BaseException | None, Any]]:
+        """Each write's (error, result): the group in one transaction, or each alone if that
+        failed."""
         if len(group) > 1:
             try:
                 with db.transaction(self.url,
                                     lazy=all(item.lazy for item in group)) as session:
                     results = _apply_group(session, group)
-            except Exception:
-                log.warning("a group of %d writes failed; retrying each alone", len(group),
-                            exc_info=True)
+            except Exception as exc:
+                # No traceback: the failing write's own caller gets its error, and on the submit
+                # path this is routine (a tenant at its limit, an idempotency key taken).
+                log.info("a group of %d writes failed (%s: %s); retrying each alone",
+                         len(group), type(exc).__name__, exc)
             else:
-                for item, result in zip(group, results, strict=True):
-                    item.future.set_result(result)
-                return
-        for item in group:
-            self._commit_alone(item)
+                return [(None, result) for result in results]
+        return [self._commit_alone(item) for item in group]
 
-    def _commit_alone(self, item: _Write) -> None:
+    def _commit_alone(self, item: _Write) -> tuple[BaseException | None, Any]:
         try:
             with db.transaction(self.url, lazy=item.lazy) as session:
                 result = item.apply_alone(session)
-        except BaseException as exc:  # handed to the waiting job thread, which decides
-            item.future.set_exception(exc)
-        else:
+        except BaseException as exc:  # handed to the waiting thread, which decides
+            return exc, None
+        return None, result
+
+
+def _settle(group: list[_Write], outcomes: list[tuple[BaseException | None, Any]]) -> None:
+    """Run each kind's `after_commit` once for its committed writes, then answer the callers."""
+    committed: dict[BatchedWrite, tuple[list[Any], list[Any]]] = {}
+    for item, (error, result) in zip(group, outcomes, strict=True):
+        if error is None and item.kind is not None and item.kind.after_commit is not None:
+            arguments, results = committed.setdefault(item.kind, ([], []))
+            arguments.append(item.argument)
+            results.append(result)
+    for kind, (arguments, results) in committed.items():
+        try:
+            kind.after_commit(arguments, results)
+        except Exception:  # the writes are committed; their callers must learn that
+            log.exception("after-commit step of %d write(s) failed", len(arguments))
+    for item, (error, result) in zip(group, outcomes, strict=True):
+        if error is None:
             item.future.set_result(result)
+        else:
+            item.future.set_exception(error)
 
 
 def _apply_group(session: Session, group: list[_Write]) -> list[Any]:
