@@ -65,13 +65,14 @@ def one_stream_workload(max_tokens: int, seed: int) -> Workload:
 
 def parse_engine_options(options: list[str]) -> dict:
     """``["quantization=int4", "compile=False"]`` -> ``{"quantization": "int4", "compile": False}``
-    (true / false / none and numbers are typed; anything else stays a string)."""
+    (true / false / null and numbers are typed; anything else stays a string: "none" is a value
+    of several options, e.g. quantization=none)."""
     parsed = {}
     for option in options:
         key, separator, text = option.partition("=")
         if not separator or not key:
             raise ValueError(f"--engine-option {option!r}: expected key=value")
-        named = {"true": True, "false": False, "none": None}
+        named = {"true": True, "false": False, "null": None}
         if text.lower() in named:
             value = named[text.lower()]
         else:

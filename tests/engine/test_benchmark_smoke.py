@@ -83,10 +83,11 @@ def test_peers_skip_a_model_they_cannot_load_and_a_gpu_run():
 
 def test_engine_options_are_typed():
     options = parse_engine_options(["quantization=int4", "compile=False", "kv_cache_tokens=4096",
-                                    "kv_cache_memory_fraction=0.5", "cache_dir=none"])
+                                    "kv_cache_memory_fraction=0.5", "cache_dir=null",
+                                    "head_quantization=none"])
 
     assert options == dict(quantization="int4", compile=False, kv_cache_tokens=4096,
-                           kv_cache_memory_fraction=0.5, cache_dir=None)
+                           kv_cache_memory_fraction=0.5, cache_dir=None, head_quantization="none")
     with pytest.raises(ValueError, match="key=value"):
         parse_engine_options(["int4"])
 
