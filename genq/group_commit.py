@@ -1,23 +1,5 @@
 """Group commit: the DB writes of many threads (a worker's jobs, an API process's single
-submits), in one transaction at a time.
-
-Why: a worker runs up to `worker_concurrency` jobs at once, and each job writes twice (claim,
-result). Thirty-two threads each opening their own write transaction spend their time queuing
-for the database's write lock (SQLite's busy handler sleeps for milliseconds between tries),
-and every commit pays its own round trip. Here one writer thread takes every write that is
-waiting and commits them together, so N jobs that finish in one engine step cost one commit.
-An idle worker pays nothing extra: a lone write is committed as soon as it arrives.
-
-A write is a function of the session, or an argument of a `BatchedWrite`: the writes of one
-kind waiting together are applied by one call (the outputs of jobs that finished together are
-one UPDATE), so a group's SQL cost grows with its kinds of writes, not its number of jobs. If
-one write of a group raises, the group rolls back and each write is retried in a transaction of
-its own, so only the bad one sees its exception. A group of lazy writes alone (claims) commits
-without a disk flush (genq.db.LAZY_OPTION); one durable write makes its group durable.
-A kind's `after_commit` runs once per committed group, before its callers return and while the
-next group commits (the submit path publishes the group's jobs there, in one pipelined round
-trip).
-"""
+submits) in one transaction at a time, one writer lock wait and one disk flush for them all."""
 
 from __future__ import annotations
 
@@ -65,6 +47,23 @@ class _Write:
 
 
 class GroupCommitter:
+    """A worker runs up to `worker_concurrency` jobs at once, and each job writes twice (claim,
+    result). Thirty-two threads each opening their own write transaction spend their time queuing
+    for the database's write lock (SQLite's busy handler sleeps for milliseconds between tries), and
+    every commit pays its own round trip. Here one writer thread takes every write that is waiting
+    and commits them together, so N jobs that finish in one engine step cost one commit. An idle
+    worker pays nothing extra: a lone write is committed as soon as it arrives.
+
+    A write is a function of the session, or an argument of a `BatchedWrite`: the writes of one kind
+    waiting together are applied by one call (the outputs of jobs that finished together are one
+    UPDATE), so a group's SQL cost grows with its kinds of writes, not its number of jobs. If one
+    write of a group raises, the group rolls back and each write is retried in a transaction of its
+    own, so only the bad one sees its exception. A group of lazy writes alone (claims) commits
+    without a disk flush (genq.db.LAZY_OPTION); one durable write makes its group durable. A kind's
+    `after_commit` runs once per committed group, before its callers return and while the next group
+    commits (the submit path publishes the group's jobs there, in one pipelined round trip).
+    """
+
     def __init__(self, database_url: str) -> None:
         self.url = database_url
         self._waiting: deque[_Write] = deque()

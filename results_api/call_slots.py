@@ -1,6 +1,5 @@
-"""Calls of one credential in the API's Flask pool, capped (the rest wait their turn on the
-event loop), so that no key's slow calls (trickled uploads, big lists, bursts of submits) take
-every request thread from the other tenants."""
+"""Each credential's share of the API's Flask pool (the rest of its calls wait on the event
+loop), so that no key's slow calls take every request thread from the other tenants."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """What a worker holds between claim and ack: its running jobs (and why one was stopped) and its
-suspects, jobs lost with a worker that died starting them (or lost twice), which start one at
-a time beside the others."""
+suspects (see Suspects), which start one at a time beside the others."""
 
 from __future__ import annotations
 

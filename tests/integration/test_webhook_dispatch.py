@@ -1,7 +1,5 @@
-"""The webhook dispatcher on real SQLite and Redis: a round leases every due delivery in one
-write transaction (one wait for SQLite's write lock, not one per delivery) and publishes each
-once, after the commit; a real webhook worker's per-URL cap bounds a receiver's deliveries in
-flight, not its rate."""
+"""The webhook dispatcher on real SQLite, PostgreSQL and Redis: one write transaction a round,
+and a per-URL cap that bounds deliveries in flight, never a rate or the other receivers."""
 
 from __future__ import annotations
 
