@@ -78,6 +78,25 @@ def test_w8a8_serves_steps_past_the_small_ones_with_every_epilogue(with_bias):
         assert (out.float() - exact).norm() / exact.norm() < 0.03, name
 
 
+@pytest.mark.parametrize("epilogue", range(4))
+def test_w8a8_with_weights_packed_once_matches_the_unpacked_gemm(epilogue):
+    """Linear packs its int8 weights for oneDNN once; the result is the unpacked _int_mm's."""
+    assert cpu_kernels_available(), "the CPU ops did not build"
+    torch.manual_seed(0)
+    weight = (torch.randn(96, 128) * 0.05).to(torch.bfloat16)
+    bias = torch.randn(96).to(torch.bfloat16)
+    linear = Linear(weight, bias, max_quantized_rows=8, activation_quantization="int8")
+    packed_codes, scales, packed = linear.w8a8
+    assert packed, "this torch has onednn::qlinear_prepack: the weights must be packed"
+    codes, _ = quantize_int8(weight)
+    x = torch.randn(40, 128).to(torch.bfloat16)
+    other = torch.randn(40, 96).to(torch.bfloat16) if epilogue in (1, 3) else None
+    ours = torch.ops.genq.int8_linear(x, packed_codes, scales, bias, epilogue, other, True)
+    unpacked = torch.ops.genq.int8_linear(x, codes, scales, bias, epilogue, other, False)
+    # The same int32 sums, scaled in another order: at most one bf16 rounding step apart.
+    assert torch.allclose(ours.float(), unpacked.float(), atol=1e-2, rtol=1e-2)
+
+
 def test_w8a8_silu_of_a_huge_negative_input_is_zero_not_nan():
     # exp(-v) overflowed under -ffast-math: SiLU(-1000) came out NaN and poisoned the sequence.
     assert cpu_kernels_available(), "the CPU ops did not build"
