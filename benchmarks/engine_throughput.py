@@ -3,23 +3,28 @@
     python -m benchmarks.engine_throughput [--model smollm2-135m] [--num-requests 64]
         [--seed 0] [--dtype auto] [--device auto] [--engine-option quantization=int4 ...]
         [--baselines hf_sequential,hf_static,hf_generate_batch,vllm,llama_cpp] [--json PATH]
+        [--variant activation_quantization=int8 ... [--variant-rounds 3]]
 
 Workloads: mixed (random token-id prompts of U[16,256] tokens, U[16,128] output tokens each,
 EOS ignored), fixed (32 x prompt 128 + output 64) and one greedy stream of 128 tokens (decode
 ms/token: the full stream minus a one-token run). Each genq and transformers contender runs in
 its own spawned process, so peak_rss_mb is that contender's alone and nothing is shared or warm.
 The peers (vllm, llama_cpp) are optional: benchmarks/peers/install_peers.sh installs them, and a
-missing one is skipped with its reason.
+missing one is skipped with its reason. --variant measures genq with those options on top against
+genq without them on the mixed and fixed workloads, alternating which runs first each round, so
+an option's effect is read from one run (the median of the rounds' ratios).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import multiprocessing
 import os
 import random
 import resource
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -245,6 +250,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--baselines", default=",".join(HF_BASELINES),
                         help="comma list of " + ", ".join(ALL_BASELINES) + ", or 'none'")
     parser.add_argument("--json", dest="json_path")
+    parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
+                        help="an EngineConfig option to measure against genq without it")
+    parser.add_argument("--variant-rounds", type=int, default=3)
     parser.add_argument("--hf-sequential-requests", type=int, default=8,
                         help="hf_sequential runs only this many requests (tokens/s counts)")
     parser.add_argument("--max-num-seqs", type=int, default=64)
@@ -259,6 +267,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown baselines: {sorted(unknown)}")
     try:
         args.engine_options = parse_engine_options(args.engine_option)
+        args.variant_options = parse_engine_options(args.variant)
     except ValueError as error:
         parser.error(str(error))
     return args
@@ -292,6 +301,9 @@ def main(argv: list[str] | None = None) -> dict:
                       device=args.device, vllm_python=args.vllm_python,
                       llama_binary=args.llama_batched_bench)
 
+    variant = (compare_variant(args, dict(mixed=workload, fixed=fixed))
+               if args.variant_options else None)
+
     genq_rate = results["genq"]["output_tok_s"]
     genq_figures = dict(mixed=results["genq"], fixed=fixed_genq, one_stream=one_stream)
     report = {
@@ -317,6 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
         "one_stream": {"genq": one_stream},
         "hf_static_by_batch_size": {str(bs): r for bs, r in statics.items()},
         "peers": peers,
+        "variant": variant,
         **{f"vs_{peer}": peer_ratios(genq_figures, result) for peer, result in peers.items()
            if "skipped" not in result},
     }
@@ -327,6 +340,24 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json_path:
         with open(args.json_path, "w") as json_file:
             json.dump(report, json_file, indent=2)
+    return report
+
+
+def compare_variant(args, workloads: dict[str, Workload]) -> dict:
+    """Output tok/s of genq with and without ``args.variant_options``, per workload, rounds
+    alternating which goes first (a VM drifts over minutes), and the median ratio."""
+    with_variant = copy.copy(args)
+    with_variant.engine_options = {**args.engine_options, **args.variant_options}
+    report = {"options": args.variant_options}
+    for name, workload in workloads.items():
+        rates: dict[str, list[float]] = {"genq": [], "variant": []}
+        for round_ in range(args.variant_rounds):
+            order = [("genq", args), ("variant", with_variant)]
+            for contender, contender_args in order[::-1] if round_ % 2 else order:
+                rates[contender].append(measure("genq", contender_args, workload)["output_tok_s"])
+        ratios = [v / g for v, g in zip(rates["variant"], rates["genq"], strict=True)]
+        report[name] = {**rates, "ratios": [round(r, 3) for r in ratios],
+                        "median_ratio": round(statistics.median(ratios), 3)}
     return report
 
 
@@ -359,6 +390,13 @@ def print_table(report: dict) -> None:
                 peer_rows.append((f"  {workload} {key}", result[workload][key],
                                   ratios[workload]))
         _print_rows(peer_rows)
+    variant = report.get("variant")
+    if variant:
+        rows = [(f"variant {variant['options']}", "genq tok/s", "variant tok/s", "median ratio")]
+        for workload in ("mixed", "fixed"):
+            rows.append((f"  {workload}", variant[workload]["genq"], variant[workload]["variant"],
+                         variant[workload]["median_ratio"]))
+        _print_rows(rows)
     sys.stdout.flush()
 
 

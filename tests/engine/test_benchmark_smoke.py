@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import statistics
 
 import pytest
 
@@ -115,3 +116,20 @@ def test_benchmark_writes_the_documented_json(tmp_path):
     assert report["cpu"]["model_name"] and "avx2" in report["cpu"]["flags"]
     assert set(report["peers"]) == {"vllm", "llama_cpp"}  # skipped: dummy weights
     assert "vs_vllm" not in report and "vs_llama_cpp" not in report
+
+
+@pytest.mark.slow  # spawned processes, each importing torch
+def test_a_variant_is_measured_against_genq_without_it_in_the_same_run(tmp_path):
+    path = tmp_path / "bench.json"
+    main(["--model", "dummy:tiny-llama", "--num-requests", "3", "--num-fixed-requests", "2",
+          "--one-stream-tokens", "4", "--dtype", "float32", "--baselines", "none",
+          "--engine-option", "enable_prefix_caching=false",
+          "--variant", "max_num_seqs=1", "--variant-rounds", "2", "--json", str(path)])
+    variant = json.loads(path.read_text())["variant"]
+    assert variant["options"] == {"max_num_seqs": 1}
+    for workload in ("mixed", "fixed"):
+        figures = variant[workload]
+        assert len(figures["genq"]) == len(figures["variant"]) == 2
+        assert all(rate > 0 for rate in figures["genq"] + figures["variant"])
+        ratios = [v / g for v, g in zip(figures["variant"], figures["genq"], strict=True)]
+        assert figures["median_ratio"] == pytest.approx(statistics.median(ratios), abs=0.01)
