@@ -41,9 +41,16 @@ def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE
     return codes.to(torch.int32).view(n, k), scales, minimums
 
 
+# oneDNN's packed GEMM returns the int32 sums as fp32: exact while K * 127^2 < 2^24.
+MAX_PACKED_INT8_K = 1040
+
+
 def pack_int8(codes: torch.Tensor) -> torch.Tensor | None:
     """int8 weight codes [N, K] packed once for oneDNN's int8 GEMM, or None where this torch has
-    no such op. Unpacked, ``_int_mm`` reorders the weight at every call: 1.5-2x slower on AMX."""
+    no such op or K is too long for exact sums. Unpacked, ``_int_mm`` reorders the weight at
+    every call: 1.5-2x slower on AMX. Both give the same bits."""
+    if codes.shape[1] > MAX_PACKED_INT8_K:
+        return None
     try:
         return torch.ops.onednn.qlinear_prepack(codes, None)
     except (AttributeError, RuntimeError):

@@ -46,7 +46,7 @@ void quantize_rows(const c10::BFloat16* x, int64_t row_stride, int8_t* codes, fl
 }
 
 // out[r, j] = epilogue(acc[r, j] * row_scales[r] * column_scales[j] + bias[j], other[r, j]),
-// where acc is int32 with column_scales, or fp32 already scaled by them (column_scales null).
+// acc int32, or the same integers in fp32 (exact: |acc| <= k * 127^2 < 2^24 for k <= 1040).
 template <int64_t E, typename Acc>
 void dequantize_rows(const Acc* acc, const float* row_scales, const float* column_scales,
                      const c10::BFloat16* bias, const c10::BFloat16* other, int64_t other_stride,
@@ -59,8 +59,7 @@ void dequantize_rows(const Acc* acc, const float* row_scales, const float* colum
       const float row_scale = row_scales[r];
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
-        float v = static_cast<float>(a[j]) *
-                  (column_scales ? row_scale * column_scales[j] : row_scale);
+        float v = static_cast<float>(a[j]) * (row_scale * column_scales[j]);
         if (bias) v += load(bias[j]);
         if constexpr (E == kAdd) v += load(o[j]);
         // -ffast-math assumes no infinities: exp(-v) past fp32's range made SiLU NaN.
@@ -72,15 +71,15 @@ void dequantize_rows(const Acc* acc, const float* row_scales, const float* colum
   });
 }
 
-// codes [rows, k] int8 times the packed weight, times weight_scales: fp32 [rows, n].
-at::Tensor packed_int_mm(const at::Tensor& codes, const at::Tensor& packed,
-                         const at::Tensor& weight_scales) {
+// codes [rows, k] int8 times the packed weight: the int32 sums as fp32 [rows, n]. The scales
+// are applied after, as for _int_mm, so both paths give the same bits.
+at::Tensor packed_int_mm(const at::Tensor& codes, const at::Tensor& packed, int64_t n) {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(
       "onednn::qlinear_pointwise", "tensor");
   static const auto one = at::ones({}, at::kFloat);
   static const auto zero = at::zeros({}, at::kLong);
-  const auto weight_zeros = at::zeros({weight_scales.numel()}, at::kLong);
-  std::vector<c10::IValue> stack{codes, one, zero, packed, weight_scales, weight_zeros,
+  std::vector<c10::IValue> stack{codes, one, zero, packed, at::ones({n}, at::kFloat),
+                                 at::zeros({n}, at::kLong),
                                  c10::IValue(), 1.0, int64_t{0}, at::kFloat,
                                  std::string("none"), c10::List<c10::optional<at::Scalar>>(),
                                  std::string("")};
@@ -119,7 +118,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight,
   auto row_scales = at::empty({rows}, x.options().dtype(at::kFloat));
   quantize_rows(x.data_ptr<c10::BFloat16>(), x.stride(0), codes.data_ptr<int8_t>(),
                 row_scales.data_ptr<float>(), rows, k);
-  const auto acc = packed ? packed_int_mm(codes, weight, weight_scales)
+  const auto acc = packed ? packed_int_mm(codes, weight, n)
                           : at::_int_mm(codes, weight.t());
   auto out = at::empty({rows, n}, x.options());
   const c10::BFloat16* bias_data = bias ? bias->data_ptr<c10::BFloat16>() : nullptr;
@@ -128,8 +127,9 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight,
   auto run = [&](auto kind) {
     constexpr int64_t E = decltype(kind)::value;
     if (packed) {
-      dequantize_rows<E>(acc.data_ptr<float>(), row_scales.data_ptr<float>(), nullptr, bias_data,
-                         other_data, other_stride, out.data_ptr<c10::BFloat16>(), rows, n);
+      dequantize_rows<E>(acc.data_ptr<float>(), row_scales.data_ptr<float>(),
+                         weight_scales.data_ptr<float>(), bias_data, other_data, other_stride,
+                         out.data_ptr<c10::BFloat16>(), rows, n);
     } else {
       dequantize_rows<E>(acc.data_ptr<int32_t>(), row_scales.data_ptr<float>(),
                          weight_scales.data_ptr<float>(), bias_data, other_data, other_stride,

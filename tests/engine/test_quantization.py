@@ -93,7 +93,10 @@ def test_w8a8_with_weights_packed_once_matches_the_unpacked_gemm(epilogue):
     other = torch.randn(40, 96).to(torch.bfloat16) if epilogue in (1, 3) else None
     ours = torch.ops.genq.int8_linear(x, packed_codes, scales, bias, epilogue, other, True)
     unpacked = torch.ops.genq.int8_linear(x, codes, scales, bias, epilogue, other, False)
-    # The same int32 sums, scaled in another order: at most one bf16 rounding step apart.
+    # The same int32 sums (exact in fp32) scaled in the same order: the same values, bar the
+    # compiler's FMA contraction flipping a rare bf16 rounding. (Scaled inside oneDNN first,
+    # they moved SmolLM2's W8A8 perplexity from +1.0% to +2.3% over bf16.)
+    assert (ours != unpacked).float().mean() < 1e-3
     assert torch.allclose(ours.float(), unpacked.float(), atol=1e-2, rtol=1e-2)
 
 
