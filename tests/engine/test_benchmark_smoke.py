@@ -133,3 +133,14 @@ def test_a_variant_is_measured_against_genq_without_it_in_the_same_run(tmp_path)
         assert all(rate > 0 for rate in figures["genq"] + figures["variant"])
         ratios = [v / g for v, g in zip(figures["variant"], figures["genq"], strict=True)]
         assert figures["median_ratio"] == pytest.approx(statistics.median(ratios), abs=0.01)
+
+
+def test_decode_attention_benchmark_reports_the_kernel_beside_a_streaming_read(tmp_path):
+    from benchmarks.decode_attention import main as decode_attention
+
+    path = tmp_path / "attention.json"
+    report = decode_attention(["--batches", "1,2", "--context", "40", "--json", str(path)])
+    assert json.loads(path.read_text()) == report
+    assert report["stream_read_gb_s"] > 0
+    assert [row["batch"] for row in report["kernel"]] == [1, 2]
+    assert all(row["ns_per_position"] > 0 and row["kv_gb_s"] > 0 for row in report["kernel"])
