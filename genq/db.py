@@ -129,10 +129,10 @@ def transaction(url: str, *, lazy: bool = False) -> Iterator[Session]:
 
 
 @contextmanager
-def core_transaction(url: str) -> Iterator[Connection]:
+def core_transaction(url: str, *, lazy: bool = False) -> Iterator[Connection]:
     """`transaction` for Core statements alone, on a bare connection: a hot path (a submit)
     skips the ORM Session, whose bookkeeping cost as much as one of its statements."""
-    with _write_engine(url).begin() as connection:
+    with _write_engine(url, lazy).begin() as connection:
         yield connection
 
 

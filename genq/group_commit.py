@@ -11,6 +11,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from genq import db
@@ -18,6 +19,8 @@ from genq import db
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# What a write is applied to: an ORM Session, or a Core Connection in a `core` committer.
+Transaction = Session | Connection
 MAX_WRITES_PER_COMMIT = 256
 
 
@@ -26,7 +29,7 @@ class BatchedWrite:
     """A kind of write applied to all its waiting arguments at once: `apply_all(session,
     arguments)` returns one result per argument, in their order."""
 
-    apply_all: Callable[[Session, list[Any]], list[Any]]
+    apply_all: Callable[[Transaction, list[Any]], list[Any]]
     # `after_commit(arguments, results)`: once the writes are committed, before their callers
     # return; what it raises is logged, never handed to them (their writes are committed).
     after_commit: Callable[[list[Any], list[Any]], None] | None = None
@@ -34,13 +37,13 @@ class BatchedWrite:
 
 @dataclass
 class _Write:
-    apply: Callable[[Session], Any] | None = None
+    apply: Callable[[Transaction], Any] | None = None
     kind: BatchedWrite | None = None
     argument: Any = None
     lazy: bool = False
     future: Future = field(default_factory=Future)
 
-    def apply_alone(self, session: Session) -> Any:
+    def apply_alone(self, session: Transaction) -> Any:
         if self.kind is not None:
             return self.kind.apply_all(session, [self.argument])[0]
         return self.apply(session)
@@ -64,8 +67,11 @@ class GroupCommitter:
     commits (the submit path publishes the group's jobs there, in one pipelined round trip).
     """
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, *, core: bool = False) -> None:
+        """`core`: writes get a bare Core Connection, not an ORM Session (db.core_transaction:
+        half the CPU of a transaction, for writes that are Core statements alone)."""
         self.url = database_url
+        self._transaction = db.core_transaction if core else db.transaction
         self._waiting: deque[_Write] = deque()
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
@@ -73,13 +79,13 @@ class GroupCommitter:
         self._thread = threading.Thread(target=self._run, name="genq-group-commit", daemon=True)
         self._thread.start()
 
-    def write(self, apply: Callable[[Session], T], *, lazy: bool = False) -> T:
+    def write(self, apply: Callable[[Transaction], T], *, lazy: bool = False) -> T:
         """Run `apply(session)` in a committed transaction (shared with other writes) and
         return its result; raise what it raised, or the commit's error. `lazy`: its loss in a
         power failure is harmless, so it needs no disk flush of its own."""
         return self.submit(apply, lazy=lazy).result()
 
-    def submit(self, apply: Callable[[Session], T], *, lazy: bool = False) -> Future[T]:
+    def submit(self, apply: Callable[[Transaction], T], *, lazy: bool = False) -> Future[T]:
         """`write` without waiting: the Future resolves once the write is committed."""
         return self._enqueue(_Write(apply=apply, lazy=lazy))
 
@@ -97,7 +103,10 @@ class GroupCommitter:
             self._waiting.append(item)
         while not item.future.done() and self._commit_next_group(blocking=False):
             pass
-        self._wakeup.set()  # writes queued meanwhile (this one too, if it lost) go to the thread
+        with self._lock:
+            left_waiting = bool(self._waiting)
+        if left_waiting:  # writes queued meanwhile (this one too, if it lost) go to the thread
+            self._wakeup.set()
         return item.future.result()
 
     def _enqueue(self, item: _Write) -> Future:
@@ -134,8 +143,8 @@ class GroupCommitter:
         failed."""
         if len(group) > 1:
             try:
-                with db.transaction(self.url,
-                                    lazy=all(item.lazy for item in group)) as session:
+                with self._transaction(self.url,
+                                       lazy=all(item.lazy for item in group)) as session:
                     results = _apply_group(session, group)
             except Exception as exc:
                 # No traceback: the failing write's own caller gets its error, and on the submit
@@ -148,7 +157,7 @@ class GroupCommitter:
 
     def _commit_alone(self, item: _Write) -> tuple[BaseException | None, Any]:
         try:
-            with db.transaction(self.url, lazy=item.lazy) as session:
+            with self._transaction(self.url, lazy=item.lazy) as session:
                 result = item.apply_alone(session)
         except BaseException as exc:  # handed to the waiting thread, which decides
             return exc, None
@@ -175,7 +184,7 @@ def _settle(group: list[_Write], outcomes: list[tuple[BaseException | None, Any]
             item.future.set_exception(error)
 
 
-def _apply_group(session: Session, group: list[_Write]) -> list[Any]:
+def _apply_group(session: Transaction, group: list[_Write]) -> list[Any]:
     """Apply each plain write, then each batched kind once for all its arguments; the results
     in the group's order."""
     results: list[Any] = [None] * len(group)

@@ -74,23 +74,36 @@ def publish_jobs(broker_url: str, messages: Sequence[RunMessage]) -> None:
     relay sends them again: a duplicate message is harmless, claims are conditional).
 
     On Redis they go out pipelined, PUBLISH_BATCH_SIZE commands per round trip (kombu's publish
-    batch; the pool reconnects a dropped connection, but a failed flush is not retried). On
+    batch; the pool reconnects a dropped connection, but a failed flush is not retried), a lone
+    one as one command. On
     RabbitMQ each is published and confirmed in turn, retried per PUBLISH_RETRY_POLICY."""
     app = producer_app(broker_url)
     routes = [_broker_route(message.queue, broker_url, message.share_level)
               for message in messages]
     origin = anon_nodename()  # the sender's host and pid, as Celery would name it
+    # Not on Redis: there the redis-py client's pool replaces a dropped connection itself (a
+    # batched publish only queues the message), and kombu's retry wrapper cost a fifth of a
+    # publish.
+    retry = is_amqp(broker_url)
     with app.producer_pool.acquire(block=True) as producer:
         for broker_queue in {broker_queue for broker_queue, _ in routes}:
-            producer.maybe_declare(broker_queue, retry=True, **PUBLISH_RETRY_POLICY)
+            # kombu's own check (hash in the connection's declared set, emptied when it
+            # reconnects), made before maybe_declare binds a copy of the queue to the channel.
+            if hash(broker_queue) not in producer.connection.declared_entities:
+                producer.maybe_declare(broker_queue, retry=True, **PUBLISH_RETRY_POLICY)
+        if len(messages) == 1:  # a single submit's: one LPUSH costs less than a pipeline
+            (broker_queue, priority), = routes
+            _publish_task(app, producer, origin, messages[0].job_id, broker_queue.name,
+                          priority, retry)
+            return
         with producer.batch(PUBLISH_BATCH_SIZE):
             for message, (broker_queue, priority) in zip(messages, routes, strict=True):
                 _publish_task(app, producer, origin, message.job_id, broker_queue.name,
-                              priority)
+                              priority, retry)
 
 
 def _publish_task(app: Celery, producer: Producer, origin: str, job_id: str,
-                  broker_queue: str, priority: int) -> None:
+                  broker_queue: str, priority: int, retry: bool) -> None:
     """Publish the task message Celery's `send_task` would, without its per-call routing,
     signals and producer acquisition: the message is built by Celery's own protocol-2 builder
     and published as `send_task` publishes it with Celery's defaults (JSON, persistent, to the
@@ -100,7 +113,7 @@ def _publish_task(app: Celery, producer: Producer, origin: str, job_id: str,
         argsrepr=repr([job_id]), kwargsrepr="{}")
     producer.publish(
         body, exchange="", routing_key=broker_queue, priority=priority, headers=headers,
-        serializer="json", delivery_mode="persistent", retry=True,
+        serializer="json", delivery_mode="persistent", retry=retry,
         retry_policy=PUBLISH_RETRY_POLICY, **properties)
 
 

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from genq import db
 from genq.errors import ErrorCode, GenqError
@@ -169,10 +168,10 @@ def _write_single(settings: Settings, tenant_id: str, job: NewJob) -> WrittenJob
                                               _SingleSubmit(settings, tenant_id, job))
 
 
-def _insert_single_submits(session: Session, submits: list[_SingleSubmit]) -> list[WrittenJob]:
+def _insert_single_submits(connection: Connection,
+                           submits: list[_SingleSubmit]) -> list[WrittenJob]:
     """The group's jobs, admitted per tenant (GenqError fails the group: each is then retried
     alone) and inserted in one statement per table."""
-    connection = session.connection()
     by_tenant: dict[str, list[int]] = {}
     for index, submit in enumerate(submits):
         by_tenant.setdefault(submit.tenant_id, []).append(index)
@@ -206,7 +205,7 @@ def _single_submits(database_url: str) -> GroupCommitter:
     key = (os.getpid(), database_url)
     with _committers_lock:
         if key not in _committers:
-            _committers[key] = GroupCommitter(database_url)
+            _committers[key] = GroupCommitter(database_url, core=True)
         return _committers[key]
 
 

@@ -154,3 +154,34 @@ def test_limits_set_just_after_a_submit_apply_to_the_next_one(settings, tenant_i
         submit_job(settings, tenant_id, JobRequest(prompt="second", max_tokens=4))
     assert refused.value.code == ErrorCode.RATE_LIMITED
     assert len(stored_jobs(settings)) == 1
+
+
+def test_a_lone_submit_returns_its_job_as_stored_and_commits_in_the_callers_thread(
+        settings, tenant_id, broker_url):
+    # (a lone submit pays no hand-off to the committer's thread; its Job is built from the
+    # row inserted, not read back)
+    request = JobRequest(prompt="alone", max_tokens=4, metadata={"team": "a"},
+                         webhook_url=None, timeout_s=60)
+    committer = _single_submits(settings.database_url_resolved)
+    threads: list[str] = []
+    committed_by = committer._commit_group
+
+    def recording(group):
+        threads.append(threading.current_thread().name)
+        return committed_by(group)
+
+    committer._commit_group = recording
+    try:
+        job = submit_job(settings, tenant_id, request).job
+    finally:
+        del committer._commit_group
+
+    assert threads == [threading.current_thread().name]
+    stored = stored_jobs(settings)[job.id]
+    for column in ("id", "tenant_id", "status", "priority", "model", "prompt", "messages",
+                   "sampling_params", "metadata_", "prompt_tokens", "admitted_tokens",
+                   "attempts", "idempotency_key", "webhook_url", "output_text"):
+        assert getattr(job, column) == getattr(stored, column), column
+    assert job.deadline_at.replace(tzinfo=None) == stored.deadline_at.replace(tzinfo=None)
+    wait_until_marked_sent(settings, [job.id])
+    assert len(redis_queue_messages(broker_url, DEFAULT_QUEUE)) == 1

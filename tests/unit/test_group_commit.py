@@ -333,3 +333,44 @@ def test_a_failed_group_is_no_warning(sqlite_url, caplog):
             futures[1].result(10)
     assert [record.levelname for record in caplog.records] == ["INFO"]
     assert "retrying each alone" in caplog.records[0].getMessage()
+
+
+def test_a_lone_write_batched_leaves_the_writer_thread_asleep(sqlite_url):
+    # (waking it for an empty queue cost a thread switch per submit, and the woken thread
+    # could hold the commit lock just as the next submit of the same caller came)
+    from genq.group_commit import BatchedWrite
+
+    committer = GroupCommitter(sqlite_url)
+    kind = BatchedWrite(lambda session, names: names)
+    for name in ("a", "b", "c"):
+        assert committer.write_batched(kind, name) == name
+        assert not committer._wakeup.is_set()
+
+
+def test_a_core_committer_writes_on_a_bare_connection_and_a_bad_write_fails_alone(sqlite_url):
+    from sqlalchemy import Connection
+
+    from genq.group_commit import BatchedWrite
+
+    committer = GroupCommitter(sqlite_url, core=True)
+    seen: list[type] = []
+
+    def add_all(connection, names):
+        seen.append(type(connection))
+        if "bad" in names:
+            raise ValueError("a bad name")
+        connection.execute(insert(Tenant), [{"name": name} for name in names])
+        return names
+
+    kind = BatchedWrite(add_all)
+    gate = threading.Event()
+    committer.submit(lambda connection: gate.wait(5))
+    time.sleep(0.1)
+    futures = {name: committer.submit_batched(kind, name) for name in ("a", "bad", "b")}
+    gate.set()
+
+    assert futures["a"].result(10) == "a" and futures["b"].result(10) == "b"
+    with pytest.raises(ValueError):
+        futures["bad"].result(10)
+    assert set(seen) == {Connection}
+    assert _tenant_count(sqlite_url) == 2
