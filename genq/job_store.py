@@ -104,8 +104,8 @@ def transition_many_returning(
     return list(jobs)
 
 
-# A worker's two writes per micro-batch (claim, results) are prebuilt statements with bound
-# parameters: building and cache-keying the statement each time cost three times the SQL
+# A worker's writes per micro-batch (claim, start mark, results) are prebuilt statements with
+# bound parameters: building and cache-keying the statement each time cost three times the SQL
 # (measured on SQLite: claiming 3 jobs 1.9 ms of CPU built per call, 0.55 ms prebuilt).
 
 @dataclass(frozen=True)
@@ -189,11 +189,7 @@ def mark_started(session: Session, job_ids: list[str], *, worker_id: str) -> Non
     """Clear `is_starting` for the jobs `worker_id` has handed to its engine: from now on a
     death of the worker is no longer a death while starting them (the worker sends those of
     all micro-batches handed over meanwhile in one UPDATE, without a disk flush)."""
-    session.execute(
-        update(_JOBS)
-        .where(_JOBS.c.id.in_(job_ids), _JOBS.c.worker_id == worker_id,
-               _JOBS.c.is_starting)
-        .values(is_starting=False))
+    session.execute(_MARK_STARTED, {"started_ids": job_ids, "started_worker": worker_id})
 
 
 def hand_back(session: Session, job_id: str, *, worker_id: str,
@@ -254,6 +250,11 @@ def _store_some_results(session: Session, results: dict[str, dict[str, Any]], wo
 
 
 _NO_LIMIT = 2**31 - 1
+_MARK_STARTED = (
+    update(_JOBS)
+    .where(_JOBS.c.id.in_(bindparam("started_ids", expanding=True)),
+           _JOBS.c.worker_id == bindparam("started_worker"), _JOBS.c.is_starting)
+    .values(is_starting=False))
 
 
 @lru_cache(maxsize=8)
