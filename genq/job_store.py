@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from genq.models import Job, Outbox, utcnow
 from genq.queues import queue_for
 from genq.states import ALLOWED_SOURCES, TERMINAL_STATES, JobStatus, Priority
-from genq.webhook_events import Listeners, record_job_event
+from genq.webhook_events import TENANT_HAS_ENDPOINTS, Listeners, record_job_event
 
 RUN_JOB_OUTBOX_KIND = "run_job"
 _JOBS = Job.__table__
@@ -218,7 +218,8 @@ def extend_leases(session: Session, job_ids: list[str], *, worker_id: str,
 def _announce_claims(session: Session, jobs: list[Row]) -> None:
     for job in jobs:
         _announce(session, job.id, JobStatus.RUNNING, {JobStatus.QUEUED},
-                  Listeners(job.tenant_id, job.webhook_url, job.webhook_events))
+                  Listeners(job.tenant_id, job.webhook_url, job.webhook_events,
+                            job.has_endpoints))
 
 
 def store_results(session: Session, results: dict[str, dict[str, Any]], *,
@@ -278,7 +279,7 @@ def _claim_statement(source: JobStatus, spend_attempt: bool, leave_starting: boo
                 attempts=_JOBS.c.attempts + 1 if spend_attempt else _JOBS.c.attempts,
                 is_starting=True if spend_attempt else _JOBS.c.is_starting,
                 started_at=func.coalesce(_JOBS.c.started_at, bindparam("claim_now")))
-        .returning(*_JOBS.columns)
+        .returning(*_JOBS.columns, TENANT_HAS_ENDPOINTS)
     )
 
 
@@ -297,7 +298,8 @@ def _store_results_statement(num_jobs: int, columns: tuple[str, ...]):
                _JOBS.c.worker_id == bindparam("result_worker"))
         .values(status=JobStatus.SUCCEEDED.value, finished_at=bindparam("result_now"),
                 lease_expires_at=None, **values)
-        .returning(_JOBS.c.id, _JOBS.c.tenant_id, _JOBS.c.webhook_url, _JOBS.c.webhook_events)
+        .returning(_JOBS.c.id, _JOBS.c.tenant_id, _JOBS.c.webhook_url, _JOBS.c.webhook_events,
+                   TENANT_HAS_ENDPOINTS)
     )
 
 
