@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -41,6 +42,7 @@ class _Write:
     kind: BatchedWrite | None = None
     argument: Any = None
     lazy: bool = False
+    due: float = 0.0  # time.monotonic() by which it commits, with other writes or alone
     future: Future = field(default_factory=Future)
 
     def apply_alone(self, session: Transaction) -> Any:
@@ -73,8 +75,10 @@ class GroupCommitter:
         self.url = database_url
         self._transaction = db.core_transaction if core else db.transaction
         self._waiting: deque[_Write] = deque()
+        self._deferred: deque[_Write] = deque()  # join the next group, or go alone when due
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
+        self._asleep_until_woken = False  # the writer thread waits with no timeout
         self._committing = threading.Lock()  # held by whoever commits a group
         self._thread = threading.Thread(target=self._run, name="genq-group-commit", daemon=True)
         self._thread.start()
@@ -82,23 +86,38 @@ class GroupCommitter:
     def write(self, apply: Callable[[Transaction], T], *, lazy: bool = False) -> T:
         """Run `apply(session)` in a committed transaction (shared with other writes) and
         return its result; raise what it raised, or the commit's error. `lazy`: its loss in a
-        power failure is harmless, so it needs no disk flush of its own."""
-        return self.submit(apply, lazy=lazy).result()
+        power failure is harmless, so it needs no disk flush of its own. Committed in the
+        caller's thread while no group is being committed (see `write_batched`)."""
+        return self._write_here(_Write(apply=apply, lazy=lazy))
 
     def submit(self, apply: Callable[[Transaction], T], *, lazy: bool = False) -> Future[T]:
         """`write` without waiting: the Future resolves once the write is committed."""
         return self._enqueue(_Write(apply=apply, lazy=lazy))
 
-    def submit_batched(self, kind: BatchedWrite, argument: Any, *, lazy: bool = False) -> Future:
+    def submit_batched(self, kind: BatchedWrite, argument: Any, *, lazy: bool = False,
+                       within: float = 0.0) -> Future:
         """Apply `kind` to `argument`, together with the other waiting arguments of that kind;
-        the Future resolves with this argument's result once committed (or its error)."""
-        return self._enqueue(_Write(kind=kind, argument=argument, lazy=lazy))
+        the Future resolves with this argument's result once committed (or its error).
+        `within`: it may wait up to this many seconds for another write to share its commit
+        (a worker's start marks ride with its results: one transaction per job, not two)."""
+        if within <= 0:
+            return self._enqueue(_Write(kind=kind, argument=argument, lazy=lazy))
+        item = _Write(kind=kind, argument=argument, lazy=lazy, due=time.monotonic() + within)
+        with self._lock:
+            self._deferred.append(item)
+            wake = self._asleep_until_woken
+            self._asleep_until_woken = False
+        if wake:  # to wait no longer than `within`
+            self._wakeup.set()
+        return item.future
 
     def write_batched(self, kind: BatchedWrite, argument: Any) -> Any:
         """`submit_batched` and wait for its result. While no group is being committed the
         caller commits its group itself: a lone write pays no hand-off to the writer thread
         and back (two thread wake-ups, each a scheduler wait on a busy machine)."""
-        item = _Write(kind=kind, argument=argument)
+        return self._write_here(_Write(kind=kind, argument=argument))
+
+    def _write_here(self, item: _Write) -> Any:
         with self._lock:
             self._waiting.append(item)
         while not item.future.done() and self._commit_next_group(blocking=False):
@@ -117,7 +136,10 @@ class GroupCommitter:
 
     def _run(self) -> None:
         while True:
-            self._wakeup.wait()
+            with self._lock:
+                due = min((item.due for item in self._deferred), default=None)
+                self._asleep_until_woken = due is None
+            self._wakeup.wait(None if due is None else max(0.0, due - time.monotonic()))
             self._wakeup.clear()
             while self._commit_next_group():
                 pass
@@ -130,13 +152,24 @@ class GroupCommitter:
             return False
         try:
             with self._lock:
-                count = min(len(self._waiting), MAX_WRITES_PER_COMMIT)
-                group = [self._waiting.popleft() for _ in range(count)]
+                group = self._next_group()
             outcomes = self._commit_group(group) if group else []
         finally:
             self._committing.release()
         _settle(group, outcomes)
         return bool(group)
+
+    def _next_group(self) -> list[_Write]:
+        """The waiting writes, after the deferred ones: those join any group, and go alone
+        once one is due."""
+        if not self._waiting and not any(item.due <= time.monotonic()
+                                         for item in self._deferred):
+            return []
+        group = []
+        for queue in (self._deferred, self._waiting):
+            while queue and len(group) < MAX_WRITES_PER_COMMIT:
+                group.append(queue.popleft())
+        return group
 
     def _commit_group(self, group: list[_Write]) -> list[tuple[BaseException | None, Any]]:
         """Each write's (error, result): the group in one transaction, or each alone if that

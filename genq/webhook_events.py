@@ -15,7 +15,7 @@ from enum import Enum
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, exists, literal_column, select
 from sqlalchemy.orm import Session
 
 from genq.job_view import JobResponse
@@ -52,6 +52,9 @@ class Listeners:
     tenant_id: str
     webhook_url: str | None
     webhook_events: list[str] | None
+    # Whether the tenant has an enabled endpoint, where the UPDATE returned it (a worker's
+    # claims and results: TENANT_HAS_ENDPOINTS); None: looked up here.
+    has_endpoints: bool | None = None
 
 
 def event_type(state: JobStatus) -> str:
@@ -66,7 +69,8 @@ def record_job_event(session: Session, job_id: str, state: JobStatus,
     targets: list[tuple[str, str | None]] = []  # (url, endpoint id)
     if listeners.webhook_url and state.value in (listeners.webhook_events or DEFAULT_EVENTS):
         targets.append((listeners.webhook_url, None))
-    endpoints = _enabled_endpoints(session, listeners.tenant_id)
+    endpoints = (_enabled_endpoints(session, listeners.tenant_id)
+                 if listeners.has_endpoints is not False else [])
     targets += [(url, endpoint_id) for endpoint_id, url, events in endpoints
                 if state.value in events]
     if not targets:
@@ -99,6 +103,14 @@ def _enabled_endpoints(session: Session, tenant_id: str) -> list:
         cache[tenant_id] = session.execute(_ENABLED_ENDPOINTS, {"tenant_id": tenant_id}).all()
     return cache[tenant_id]
 
+
+# For the RETURNING of an UPDATE of jobs: its tenant's endpoints then cost a query only when
+# there are some (a worker's claim and result each saved one per micro-batch). The job's
+# column is named in full: SQLite's RETURNING names columns bare, and a bare `tenant_id` in
+# the subquery would be the endpoint's own.
+TENANT_HAS_ENDPOINTS = (
+    exists().where(WebhookEndpoint.tenant_id == literal_column("jobs.tenant_id"),
+                   WebhookEndpoint.enabled).label("has_endpoints"))
 
 # Prebuilt: a worker runs it in every transaction that moves a job.
 _ENABLED_ENDPOINTS = (

@@ -41,6 +41,8 @@ class RunningJob:
     deadline: float | None  # time.monotonic() at which the job expires
     stop_reason: StopReason | None = None
     outcome: JobStatus = JobStatus.SUCCEEDED  # the state its outcome write moves it to
+    # Its micro-batch's start mark (the job ids it clears), while it may not be written yet.
+    start_mark: list[str] | None = None
 
 
 class Suspects:

@@ -41,10 +41,12 @@ def store_outputs(worker_id: str) -> Callable[[Session, list[tuple[str, dict]]],
 def mark_micro_batches_started(worker_id: str) -> Callable[[Session, list[list[str]]],
                                                              list[None]]:
     """Clear the start trace of the micro-batches handed to the engine meanwhile, in one
-    UPDATE."""
+    UPDATE (none when all their jobs' outcomes are written already: the worker takes a job
+    out of its mark then)."""
     def mark(session: Session, micro_batches: list[list[str]]) -> list[None]:
-        mark_started(session, [job_id for job_ids in micro_batches for job_id in job_ids],
-                     worker_id=worker_id)
+        job_ids = [job_id for mark in micro_batches for job_id in mark.copy()]
+        if job_ids:
+            mark_started(session, job_ids, worker_id=worker_id)
         return [None] * len(micro_batches)
 
     return mark

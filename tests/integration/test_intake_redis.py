@@ -4,6 +4,7 @@ The interface's semantics on both brokers: tests/integration/test_intake.py."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -161,3 +162,31 @@ def test_the_private_kombu_internals_the_intake_relies_on_are_unchanged(broker_u
         assert raw["properties"]["delivery_tag"] == message.delivery_tag
         assert (exchange, routing_key) == (message.delivery_info["exchange"],
                                            message.delivery_info["routing_key"])
+
+
+def test_jobs_one_at_a_time_cost_one_round_each_and_acks_ride_with_it(broker_url, model,
+                                                                      open_intake):
+    # given an intake whose last take emptied the queues, and a job it is running
+    publish_job(broker_url, "first", queue_for(model, Priority.DEFAULT))
+    intake = open_intake()
+    first = intake.take(8, 1)
+    client = redis.Redis.from_url(broker_url)
+    client.config_resetstat()
+
+    # when the job's ack is asked for while the next take waits, then a job arrives
+    taken: list = []
+    waiting = threading.Thread(target=lambda: taken.extend(intake.take(8, 5)))
+    waiting.start()
+    time.sleep(0.3)
+    intake.ack(first[0])
+    publish_job(broker_url, "second", queue_for(model, Priority.DEFAULT))
+    waiting.join(10)
+
+    # then the take waited with no round first, and the round that recorded the new job
+    # sent the ack: one script call for the two
+    assert _ids(taken) == ["second"]
+    assert _unacked(broker_url) == (1, 1)
+    assert client.info("commandstats")["cmdstat_evalsha"]["calls"] == 1
+    intake.ack(taken[0])
+    intake.close()
+    assert _unacked(broker_url) == (0, 0)

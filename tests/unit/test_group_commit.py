@@ -374,3 +374,40 @@ def test_a_core_committer_writes_on_a_bare_connection_and_a_bad_write_fails_alon
         futures["bad"].result(10)
     assert set(seen) == {Connection}
     assert _tenant_count(sqlite_url) == 2
+
+
+def test_a_lone_write_commits_in_its_callers_thread(sqlite_url):
+    # (a worker's claim: no hand-off to the writer thread and back per micro-batch)
+    committer = GroupCommitter(sqlite_url)
+
+    assert committer.write(lambda session: threading.current_thread().name) == (
+        threading.current_thread().name)
+
+
+def test_a_deferred_write_rides_with_the_next_commit_or_goes_alone_when_due(sqlite_url):
+    from genq.group_commit import BatchedWrite
+
+    committer = GroupCommitter(sqlite_url)
+    sessions: dict[str, int] = {}
+
+    def add_all(session, names):
+        sessions.update((name, id(session)) for name in names)
+        session.add_all(Tenant(name=name) for name in names)
+        return names
+
+    kind = BatchedWrite(add_all)
+
+    # given a write that may wait 5 s for company
+    deferred = committer.submit_batched(kind, "deferred", within=5)
+    time.sleep(0.2)
+    assert not deferred.done()
+
+    # when another write commits, then the deferred one is committed in its transaction
+    assert committer.write_batched(kind, "next") == "next"
+    assert deferred.result(1) == "deferred" and sessions["deferred"] == sessions["next"]
+
+    # and a deferred write that meets none commits alone once due
+    started = time.monotonic()
+    assert committer.submit_batched(kind, "alone", within=0.2).result(5) == "alone"
+    assert 0.15 < time.monotonic() - started < 2
+    assert _tenant_count(sqlite_url) == 3

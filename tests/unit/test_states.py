@@ -225,3 +225,47 @@ def test_a_job_lost_while_its_micro_batch_started_is_a_suspect_from_its_first_lo
         assert hand_back(session, first[0], worker_id="w2")
         assert session.get(Job, second[0]).is_starting
         assert not session.get(Job, first[0]).is_starting
+
+
+def test_a_worker_looks_up_webhook_endpoints_only_for_tenants_that_have_some(database_url):
+    from datetime import timedelta
+
+    from sqlalchemy import event, func, select
+
+    from genq.job_store import claim_deliveries, store_results
+    from genq.models import WebhookEndpoint, WebhookEvent, utcnow
+
+    # given a job of a tenant without webhook endpoints and one of a tenant with one
+    quiet, listened = _make_job(database_url, "quiet"), _make_job(database_url, "listened")
+    with db.transaction(database_url) as session:
+        session.add(WebhookEndpoint(tenant_id=session.get(Job, listened).tenant_id,
+                                    url="https://example.com/hook", secret="whsec_test",
+                                    events=["running", "succeeded"]))
+    statements: list[str] = []
+
+    def record(_conn, _cursor, statement, *_args) -> None:
+        statements.append(statement)
+
+    # when a worker claims each and stores its result, each in transactions of their own
+    engine = db.get_engine(database_url)
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        for job_id in (quiet, listened):
+            with db.transaction(database_url) as session:
+                claim_deliveries(session, [job_id], model="m", worker_id="w",
+                                 lease_expires_at=utcnow() + timedelta(hours=1))
+            with db.transaction(database_url) as session:
+                store_results(session, {job_id: {"output_text": "x", "finish_reason": "stop",
+                                                 "prompt_tokens": 1, "completion_tokens": 1}},
+                              worker_id="w")
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+    # then only the second tenant's endpoints were read (once per transaction), and its
+    # endpoint got both events, as before
+    assert sum(statement.lstrip().upper().startswith("SELECT") and "webhook_endpoints" in
+               statement for statement in statements) == 2
+    with db.session_factory(database_url)() as session:
+        assert session.scalars(select(WebhookEvent.job_id)).all() == [listened, listened]
+        assert session.scalar(select(func.count()).select_from(WebhookEvent).where(
+            WebhookEvent.job_id == quiet)) == 0

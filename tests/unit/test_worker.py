@@ -479,3 +479,35 @@ def test_logprobs_are_stored_as_each_tokens_text_logprob_and_top_alternatives():
         [" Paris", -0.1, [[" Paris", -0.1], [" Lyon", -2.5]]],
         [".", -3.0, [["!", -0.2], ["?", -1.0]]]]
     assert "output_logprobs" not in not_asked
+
+
+def test_a_short_jobs_start_mark_costs_no_statement_and_a_long_jobs_is_written(
+        sqlite_url, echo_worker, monkeypatch):
+    import workers.worker
+
+    monkeypatch.setattr(workers.worker, "START_MARK_WAIT_SECONDS", 1.0)
+    short = _queued_job(sqlite_url)
+    statements: list[str] = []
+
+    def record(_conn, _cursor, statement, *_args) -> None:
+        statements.append(statement)
+
+    engine = db.get_engine(sqlite_url)
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        # when a job ends before its start mark was written, then the mark writes nothing
+        echo_worker.run(short)
+        time.sleep(1.5)
+        assert not any(s.startswith("UPDATE jobs SET is_starting") for s in statements)
+
+        # and the mark of a job still running is written once its wait is over
+        long = _queued_job(sqlite_url, tenant_name="long")
+        echo_worker.engine.stop(timeout=5)
+        echo_worker.deliver([Delivery(long, "tag")])
+        time.sleep(0.3)
+        assert _job(sqlite_url, long).is_starting
+        time.sleep(1.2)
+        assert not _job(sqlite_url, long).is_starting
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert _job(sqlite_url, short).status == JobStatus.SUCCEEDED
