@@ -78,7 +78,7 @@ class GroupCommitter:
         self._deferred: deque[_Write] = deque()  # join the next group, or go alone when due
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
-        self._asleep_until_woken = False  # the writer thread waits with no timeout
+        self._sleeps_until = float("inf")  # when the writer thread's wait times out
         self._committing = threading.Lock()  # held by whoever commits a group
         self._thread = threading.Thread(target=self._run, name="genq-group-commit", daemon=True)
         self._thread.start()
@@ -105,9 +105,10 @@ class GroupCommitter:
         item = _Write(kind=kind, argument=argument, lazy=lazy, due=time.monotonic() + within)
         with self._lock:
             self._deferred.append(item)
-            wake = self._asleep_until_woken
-            self._asleep_until_woken = False
-        if wake:  # to wait no longer than `within`
+            wake = item.due < self._sleeps_until
+            if wake:
+                self._sleeps_until = item.due
+        if wake:  # the writer thread would sleep past its due time: it sets a new timeout
             self._wakeup.set()
         return item.future
 
@@ -138,7 +139,7 @@ class GroupCommitter:
         while True:
             with self._lock:
                 due = min((item.due for item in self._deferred), default=None)
-                self._asleep_until_woken = due is None
+                self._sleeps_until = float("inf") if due is None else due
             self._wakeup.wait(None if due is None else max(0.0, due - time.monotonic()))
             self._wakeup.clear()
             while self._commit_next_group():
