@@ -10,10 +10,12 @@ paths, so the ops are a speed-up, never a requirement. GENQ_CPU_KERNELS=0 turns 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import threading
+import time
 
 import torch
 
@@ -27,6 +29,9 @@ _HEADERS = [os.path.join(_CSRC, "bf16.h")]
 _OPS = ("paged_decode_attention", "rms_norm", "rope_store_", "int8_linear", "row_top_k")
 _lock = threading.Lock()
 _loaded: bool | None = None
+# A build killed midway (Ctrl-C during a first start) leaves torch's lock file behind, and every
+# later load waits on it forever. A build takes a minute or two: an older lock is stale.
+STALE_BUILD_LOCK_SECONDS = 600
 
 
 def cpu_kernels_available() -> bool:
@@ -49,8 +54,10 @@ def _load() -> bool:
     for source in _SOURCES + _HEADERS:
         with open(source, "rb") as file:
             key.update(file.read())
+    name = f"genq_cpu_kernels_{key.hexdigest()[:10]}"
+    clear_stale_build_lock(name)
     try:
-        load(f"genq_cpu_kernels_{key.hexdigest()[:10]}", _SOURCES, is_python_module=False,
+        load(name, _SOURCES, is_python_module=False,
              extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
              extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no headers: fall back, loudly once
@@ -58,6 +65,21 @@ def _load() -> bool:
                     str(error).splitlines()[0] if str(error) else type(error).__name__)
         return False
     return all(hasattr(torch.ops.genq, op) for op in _OPS)
+
+
+def clear_stale_build_lock(name: str) -> None:
+    """Remove the build lock of extension ``name`` if it is older than any build takes."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except OSError:  # no lock: no build running or left
+        return
+    if age > STALE_BUILD_LOCK_SECONDS:
+        log.warning("removing a stale build lock (%.0f s old): %s", age, lock)
+        with contextlib.suppress(OSError):
+            os.remove(lock)
 
 
 def row_top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

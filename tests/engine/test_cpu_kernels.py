@@ -127,3 +127,22 @@ def test_row_top_k_matches_topk_and_argmax(kernel, k, vocab):
     assert torch.equal(values, expected_values[:, :k])
     assert torch.equal(indices, expected_indices[:, :k])
     assert torch.equal(row_argmax(logits), logits.argmax(dim=-1))
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path,
+                                                                            monkeypatch):
+    # (a build killed midway left torch's lock behind: every later engine start hung on it)
+    import os
+    import time
+
+    from engine.cpu_kernels import STALE_BUILD_LOCK_SECONDS, clear_stale_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    for name, age in (("stale", STALE_BUILD_LOCK_SECONDS + 60), ("live", 5)):
+        (tmp_path / name).mkdir()
+        lock = tmp_path / name / "lock"
+        lock.write_text("")
+        os.utime(lock, (time.time() - age, time.time() - age))
+        clear_stale_build_lock(name)
+    assert not (tmp_path / "stale" / "lock").exists()
+    assert (tmp_path / "live" / "lock").exists()
