@@ -72,14 +72,14 @@ void dequantize_rows(const Acc* acc, const float* row_scales, const float* colum
 }
 
 // codes [rows, k] int8 times the packed weight: the int32 sums as fp32 [rows, n]. The scales
-// are applied after, as for _int_mm, so both paths give the same bits.
-at::Tensor packed_int_mm(const at::Tensor& codes, const at::Tensor& packed, int64_t n) {
+// are applied after, as for _int_mm, so both paths round alike; oneDNN gets a scale of 1 and a
+// zero point of 0 for x and for the weight, built once.
+at::Tensor packed_int_mm(const at::Tensor& codes, const at::Tensor& packed) {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(
       "onednn::qlinear_pointwise", "tensor");
   static const auto one = at::ones({}, at::kFloat);
   static const auto zero = at::zeros({}, at::kLong);
-  std::vector<c10::IValue> stack{codes, one, zero, packed, at::ones({n}, at::kFloat),
-                                 at::zeros({n}, at::kLong),
+  std::vector<c10::IValue> stack{codes, one, zero, packed, one, zero,
                                  c10::IValue(), 1.0, int64_t{0}, at::kFloat,
                                  std::string("none"), c10::List<c10::optional<at::Scalar>>(),
                                  std::string("")};
@@ -118,7 +118,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight,
   auto row_scales = at::empty({rows}, x.options().dtype(at::kFloat));
   quantize_rows(x.data_ptr<c10::BFloat16>(), x.stride(0), codes.data_ptr<int8_t>(),
                 row_scales.data_ptr<float>(), rows, k);
-  const auto acc = packed ? packed_int_mm(codes, weight, n)
+  const auto acc = packed ? packed_int_mm(codes, weight)
                           : at::_int_mm(codes, weight.t());
   auto out = at::empty({rows, n}, x.options());
   const c10::BFloat16* bias_data = bias ? bias->data_ptr<c10::BFloat16>() : nullptr;
